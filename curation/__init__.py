@@ -1,0 +1,1 @@
+"""Curation: the sample schema, source readers, probing, dedup, shards and the ledger."""

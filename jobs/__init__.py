@@ -1,0 +1,1 @@
+"""Spark jobs and the `reelforge` command line."""

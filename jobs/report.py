@@ -1,0 +1,117 @@
+"""The run report: per step, samples and bytes in and out and why the rest left; a funnel plot."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pyspark.sql import functions as F
+
+
+def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, timings: dict) -> dict:
+    steps = ["ingest"] + [s.name for s in recipe.steps] + ["write"]
+    drops: dict[str, dict[str, int]] = {s: {} for s in steps}
+    for r in ledger.filter(F.col("fate") == "dropped").groupBy("step", "reason").count().collect():
+        drops.setdefault(r["step"], {})[r["reason"]] = r["count"]
+    media_bytes = F.aggregate(F.coalesce(F.col("media"), F.array()), F.lit(0).cast("long"),
+                              lambda acc, m: acc + F.coalesce(m["length"], F.lit(0).cast("long")))
+    bytes_by_step = {r["s"]: r["b"] or 0 for r in
+                     final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"))
+                     .agg(F.sum(media_bytes).alias("b")).collect()}
+    survived_bytes = bytes_by_step.get("", 0)
+    rows = []
+    n_in = inputs
+    b_in = sum(bytes_by_step.values())
+    for s in steps:
+        dropped = sum(drops.get(s, {}).values())
+        b_drop = bytes_by_step.get(s, 0) if s != "write" else 0
+        row = {"step": s, "in": n_in, "out": n_in - dropped, "dropped": dropped,
+               "reasons": dict(sorted(drops.get(s, {}).items(), key=lambda kv: -kv[1])),
+               "media_bytes_in": b_in, "media_bytes_out": b_in - b_drop,
+               "seconds": round(timings.get(s, 0.0), 2)}
+        rows.append(row)
+        n_in -= dropped
+        b_in -= b_drop
+    rows[-1]["media_bytes_out"] = survived_bytes
+    rows[-1]["shard_bytes"] = sum(s["bytes"] for s in stats)
+    per_source: dict[str, dict] = {}
+    for r in ledger.groupBy("source", "fate").count().collect():
+        d = per_source.setdefault(r["source"], {"inputs": 0, "kept": 0, "dropped": 0})
+        d[r["fate"]] += r["count"]
+        d["inputs"] += r["count"]
+    kept = sum(d["kept"] for d in per_source.values())
+    dropped = sum(d["dropped"] for d in per_source.values())
+    return {
+        "recipe": recipe.name, "master": spark.sparkContext.master,
+        "inputs": inputs, "kept": kept, "dropped": dropped,
+        "balanced": inputs == kept + dropped,
+        "shards": len(stats), "steps": rows,
+        "sources": dict(sorted(per_source.items())),
+    }
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def plot_funnel(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    names = [s["step"] for s in steps]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(steps) + 1.2))
+    outs = [s["out"] for s in steps]
+    drops = [s["dropped"] for s in steps]
+    y = list(range(len(steps)))[::-1]
+    ax.barh(y, outs, color="#3b7dd8", label="continues")
+    ax.barh(y, drops, left=outs, color="#e8833a", label="dropped here")
+    for yi, s in zip(y, steps):
+        ax.text(s["in"], yi, f" {s['out']} / {s['in']}", va="center", fontsize=8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names)
+    ax.set_xlabel("samples")
+    ax.set_title(f"reelforge funnel: {report['recipe']}")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_xlim(0, max(1, report["inputs"]) * 1.25)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# reelforge run report: {report['recipe']}", "",
+             f"Master `{report['master']}`, {report.get('elapsed_s', 0):.1f} s. "
+             f"**{report['inputs']} inputs = {report['kept']} kept + {report['dropped']} dropped** "
+             f"({'balanced' if report['balanced'] else 'NOT BALANCED'}), {report['shards']} shards.", "",
+             "![funnel](funnel.png)", "", "## Steps", "",
+             "| step | in | out | dropped | media in | media out | seconds | reasons |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for s in report["steps"]:
+        reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
+        lines.append(f"| {s['step']} | {s['in']} | {s['out']} | {s['dropped']} | "
+                     f"{_fmt_bytes(s['media_bytes_in'])} | {_fmt_bytes(s['media_bytes_out'])} | "
+                     f"{s['seconds']} | {reasons} |")
+    lines += ["", "## Sources", "", "| source | inputs | kept | dropped |", "| --- | ---: | ---: | ---: |"]
+    for name, d in report["sources"].items():
+        lines.append(f"| {name} | {d['inputs']} | {d['kept']} | {d['dropped']} |")
+    paths = report.get("paths", {})
+    if paths:
+        lines += ["", "## Where things are", ""] + [f"- {k}: `{v}`" for k, v in paths.items()]
+    lines += ["", "Find one sample's fate: `reelforge ledger OUT --id ID` "
+              "(or `--key SOURCE_KEY`).", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: str) -> None:
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    plot_funnel(report, os.path.join(out, "funnel.png"))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_markdown(report))

@@ -1,0 +1,40 @@
+"""One place that starts Spark the way reelforge needs it, on a laptop or a cluster."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from curation.tools import check_java
+
+DEFAULT_MASTER = "local[*]"
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_spark(master: str | None = None, conf: dict | None = None, app: str = "reelforge"):
+    """A SparkSession whose Python workers run this interpreter and can import reelforge."""
+    check_java()
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    master = master or os.environ.get("REELFORGE_MASTER") or DEFAULT_MASTER
+    pythonpath = os.pathsep.join(p for p in [_repo_root(), os.environ.get("PYTHONPATH", "")] if p)
+    b = (SparkSession.builder.master(master).appName(app)
+         .config("spark.pyspark.python", sys.executable)
+         .config("spark.executorEnv.PYTHONPATH", pythonpath)
+         .config("spark.sql.shuffle.partitions", "8" if master.startswith("local") else "200")
+         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
+         .config("spark.ui.showConsoleProgress", "false")
+         .config("spark.ui.enabled", "false")
+         .config("spark.driver.memory", os.environ.get("REELFORGE_DRIVER_MEMORY", "2g")))
+    if master.startswith("local-cluster"):
+        b = b.config("spark.executor.memory", "1024m")
+    for k, v in (conf or {}).items():
+        b = b.config(k, str(v))
+    spark = b.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("REELFORGE_SPARK_LOG", "ERROR"))
+    return spark

@@ -1,0 +1,1 @@
+"""Mixtures: token-budget planning, stage recipes and the cold-start mode renderers."""

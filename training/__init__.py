@@ -1,0 +1,1 @@
+"""Training from reelforge shards (staged Keye-VL recipe on DeepSpeed)."""
