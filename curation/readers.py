@@ -92,8 +92,13 @@ def read_webdataset(path: str, source: str, root: str, opts: dict) -> Iterator[d
                     g["json"] = tf.extractfile(info).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         error = f"{type(e).__name__}: {e}"
+    size = os.path.getsize(path)
     for key in order:
-        yield _tar_sample(groups[key], source, f"{rel}/{key}", path)
+        row = _tar_sample(groups[key], source, f"{rel}/{key}", path)
+        cut = [m["member"] for m in groups[key]["media"] if m["offset"] + m["length"] > size]
+        if cut:
+            drop(row, "ingest", "truncated_source", f"{path} ends inside member {cut[0]}")
+        yield row
     if error is not None or not order:
         yield _bad_row(source, f"{rel}#tar", path, "unreadable_source" if error else "empty_source",
                        error or "tar holds no samples")
@@ -218,9 +223,8 @@ def manifest_record_to_row(rec: Any, source: str, key: str, location: str, base:
                 prompt = "".join(IMAGE_PLACEHOLDER if m["kind"] == "image" else VIDEO_PLACEHOLDER
                                  for m in media) + "\n" + prompt
             messages = [{"role": "user", "content": str(prompt)}]
-        row["chosen"] = _openai_content(rec["chosen"], [], base) if not isinstance(rec["chosen"], str) else rec["chosen"]
-        row["rejected"] = (_openai_content(rec["rejected"], [], base)
-                           if not isinstance(rec["rejected"], str) else rec["rejected"])
+        row["chosen"] = _openai_content(rec["chosen"], [], base)
+        row["rejected"] = _openai_content(rec["rejected"], [], base)
     elif messages is not None:
         row["kind"] = "conversation"
     elif media and text is not None and (IMAGE_PLACEHOLDER in text or VIDEO_PLACEHOLDER in text or len(media) > 1):

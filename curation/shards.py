@@ -160,6 +160,10 @@ class ShardFile:
 
     def abort(self) -> None:
         try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - the temporary file is removed either way
+            pass
+        try:
             self.f.close()
         finally:
             if os.path.exists(self.tmp):
@@ -207,7 +211,8 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
             total += sum(b.column("_est").to_pylist())
         yield pa.RecordBatch.from_pylist([{"pid": pid, "n": n, "bytes": total}], schema=_SUMMARY_SCHEMA)
 
-    parts = {r["pid"]: (r["n"], r["bytes"]) for r in keyed.mapInArrow(summary, "pid long, n long, bytes long").collect()}
+    summaries = keyed.mapInArrow(summary, "pid long, n long, bytes long").collect()
+    parts = {r["pid"]: (r["n"], r["bytes"]) for r in summaries}
     starts: dict[int, tuple[int, int]] = {}
     idx = off = 0
     for pid in sorted(parts):

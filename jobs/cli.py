@@ -24,6 +24,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from curation.demo_corpus import make_demo_corpus
+
     from jobs.recipe import load_recipe
     from jobs.run import run_recipe
 

@@ -28,7 +28,7 @@ def get_spark(master: str | None = None, conf: dict | None = None, app: str = "r
          .config("spark.executorEnv.PYTHONPATH", pythonpath)
          .config("spark.sql.shuffle.partitions", "8" if master.startswith("local") else "200")
          .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-         .config("spark.ui.showConsoleProgress", "false")
+         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
          .config("spark.ui.enabled", "false")
          .config("spark.driver.memory", os.environ.get("REELFORGE_DRIVER_MEMORY", "2g")))
     if master.startswith("local-cluster"):

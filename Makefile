@@ -1,0 +1,52 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch and torchvision are installed first (deepspeed builds against them); override freely
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.reelforge-installed
+
+.PHONY: setup system demo test lint bench clean
+
+setup: system $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
+	$(PIP) install -q -e '.[test]'
+	@touch $(STAMP)
+
+# A Java runtime Spark 4 accepts (17 or 21) and ffmpeg/ffprobe: system packages when we are root.
+system:
+	@java_ok=0; if command -v java >/dev/null 2>&1; then \
+	  v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
+	  [ -n "$$v" ] && [ "$$v" -ge 17 ] && java_ok=1; fi; \
+	need=""; [ $$java_ok = 1 ] || need="$$need openjdk-17-jre-headless"; \
+	command -v ffprobe >/dev/null 2>&1 && command -v ffmpeg >/dev/null 2>&1 || need="$$need ffmpeg"; \
+	if [ -n "$$need" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing system packages:$$need"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
+	  else \
+	    echo "reelforge needs:$$need (a Java 17/21 runtime for Spark and ffmpeg with ffprobe); install them with your package manager, e.g. 'sudo apt-get install$$need', then re-run make." >&2; exit 1; \
+	  fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/reelforge demo --out demo-out
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench: setup
+	$(PY) benchmarks/bench_shard_writer.py
+
+clean:
+	rm -rf demo-out .pytest_cache
