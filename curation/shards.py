@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections import Counter
 from typing import Any, Iterable, Iterator
 
@@ -125,42 +126,72 @@ def encode_sample(row: dict) -> dict:
     return obj
 
 
+class _HashingFile:
+    """A write-only file that hashes what passes through, so a shard is never read back."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+
 class ShardFile:
-    """One tar being written: to `<name>.tmp-<pid>`, renamed into place on close."""
+    """One tar being written: to `<name>.tmp-<pid>`, renamed into place on close.
+
+    The tar is byte-for-byte what `webdataset.TarWriter(encoder=False, mtime=0, ...)` writes
+    (members sorted by extension, fixed owner, mode and mtime), but made with `tarfile`
+    directly: importing webdataset pulls torch into every Spark Python worker (~0.5 GB).
+    """
 
     def __init__(self, path: str):
-        import webdataset as wds
-
         self.path = path
         self.tmp = f"{path}.tmp-{os.getpid()}"
-        self.f = open(self.tmp, "wb")
-        # fixed owner, mode and mtime: the same samples give the same bytes
-        self.writer = wds.TarWriter(self.f, user="reelforge", group="reelforge", mode=0o444,
-                                    encoder=False, mtime=0)
+        self.f = _HashingFile(open(self.tmp, "wb"))
+        self.tar = tarfile.open(fileobj=self.f, mode="w|")
         self.count = 0
         self.sources: Counter[str] = Counter()
 
     def write(self, obj: dict, source: str) -> None:
-        self.writer.write(obj)
+        key = obj["__key__"]
+        for ext in sorted(k for k in obj if not k.startswith("_")):
+            data = obj[ext]
+            ti = tarfile.TarInfo(f"{key}.{ext}")
+            ti.size = len(data)
+            ti.mtime = 0
+            ti.mode = 0o444
+            ti.uname = ti.gname = "reelforge"
+            self.tar.addfile(ti, io.BytesIO(data))
         self.count += 1
         self.sources[source] += 1
 
     def close(self) -> dict:
-        self.writer.close()
-        if not self.f.closed:
-            self.f.close()
-        h = hashlib.sha256()
-        with open(self.tmp, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        size = os.path.getsize(self.tmp)
+        self.tar.close()
+        self.f.close()
         os.replace(self.tmp, self.path)
-        return {"shard": os.path.basename(self.path), "samples": self.count, "bytes": size,
-                "sha256": h.hexdigest(), "sources": dict(sorted(self.sources.items()))}
+        return {"shard": os.path.basename(self.path), "samples": self.count, "bytes": self.f.size,
+                "sha256": self.f.sha.hexdigest(), "sources": dict(sorted(self.sources.items()))}
 
     def abort(self) -> None:
         try:
-            self.writer.close()
+            self.tar.close()
         except Exception:  # noqa: BLE001 - the temporary file is removed either way
             pass
         try:
