@@ -14,7 +14,7 @@ import shutil
 import time
 from typing import Callable
 
-from jobs.recipe import Recipe
+from jobs.recipe import Recipe, RecipeError
 
 LEDGER_COLUMNS = ["id", "source", "source_key", "source_location", "kind", "fate", "shard",
                   "step", "reason", "detail", "dup_of"]
@@ -50,7 +50,13 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     t_start = time.time()
     out = recipe.output
     work = os.path.join(out, "_work")
-    os.makedirs(work, exist_ok=True)
+    try:
+        os.makedirs(work, exist_ok=True)
+        with open(os.path.join(work, ".writable"), "w"):
+            pass
+    except OSError as e:
+        raise RecipeError(f"output folder {out} cannot be written ({e.strerror}): "
+                          "pass --out with a folder you can write.") from e
     if spark is None:
         spark = get_spark(master or recipe.spark.get("master"), recipe.spark.get("conf"))
     log(f"reelforge: recipe {recipe.name!r} on {spark.sparkContext.master}, output {out}")

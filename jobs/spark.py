@@ -33,6 +33,10 @@ def get_spark(master: str | None = None, conf: dict | None = None, app: str = "r
          .config("spark.driver.memory", os.environ.get("REELFORGE_DRIVER_MEMORY", "2g")))
     if master.startswith("local-cluster"):
         b = b.config("spark.executor.memory", "1024m")
+    log_conf = os.path.join(os.path.dirname(os.path.abspath(__file__)), "log4j2.properties")
+    if os.environ.get("REELFORGE_SPARK_LOG") is None:
+        opts = f"-Dlog4j2.configurationFile=file:{log_conf}"
+        b = b.config("spark.driver.extraJavaOptions", opts).config("spark.executor.extraJavaOptions", opts)
     for k, v in (conf or {}).items():
         b = b.config(k, str(v))
     spark = b.getOrCreate()

@@ -77,3 +77,14 @@ def test_cli_prints_one_sentence_and_exits_2(base):
     res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(base / "absent.yaml")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_unwritable_output_is_one_sentence(base):
+    p = base / "r.yaml"
+    p.write_text(yaml.safe_dump(good()))
+    blocker = base / "file"
+    blocker.write_text("x")  # a file where the output folder's parent should be
+    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(p), "--out", str(blocker / "out")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "cannot be written" in res.stderr and "--out" in res.stderr and "Traceback" not in res.stderr
