@@ -24,7 +24,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from curation.demo_corpus import make_demo_corpus
-
     from jobs.recipe import load_recipe
     from jobs.run import run_recipe
 
@@ -62,6 +61,64 @@ def _cmd_ledger(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_hw(s: str, flag: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in s.lower().split("x"))
+    except ValueError:
+        raise RecipeError(f"{flag} takes HEIGHTxWIDTH, e.g. {flag} 1080x1920; got {s!r}.") from None
+    return h, w
+
+
+def _cmd_tokens(args: argparse.Namespace) -> int:
+    from curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
+
+    try:
+        cfg = VisualTokenConfig.from_dict(json.loads(args.config) if args.config else None)
+    except (TypeError, ValueError) as e:
+        raise RecipeError(f"--config must be a JSON object of visual token settings: {e}.") from e
+    out: list[dict] = []
+    try:
+        if args.image:
+            h, w = _parse_hw(args.image, "--image")
+            out.append({"input": f"image {h}x{w}", **image_tokens(h, w, cfg)})
+        if args.video:
+            h, w = _parse_hw(args.video, "--video")
+            if args.duration is None:
+                raise RecipeError("--video needs --duration SECONDS.")
+            out.append({"input": f"video {h}x{w} {args.duration}s",
+                        **video_tokens(h, w, args.duration, args.fps or 30.0, cfg, sample_fps=args.sample_fps)})
+    except TokenError as e:
+        raise RecipeError(f"{e.reason}: {e}.") from e
+    for path in args.files:
+        out.append(_file_tokens(path, cfg, args.sample_fps))
+    if not out:
+        raise RecipeError("give --image HxW, --video HxW --duration S, or files.")
+    for o in out:
+        print(json.dumps(o, sort_keys=True))
+    return 0 if all("error" not in o for o in out) else 1
+
+
+def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
+    from curation.media_io import media_kind_of
+    from curation.probe import ProbeError, probe_image, probe_video_file
+    from curation.tokens import TokenError, image_tokens, video_tokens
+
+    kind = media_kind_of(path)
+    try:
+        if not os.path.exists(path):
+            return {"input": path, "error": "missing_file"}
+        if kind == "image":
+            with open(path, "rb") as f:
+                meta = probe_image(f.read(), 1 << 62)
+            return {"input": path, "kind": "image", "probe": meta, **image_tokens(meta["height"], meta["width"], cfg)}
+        meta = probe_video_file(path, 30.0)
+        return {"input": path, "kind": "video", "probe": meta,
+                **video_tokens(meta["height"], meta["width"], meta["duration"], meta["fps"], cfg,
+                               total_frames=meta.get("frames"), sample_fps=sample_fps)}
+    except (ProbeError, TokenError) as e:
+        return {"input": path, "error": e.reason, "detail": str(e)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reelforge", description="Curate multimodal training data on Spark.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -76,6 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--images", type=int, default=300)
     d.add_argument("--videos", type=int, default=24)
     d.set_defaults(fn=_cmd_demo)
+    t = sub.add_parser("tokens", help="visual tokens of sizes or files, as Keye-VL's processor counts them")
+    t.add_argument("files", nargs="*", help="images or videos to probe and count")
+    t.add_argument("--image", metavar="HxW")
+    t.add_argument("--video", metavar="HxW")
+    t.add_argument("--duration", type=float, metavar="SECONDS")
+    t.add_argument("--fps", type=float, help="the video's own frame rate (default 30)")
+    t.add_argument("--sample-fps", type=float, dest="sample_fps", help="sampling rate (default 2)")
+    t.add_argument("--config", help='JSON of visual token settings, e.g. \'{"max_pixels": 1003520}\'')
+    t.set_defaults(fn=_cmd_tokens)
     lg = sub.add_parser("ledger", help="find a sample's fate by id or source key")
     lg.add_argument("run_dir")
     lg.add_argument("--id")

@@ -23,9 +23,13 @@ class RecipeError(Exception):
 def _steps() -> dict[str, type]:
     from curation.dedup import ExactDedup
     from curation.probe import Probe
+    from curation.token_count import CountTokens
     from filters.quality import Quality
 
-    return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality}
+    return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens}
+
+
+PATH_PARAMS = ("tokenizer", "model", "checkpoint")
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.I)
@@ -182,6 +186,9 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         params = params or {}
         if not isinstance(params, dict):
             raise RecipeError(f"recipe field `{where}.{sname}` must be a mapping of parameters.")
+        params = {k: (os.path.join(base_dir, v) if (k in PATH_PARAMS or k.endswith("_path"))
+                      and isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v else v)
+                  for k, v in params.items()}
         sig = inspect.signature(known[sname].__init__)
         allowed = {p for p in sig.parameters if p not in ("self", "kw", "name")}
         _check_keys(params, allowed, f"{where}.{sname}")

@@ -15,23 +15,29 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
         drops.setdefault(r["step"], {})[r["reason"]] = r["count"]
     media_bytes = F.aggregate(F.coalesce(F.col("media"), F.array()), F.lit(0).cast("long"),
                               lambda acc, m: acc + F.coalesce(m["length"], F.lit(0).cast("long")))
-    bytes_by_step = {r["s"]: r["b"] or 0 for r in
-                     final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"))
-                     .agg(F.sum(media_bytes).alias("b")).collect()}
+    by_step = {r["s"]: r for r in
+               final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"))
+               .agg(F.sum(media_bytes).alias("b"), F.sum("text_tokens").alias("tt"),
+                    F.sum("visual_tokens").alias("vt"), F.sum("tokens").alias("t")).collect()}
+    bytes_by_step = {k: r["b"] or 0 for k, r in by_step.items()}
+    tokens_by_step = {k: r["t"] or 0 for k, r in by_step.items()}
     survived_bytes = bytes_by_step.get("", 0)
     rows = []
     n_in = inputs
     b_in = sum(bytes_by_step.values())
+    t_in = sum(tokens_by_step.values())
     for s in steps:
         dropped = sum(drops.get(s, {}).values())
         b_drop = bytes_by_step.get(s, 0) if s != "write" else 0
         row = {"step": s, "in": n_in, "out": n_in - dropped, "dropped": dropped,
                "reasons": dict(sorted(drops.get(s, {}).items(), key=lambda kv: -kv[1])),
                "media_bytes_in": b_in, "media_bytes_out": b_in - b_drop,
+               "tokens_in": t_in, "tokens_out": t_in - (tokens_by_step.get(s, 0) if s != "write" else 0),
                "seconds": round(timings.get(s, 0.0), 2)}
         rows.append(row)
         n_in -= dropped
         b_in -= b_drop
+        t_in = row["tokens_out"]
     rows[-1]["media_bytes_out"] = survived_bytes
     rows[-1]["shard_bytes"] = sum(s["bytes"] for s in stats)
     per_source: dict[str, dict] = {}
@@ -39,6 +45,11 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
         d = per_source.setdefault(r["source"], {"inputs": 0, "kept": 0, "dropped": 0})
         d[r["fate"]] += r["count"]
         d["inputs"] += r["count"]
+    kept_ids = ledger.filter(F.col("fate") == "kept").select("id")
+    for r in (final.join(kept_ids, "id").groupBy("source")
+              .agg(F.sum("text_tokens").alias("tt"), F.sum("visual_tokens").alias("vt"),
+                   F.sum("tokens").alias("t")).collect()):
+        per_source[r["source"]].update(text_tokens=r["tt"] or 0, visual_tokens=r["vt"] or 0, tokens=r["t"] or 0)
     kept = sum(d["kept"] for d in per_source.values())
     dropped = sum(d["dropped"] for d in per_source.values())
     return {
@@ -46,6 +57,8 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
         "inputs": inputs, "kept": kept, "dropped": dropped,
         "balanced": inputs == kept + dropped,
         "shards": len(stats), "steps": rows,
+        "tokens": {k: sum(d.get(k, 0) for d in per_source.values())
+                   for k in ("text_tokens", "visual_tokens", "tokens")},
         "sources": dict(sorted(per_source.items())),
     }
 
@@ -91,16 +104,23 @@ def render_markdown(report: dict) -> str:
              f"**{report['inputs']} inputs = {report['kept']} kept + {report['dropped']} dropped** "
              f"({'balanced' if report['balanced'] else 'NOT BALANCED'}), {report['shards']} shards.", "",
              "![funnel](funnel.png)", "", "## Steps", "",
-             "| step | in | out | dropped | media in | media out | seconds | reasons |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| step | in | out | dropped | media in | media out | tokens in | tokens out | seconds | reasons |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in report["steps"]:
         reasons = ", ".join(f"{k} {v}" for k, v in s["reasons"].items()) or "-"
         lines.append(f"| {s['step']} | {s['in']} | {s['out']} | {s['dropped']} | "
                      f"{_fmt_bytes(s['media_bytes_in'])} | {_fmt_bytes(s['media_bytes_out'])} | "
-                     f"{s['seconds']} | {reasons} |")
-    lines += ["", "## Sources", "", "| source | inputs | kept | dropped |", "| --- | ---: | ---: | ---: |"]
+                     f"{s['tokens_in']:,} | {s['tokens_out']:,} | {s['seconds']} | {reasons} |")
+    lines += ["", "Tokens are known from the `tokens` step on; samples dropped before it count 0.",
+              "", "## Sources (kept tokens)", "",
+              "| source | inputs | kept | dropped | text tokens | visual tokens | tokens |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, d in report["sources"].items():
-        lines.append(f"| {name} | {d['inputs']} | {d['kept']} | {d['dropped']} |")
+        lines.append(f"| {name} | {d['inputs']} | {d['kept']} | {d['dropped']} | {d.get('text_tokens', 0):,} | "
+                     f"{d.get('visual_tokens', 0):,} | {d.get('tokens', 0):,} |")
+    t = report.get("tokens", {})
+    lines.append(f"| **all** | {report['inputs']} | {report['kept']} | {report['dropped']} | "
+                 f"{t.get('text_tokens', 0):,} | {t.get('visual_tokens', 0):,} | {t.get('tokens', 0):,} |")
     paths = report.get("paths", {})
     if paths:
         lines += ["", "## Where things are", ""] + [f"- {k}: `{v}`" for k, v in paths.items()]

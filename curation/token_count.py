@@ -1,0 +1,44 @@
+"""The `tokens` step: text, visual and total tokens for every sample."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from curation.schema import drop
+from curation.step import RowStep
+from curation.tokens import TokenError, VisualTokenConfig, media_tokens
+
+
+class CountTokens(RowStep):
+    """Adds text_tokens (model tokenizer + chat template), visual_tokens (Keye-VL's resize
+    rules) and tokens; a size the processor refuses (beyond 200:1, too few frames) is a drop."""
+
+    name = "tokens"
+
+    def __init__(self, tokenizer: str = "", visual: dict | None = None, **kw: Any):
+        super().__init__(**kw)
+        if not tokenizer:
+            raise ValueError("`tokenizer` must name the model's tokenizer folder")
+        if not os.path.isdir(tokenizer):
+            raise ValueError(f"tokenizer folder {tokenizer} does not exist")
+        self.tokenizer = tokenizer
+        self.visual = VisualTokenConfig.from_dict(visual)
+
+    def setup(self) -> None:
+        from curation.text_tokens import load_tokenizer
+
+        self._tok = load_tokenizer(self.tokenizer)
+
+    def process(self, row: dict) -> dict:
+        visual = 0
+        for i, m in enumerate(row.get("media") or []):
+            try:
+                visual += media_tokens(m, self.visual)
+            except TokenError as e:
+                return drop(row, self.name, e.reason, f"media {i}: {e}")
+        text = self._tok.sample_tokens(row)
+        row["text_tokens"] = text
+        row["visual_tokens"] = visual
+        row["tokens"] = text + visual
+        return row
