@@ -29,7 +29,7 @@ class ProbeError(Exception):
         self.detail = detail
 
 
-def probe_image(data: bytes, max_pixels: int) -> dict[str, Any]:
+def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[str, Any]:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None  # we check the header ourselves, with our own limit
@@ -47,11 +47,16 @@ def probe_image(data: bytes, max_pixels: int) -> dict[str, Any]:
                 # decode at reduced scale: still reads every scan, so truncation shows
                 img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             img.load()
+            out: dict[str, Any] = {"format": fmt or None, "width": w, "height": h}
+            if with_phash:
+                from curation.phash import phash_image
+
+                out["phash"] = [phash_image(img)]
     except ProbeError:
         raise
     except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad files
         raise ProbeError("corrupt_image", f"{type(e).__name__}: {e}") from e
-    return {"format": fmt or None, "width": w, "height": h}
+    return out
 
 
 def _rate(s: str | None) -> float | None:
@@ -110,8 +115,9 @@ class Probe(RowStep):
     batch_rows = 64
 
     def __init__(self, max_pixels: int = 178_956_970, max_bytes: int = 2 << 30,
-                 timeout_s: float = 30.0, **kw: Any):
+                 timeout_s: float = 30.0, phash: bool = True, **kw: Any):
         super().__init__(**kw)
+        self.phash = bool(phash)
         self.max_pixels = int(max_pixels)
         self.max_bytes = int(max_bytes)
         self.timeout_s = float(timeout_s)
@@ -128,7 +134,7 @@ class Probe(RowStep):
             m["sha256"] = hashlib.sha256(data).hexdigest()
             try:
                 if m["kind"] == "image":
-                    m.update(probe_image(data, self.max_pixels))
+                    m.update(probe_image(data, self.max_pixels, self.phash))
                 else:
                     m.update(self._probe_video(m, data))
             except ProbeError as e:

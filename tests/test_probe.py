@@ -75,3 +75,23 @@ def test_probe_step_reasons(tmp_path, mp4):
     assert [r["drop_reason"] for r in rows] == ["empty_file", "missing_file", None, None]
     assert rows[2]["media"][0]["width"] == 10 and len(rows[2]["media"][0]["sha256"]) == 64
     assert rows[3]["media"][0]["duration"] == pytest.approx(2.0, abs=0.1)
+
+
+def test_image_phash_survives_resize_and_reencode_but_separates_different_images():
+    import random
+
+    from curation.demo_corpus import _draw
+    from curation.phash import hamming
+
+    rng = random.Random(3)
+    a, _ = _draw(rng, 400, 300)
+    b, _ = _draw(rng, 400, 300)
+    ha = probe_image(_encode(a), 10**8, with_phash=True)["phash"][0]
+    copy = probe_image(_encode(a.resize((200, 150)), "PNG"), 10**8, with_phash=True)["phash"][0]
+    low_q = io.BytesIO()
+    a.save(low_q, "JPEG", quality=40)
+    lq = probe_image(low_q.getvalue(), 10**8, with_phash=True)["phash"][0]
+    hb = probe_image(_encode(b), 10**8, with_phash=True)["phash"][0]
+    assert hamming(ha, copy) <= 6 and hamming(ha, lq) <= 6
+    assert hamming(ha, hb) > 12
+    assert -(1 << 63) <= ha < (1 << 63)
