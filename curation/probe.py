@@ -115,9 +115,12 @@ class Probe(RowStep):
     batch_rows = 64
 
     def __init__(self, max_pixels: int = 178_956_970, max_bytes: int = 2 << 30,
-                 timeout_s: float = 30.0, phash: bool = True, **kw: Any):
+                 timeout_s: float = 30.0, phash: bool = True, video_codecs: list[str] | None = None,
+                 max_video_pixels: int = 4096 * 4096, **kw: Any):
         super().__init__(**kw)
         self.phash = bool(phash)
+        self.video_codecs = [c.lower() for c in video_codecs] if video_codecs else None
+        self.max_video_pixels = int(max_video_pixels)
         self.max_pixels = int(max_pixels)
         self.max_bytes = int(max_bytes)
         self.timeout_s = float(timeout_s)
@@ -143,12 +146,19 @@ class Probe(RowStep):
 
     def _probe_video(self, m: dict, data: bytes) -> dict:
         if m.get("offset") is None:
-            return probe_video_file(m["uri"], self.timeout_s)
-        suffix = os.path.splitext(m.get("member") or "")[1] or ".mp4"
-        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:  # ffprobe needs to seek
-            tmp.write(data)
-            tmp.flush()
-            return probe_video_file(tmp.name, self.timeout_s)
+            info = probe_video_file(m["uri"], self.timeout_s)
+        else:
+            suffix = os.path.splitext(m.get("member") or "")[1] or ".mp4"
+            with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:  # ffprobe needs to seek
+                tmp.write(data)
+                tmp.flush()
+                info = probe_video_file(tmp.name, self.timeout_s)
+        if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
+            raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")
+        if info["width"] * info["height"] > self.max_video_pixels:
+            raise ProbeError("too_many_pixels", f"{info['width']}x{info['height']} frames are above "
+                                                f"max_video_pixels {self.max_video_pixels}")
+        return info
 
 
 IMAGE_FORMATS = set(IMAGE_EXTS.values())

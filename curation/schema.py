@@ -80,6 +80,7 @@ class Sample:
     drop_reason: Optional[str] = None  # short code, counted in the report
     drop_detail: Optional[str] = None  # free text for a human
     dup_of: Optional[str] = None  # id of the sample this one duplicated
+    parent_id: Optional[str] = None  # set on samples a step derived from another (video clips)
 
 
 def _arrow_type(tp: Any) -> pa.DataType:

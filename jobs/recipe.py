@@ -21,12 +21,14 @@ class RecipeError(Exception):
 
 
 def _steps() -> dict[str, type]:
+    from curation.clips import VideoClips
     from curation.dedup import ExactDedup
     from curation.probe import Probe
     from curation.token_count import CountTokens
     from filters.quality import Quality
 
-    return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens}
+    return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
+            "clips": VideoClips}
 
 
 PATH_PARAMS = ("tokenizer", "model", "checkpoint")

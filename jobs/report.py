@@ -8,7 +8,8 @@ import os
 from pyspark.sql import functions as F
 
 
-def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, timings: dict) -> dict:
+def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, timings: dict,
+                 derived: int = 0) -> dict:
     steps = ["ingest"] + [s.name for s in recipe.steps] + ["write"]
     drops: dict[str, dict[str, int]] = {s: {} for s in steps}
     for r in ledger.filter(F.col("fate") == "dropped").groupBy("step", "reason").count().collect():
@@ -22,6 +23,13 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
     bytes_by_step = {k: r["b"] or 0 for k, r in by_step.items()}
     tokens_by_step = {k: r["t"] or 0 for k, r in by_step.items()}
     survived_bytes = bytes_by_step.get("", 0)
+    born: dict[str, int] = {}
+    if derived:
+        # derived samples (video clips) enter at the step that made them: the step that dropped their parent
+        parents = final.filter(F.col("parent_id").isNotNull()).groupBy("parent_id").count()
+        for r in (final.select(F.col("id").alias("parent_id"), "drop_step").join(parents, "parent_id")
+                  .groupBy("drop_step").agg(F.sum("count").alias("n")).collect()):
+            born[r["drop_step"]] = r["n"]
     rows = []
     n_in = inputs
     b_in = sum(bytes_by_step.values())
@@ -29,13 +37,14 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
     for s in steps:
         dropped = sum(drops.get(s, {}).values())
         b_drop = bytes_by_step.get(s, 0) if s != "write" else 0
-        row = {"step": s, "in": n_in, "out": n_in - dropped, "dropped": dropped,
+        row = {"step": s, "in": n_in, "out": n_in - dropped + born.get(s, 0), "dropped": dropped,
+               "derived": born.get(s, 0),
                "reasons": dict(sorted(drops.get(s, {}).items(), key=lambda kv: -kv[1])),
                "media_bytes_in": b_in, "media_bytes_out": b_in - b_drop,
                "tokens_in": t_in, "tokens_out": t_in - (tokens_by_step.get(s, 0) if s != "write" else 0),
                "seconds": round(timings.get(s, 0.0), 2)}
         rows.append(row)
-        n_in -= dropped
+        n_in = row["out"]
         b_in -= b_drop
         t_in = row["tokens_out"]
     rows[-1]["media_bytes_out"] = survived_bytes
@@ -54,8 +63,8 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
     dropped = sum(d["dropped"] for d in per_source.values())
     return {
         "recipe": recipe.name, "master": spark.sparkContext.master,
-        "inputs": inputs, "kept": kept, "dropped": dropped,
-        "balanced": inputs == kept + dropped,
+        "inputs": inputs, "derived": derived, "kept": kept, "dropped": dropped,
+        "balanced": inputs + derived == kept + dropped,
         "shards": len(stats), "steps": rows,
         "tokens": {k: sum(d.get(k, 0) for d in per_source.values())
                    for k in ("text_tokens", "visual_tokens", "tokens")},
@@ -101,7 +110,8 @@ def plot_funnel(report: dict, path: str) -> None:
 def render_markdown(report: dict) -> str:
     lines = [f"# reelforge run report: {report['recipe']}", "",
              f"Master `{report['master']}`, {report.get('elapsed_s', 0):.1f} s. "
-             f"**{report['inputs']} inputs = {report['kept']} kept + {report['dropped']} dropped** "
+             f"**{report['inputs']} inputs{' + ' + str(report['derived']) + ' derived' if report.get('derived') else ''}"
+             f" = {report['kept']} kept + {report['dropped']} dropped** "
              f"({'balanced' if report['balanced'] else 'NOT BALANCED'}), {report['shards']} shards.", "",
              "![funnel](funnel.png)", "", "## Steps", "",
              "| step | in | out | dropped | media in | media out | tokens in | tokens out | seconds | reasons |",

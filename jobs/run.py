@@ -17,7 +17,7 @@ from typing import Callable
 from jobs.recipe import Recipe, RecipeError
 
 LEDGER_COLUMNS = ["id", "source", "source_key", "source_location", "kind", "fate", "shard",
-                  "step", "reason", "detail", "dup_of"]
+                  "step", "reason", "detail", "dup_of", "parent_id"]
 
 
 class AccountingError(Exception):
@@ -84,6 +84,8 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     prev = stage(0, "ingest", lambda: ingest(spark, recipe.sources))
     for i, spec in enumerate(recipe.steps, 1):
         step = spec.build()
+        if hasattr(step, "workdir"):
+            step.workdir = work  # steps that write media (clips) put them beside the run
         src = prev
         prev = stage(i, spec.name, lambda s=step, p=src: s.apply(spark.read.schema(schema).parquet(p)))
     final = spark.read.schema(schema).parquet(prev)
@@ -113,15 +115,15 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     dropped = final.filter(F.col("drop_step").isNotNull()).select(
         "id", "source", "source_key", "source_location", "kind", F.lit("dropped").alias("fate"),
         F.lit(None).cast("string").alias("shard"), F.col("drop_step").alias("step"),
-        F.col("drop_reason").alias("reason"), F.col("drop_detail").alias("detail"), "dup_of")
+        F.col("drop_reason").alias("reason"), F.col("drop_detail").alias("detail"), "dup_of", "parent_id")
     written = final.filter(F.col("drop_step").isNull()).select(
-        "id", "source", "source_key", "source_location", "kind").join(results, "id", "left").select(
+        "id", "source", "source_key", "source_location", "kind", "parent_id").join(results, "id", "left").select(
         "id", "source", "source_key", "source_location", "kind",
         F.coalesce(F.col("status"), F.lit("dropped")).alias("fate"), "shard",
         F.when(F.col("status") == "kept", F.lit(None)).otherwise(F.lit("write")).alias("step"),
         F.when(F.col("status") == "kept", F.lit(None))
          .otherwise(F.coalesce(F.col("reason"), F.lit("not_written"))).alias("reason"),
-        F.col("detail"), F.lit(None).cast("string").alias("dup_of"))
+        F.col("detail"), F.lit(None).cast("string").alias("dup_of"), "parent_id")
     ledger_path = os.path.join(out, "ledger")
     dropped.unionByName(written).repartition(max(1, len(stats) // 64 + 1)).sortWithinPartitions("id") \
         .write.mode("overwrite").parquet(ledger_path)
@@ -129,6 +131,7 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
 
     inputs = spark.read.schema(schema).parquet(os.path.join(work, "00_ingest")).count()
     fates = {r["fate"]: r["count"] for r in ledger.groupBy("fate").count().collect()}
+    derived = ledger.filter(F.col("parent_id").isNotNull()).count()
     distinct_ids = ledger.select("id").distinct().count()
     kept, n_dropped = fates.get("kept", 0), fates.get("dropped", 0)
     kept_in_shards = sum(s["samples"] for s in stats)
@@ -139,18 +142,19 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     with open(os.path.join(shard_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
 
-    report = build_report(spark, recipe, final, ledger, stats, inputs, timings)
+    report = build_report(spark, recipe, final, ledger, stats, inputs, timings, derived)
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),
                        "ledger": ledger_path, "report": os.path.join(out, "report.md")}
     write_report(report, out)
-    log(f"done in {report['elapsed_s']:.1f}s: {inputs} inputs = {kept} kept + {n_dropped} dropped, "
+    plus = f" + {derived} derived" if derived else ""
+    log(f"done in {report['elapsed_s']:.1f}s: {inputs} inputs{plus} = {kept} kept + {n_dropped} dropped, "
         f"{len(stats)} shards")
     problems = []
-    if inputs != kept + n_dropped:
-        problems.append(f"inputs {inputs} != kept {kept} + dropped {n_dropped}")
-    if distinct_ids != inputs:
-        problems.append(f"{inputs} inputs but {distinct_ids} distinct ids in the ledger")
+    if inputs + derived != kept + n_dropped:
+        problems.append(f"inputs {inputs} + derived {derived} != kept {kept} + dropped {n_dropped}")
+    if distinct_ids != inputs + derived:
+        problems.append(f"{inputs + derived} samples but {distinct_ids} distinct ids in the ledger")
     if kept != kept_in_shards:
         problems.append(f"ledger says {kept} kept but the shards hold {kept_in_shards}")
     if problems:

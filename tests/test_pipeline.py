@@ -28,7 +28,7 @@ def _ledger(out: str) -> list[dict]:
 def test_inputs_equal_kept_plus_dropped(demo_run):
     rep, out = demo_run["report"], demo_run["out"]
     ledger = _ledger(out)
-    assert rep["balanced"] and rep["inputs"] == rep["kept"] + rep["dropped"] == len(ledger)
+    assert rep["balanced"] and rep["inputs"] + rep["derived"] == rep["kept"] + rep["dropped"] == len(ledger)
     assert len({r["id"] for r in ledger}) == len(ledger)
     index = json.load(open(os.path.join(out, "shards", "index.json")))
     assert index["samples"] == rep["kept"] == sum(1 for r in ledger if r["fate"] == "kept")
@@ -46,7 +46,7 @@ def test_inputs_equal_kept_plus_dropped(demo_run):
     steps = rep["steps"]
     assert [s["step"] for s in steps] == ["ingest", "probe", "tokens", "dedup_exact", "quality", "write"]
     for a, b in zip(steps, steps[1:]):
-        assert a["out"] == b["in"] and a["in"] - a["dropped"] == a["out"]
+        assert a["out"] == b["in"] and a["in"] - a["dropped"] + a["derived"] == a["out"]
     assert steps[-1]["out"] == rep["kept"]
     assert os.path.getsize(os.path.join(out, "funnel.png")) > 1000
     assert "inputs =" in open(os.path.join(out, "report.md")).read()
