@@ -129,13 +129,14 @@ def _draw(rng: random.Random, w: int, h: int) -> tuple[Image.Image, dict[str, An
     if side >= 96 and rng.random() < 0.3:
         word = rng.choice(LABEL_WORDS)
         word_col = rng.choice(others)
-        font = ImageFont.load_default(size=max(10, side // 8))
+        try:
+            font = ImageFont.load_default(size=max(10, side // 8))
+        except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
+            font = ImageFont.load_default()
         d.text((rng.randint(0, max(0, w // 2)), rng.randint(0, max(0, h - side // 6))), word,
                fill=COLORS[word_col], font=font)
-    caption = " and ".join(f"a {c} {s}" for c, s in shapes) + f" on a {bg_name} background"
-    if word:
-        caption += f', with the word "{word}" written in {word_col}'
-    return img, {"background": bg_name, "shapes": shapes, "word": word}
+        return img, {"background": bg_name, "shapes": shapes, "word": word, "word_colour": word_col}
+    return img, {"background": bg_name, "shapes": shapes, "word": None, "word_colour": None}
 
 
 def _encode(img: Image.Image, fmt: str) -> bytes:
@@ -162,10 +163,15 @@ def _make_images(n: int, rng: random.Random) -> list[Drawn]:
     return out
 
 
+def _a(word: str) -> str:
+    """'a red circle', 'an orange square'."""
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
 def _caption_of(facts: dict[str, Any]) -> str:
-    cap = " and ".join(f"a {c} {s}" for c, s in facts["shapes"]) + f" on a {facts['background']} background"
+    cap = " and ".join(f"{_a(c)} {s}" for c, s in facts["shapes"]) + f" on {_a(facts['background'])} background"
     if facts["word"]:
-        cap += f', with the word "{facts["word"]}" written on it'
+        cap += f', with the word "{facts["word"]}" written in {facts["word_colour"]}'
     return cap
 
 
@@ -180,6 +186,10 @@ def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 # --- text -----------------------------------------------------------------------------------
 
+def _plural(noun: str) -> str:
+    return noun[:-1] + "ies" if noun.endswith("y") and noun[-2:-1] not in "aeiou" else noun + "s"
+
+
 def _sentence(rng: random.Random) -> str:
     a, n, v = lambda: rng.choice(ADJ), lambda: rng.choice(NOUN), lambda: rng.choice(VERB)
     t = rng.randrange(7)
@@ -192,9 +202,10 @@ def _sentence(rng: random.Random) -> str:
     if t == 3:
         return f"Nobody {v()} the {a()} {n()} until the {n()} was {a()} again."
     if t == 4:
-        return f"There were {rng.randint(2, 40)} {n()}s {rng.choice(PREPS)} the {n()}, each more {a()} than the last."
+        return (f"There were {rng.randint(2, 40)} {_plural(n())} {rng.choice(PREPS)} the {n()}, "
+                f"each more {a()} than the last.")
     if t == 5:
-        return f"{rng.choice(NAMES)} and {rng.choice(NAMES)} {v()} a {a()} {n()} together."
+        return f"{rng.choice(NAMES)} and {rng.choice(NAMES)} {v()} {_a(a())} {n()} together."
     return f"It is said that the {a()} {n()} {v()} the {n()} only once."
 
 
@@ -232,16 +243,19 @@ def _pattern(p: str, v: int, w: int, h: int, fps: int, rng: random.Random) -> tu
         box = max(16, min(w, h) // 6)
         return (f"color=c={_hex(bg)}:{s}[bg];color=c={_hex(fg)}:s={box}x{box}:r={fps}[fg];"
                 f"[bg][fg]overlay=x=mod(t*{w // 3}\\,W-w):y=H/2-h/2+H/4*sin(t*3)[out0]"), \
-            f"a {fg} square sliding left to right and bobbing up and down on a {bg} background", \
+            f"{_a(fg)} square sliding left to right and bobbing up and down on {_a(bg)} background", \
             ["motion", fg, bg]
     if p == "falling_bar":
         bg, fg = rng.sample(sorted(COLORS), 2)
         return (f"color=c={_hex(bg)}:{s}[bg];color=c={_hex(fg)}:s={w}x{max(8, h // 10)}:r={fps}[fg];"
                 f"[bg][fg]overlay=x=0:y=mod(t*{h // 2}\\,H-h)[out0]"), \
-            f"a {fg} horizontal bar falling from top to bottom over a {bg} background", ["motion", fg, bg]
-    if p == "gradients":
-        return f"gradients={s}:seed={1000 + v}:speed=0.02", "smoothly drifting colour gradients", \
-            ["gradient", "abstract"]
+            f"{_a(fg)} horizontal bar falling from top to bottom over {_a(bg)} background", ["motion", fg, bg]
+    if p == "plasma":
+        # (ffmpeg's own `gradients` source ignores its seed in 5.x, so its bytes change per run)
+        k = 20 + v % 7
+        return (f"nullsrc={s},format=gbrp,geq=r='128+127*sin(X/{k}+T*2)':g='128+127*sin(Y/{k + 9}+T*3)'"
+                f":b='128+127*sin((X+Y)/{k + 17}-T)'"), "soft colour waves rippling across the frame", \
+            ["plasma", "abstract"]
     if p == "life":
         return (f"life={s}:seed={2000 + v}:ratio=0.2:life_color=0x33dd55:death_color=0x101010"), \
             "Conway's Game of Life, green cells being born and dying on a dark background", \
@@ -251,14 +265,15 @@ def _pattern(p: str, v: int, w: int, h: int, fps: int, rng: random.Random) -> tu
             "a rule 110 cellular automaton scrolling up the frame in black and white", \
             ["cellular automaton", "black and white"]
     if p == "rgbtestsrc":
-        return f"rgbtestsrc={s}", "red, green and blue stripes of a RGB test pattern", ["test pattern", "static"]
+        return f"rgbtestsrc={s}", "the red, green and blue gradient bands of an RGB test pattern", \
+            ["test pattern", "static"]
     if p == "hue_bars":
         return f"smptehdbars={s},hue=h=t*90", "HD colour bars slowly cycling through every hue", \
             ["test card", "colour cycle"]
     raise ValueError(p)
 
 
-PATTERNS = ("testsrc2", "moving_box", "smptebars", "mandelbrot", "gradients", "falling_bar", "life",
+PATTERNS = ("testsrc2", "moving_box", "smptebars", "mandelbrot", "plasma", "falling_bar", "life",
             "cellauto", "rgbtestsrc", "hue_bars")
 
 
@@ -270,7 +285,7 @@ def video_plan(n_videos: int, seed: int = 0) -> list[VideoSpec]:
     for v in range(n_videos):
         p = PATTERNS[v % len(PATTERNS)]
         w, h = VIDEO_SIZES[(v + v // len(PATTERNS)) % len(VIDEO_SIZES)]
-        if p in ("mandelbrot", "life") and w * h > 320 * 240:
+        if p in ("mandelbrot", "life", "plasma") and w * h > 320 * 240:
             w, h = 320, 180  # the costly sources stay small
         fps = rng.choice(VIDEO_FPS)
         graph, what, tags = _pattern(p, v, w, h, fps, rng)
@@ -436,20 +451,19 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
 
     # 3. plain text documents, three whitespace/case variants, one line that is not JSON
     docs = [_doc(rng) for _ in range(60)]
-    text_lines = [_dumps({"text": d}) for d in docs]
+    entries: list[tuple[str, int, str]] = [("doc", i, _dumps({"text": d})) for i, d in enumerate(docs)]
     for j, i in enumerate(sorted(rng.sample(range(40), 3))):
-        text_lines.insert(45 + 5 * j, _dumps({"text": _whitespace_case_variant(docs[i])}))
-        dup_pairs.append({"kind": "text", "source": "text", "reason": "duplicate_text",
-                          "a": f"text.jsonl:{i + 1}", "b": f"text.jsonl:{45 + 5 * j + 1}"})
-    bad_at = 30
-    text_lines.insert(bad_at, '{"text": "unterminated')
-    for p in dup_pairs:  # the bad line shifted the variants after it by one
-        if p["kind"] == "text":
-            n = int(p["b"].split(":")[1])
-            p["b"] = f"text.jsonl:{n + 1 if n > bad_at else n}"
-    _write_lines(os.path.join(root, "text.jsonl"), text_lines)
-    planted["bad_json_line"] = {"source": "text", "source_key": f"text.jsonl:{bad_at + 1}", "reason": "bad_json",
-                                "step": "ingest", "file": "text.jsonl", "line": bad_at + 1}
+        entries.insert(45 + 5 * j, ("variant", i, _dumps({"text": _whitespace_case_variant(docs[i])})))
+    entries.insert(30, ("bad", -1, '{"text": "unterminated'))
+    line_of = {(kind, i): n for n, (kind, i, _) in enumerate(entries, 1)}
+    _write_lines(os.path.join(root, "text.jsonl"), [line for _, _, line in entries])
+    for kind, i, _ in entries:
+        if kind == "variant":
+            dup_pairs.append({"kind": "text", "source": "text", "reason": "duplicate_text",
+                              "a": f"text.jsonl:{line_of[('doc', i)]}", "b": f"text.jsonl:{line_of[(kind, i)]}"})
+    bad_line = line_of[("bad", -1)]
+    planted["bad_json_line"] = {"source": "text", "source_key": f"text.jsonl:{bad_line}", "reason": "bad_json",
+                                "step": "ingest", "file": "text.jsonl", "line": bad_line}
 
     # 4. conversations: LLaVA/ShareGPT, OpenAI messages, and video conversations
     conv: list[dict] = []
@@ -494,19 +508,24 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
 
     # 6. preference pairs in Parquet, half about an image
     prefs: dict[str, list] = {"prompt": [], "chosen": [], "rejected": [], "image": []}
+    asked: set[tuple[str, str]] = set()
     for k in range(30):
         if k % 2 == 0:
             name, im = files[(k // 2) % len(files)]
-            q, a = _qa(rng, im)[0]
+            for _ in range(50):  # an image asked twice gets another question: no accidental duplicates
+                q, a = _qa(rng, im)[0]
+                if (name, q) not in asked:
+                    break
+            asked.add((name, q))
             wrong = rng.choice([c for c in sorted(COLORS) if c != im.background])
             prefs["prompt"].append(q)
             prefs["chosen"].append(a)
             prefs["rejected"].append(f"I think the whole picture is plain {wrong}, with nothing drawn on it.")
             prefs["image"].append(name)
         else:
-            doc = _sentence(rng) + " " + _sentence(rng)
-            prefs["prompt"].append(f"Summarise in a few words: {doc}")
-            prefs["chosen"].append(doc.split(",")[0].rstrip(".") + ".")
+            first, second = _sentence(rng), _sentence(rng)
+            prefs["prompt"].append(f"Give the first of these two sentences back, word for word: {first} {second}")
+            prefs["chosen"].append(first)
             prefs["rejected"].append(f"The {rng.choice(NOUN)} is {rng.choice(ADJ)}, I do not know.")
             prefs["image"].append(None)
     schema = pa.schema([(c, pa.string()) for c in ("prompt", "chosen", "rejected", "image")])
@@ -518,6 +537,12 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
     planted["duplicates"] = {"pairs": dup_pairs}
     with open(os.path.join(root, "planted.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(planted, indent=1, sort_keys=True) + "\n")
+    # a tiny tokenizer trained on the corpus itself, saved as a transformers tokenizer folder:
+    # the `tokens` step loads it through the same code path as a real model's tokenizer
+    from curation.tiny_models import build_tiny_tokenizer
+
+    build_tiny_tokenizer(os.path.join(root, "tokenizer"), texts=docs, vocab_size=800)
+
     recipe = {
         "name": "demo", "seed": seed,
         "sources": [
@@ -531,6 +556,7 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
         ],
         "steps": [
             {"probe": {"timeout_s": 30}},
+            {"tokens": {"tokenizer": "tokenizer"}},
             {"dedup_exact": {}},
             {"quality": {"min_side": 16, "max_aspect": 200, "video_min_duration": 0.5,
                          "video_max_duration": 600, "text_min_chars": 1, "text_max_chars": 200000}},
@@ -551,17 +577,17 @@ def _qa(rng: random.Random, im: Drawn) -> list[tuple[str, str]]:
     same = [s for c, s in im.shapes if c == colour]
     pool = [
         (f"What shape is {colour}?", f"The {colour} shape is a {same[0]}." if len(same) == 1
-         else f"There are {len(same)} {colour} shapes: " + " and ".join(f"a {s}" for s in same) + "."),
+         else f"There are {len(same)} {colour} shapes: " + " and ".join(_a(s) for s in same) + "."),
         ("What colour is the background?", f"The background is {im.background}."),
         ("How many shapes are in the picture?",
          f"There {'is one shape' if len(im.shapes) == 1 else f'are {len(im.shapes)} shapes'}: "
-         + " and ".join(f"a {c} {s}" for c, s in im.shapes) + "."),
+         + " and ".join(f"{_a(c)} {s}" for c, s in im.shapes) + "."),
         ("Describe the picture.", im.caption[0].upper() + im.caption[1:] + "."),
-        (f"Is there a {shape} in the image?", f"Yes, there is a {colour} {shape}."),
+        (f"Is there {_a(shape)} in the image?", f"Yes, there is {_a(colour)} {shape}."),
     ]
     if im.word:
         pool.append(("What word is written in the picture?", f'It says "{im.word}".'))
     return rng.sample(pool, rng.randint(1, 3))
 
 
-__all__ = ["VideoSpec", "make_demo_corpus", "video_plan"]
+__all__ = ["PATTERNS", "VideoSpec", "make_demo_corpus", "video_plan"]

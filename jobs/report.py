@@ -108,9 +108,10 @@ def plot_funnel(report: dict, path: str) -> None:
 
 
 def render_markdown(report: dict) -> str:
+    derived = f" + {report['derived']} derived" if report.get("derived") else ""
     lines = [f"# reelforge run report: {report['recipe']}", "",
              f"Master `{report['master']}`, {report.get('elapsed_s', 0):.1f} s. "
-             f"**{report['inputs']} inputs{' + ' + str(report['derived']) + ' derived' if report.get('derived') else ''}"
+             f"**{report['inputs']} inputs{derived}"
              f" = {report['kept']} kept + {report['dropped']} dropped** "
              f"({'balanced' if report['balanced'] else 'NOT BALANCED'}), {report['shards']} shards.", "",
              "![funnel](funnel.png)", "", "## Steps", "",
