@@ -146,18 +146,32 @@ class Probe(RowStep):
 
     def _probe_video(self, m: dict, data: bytes) -> dict:
         if m.get("offset") is None:
-            info = probe_video_file(m["uri"], self.timeout_s)
-        else:
-            suffix = os.path.splitext(m.get("member") or "")[1] or ".mp4"
-            with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:  # ffprobe needs to seek
-                tmp.write(data)
-                tmp.flush()
-                info = probe_video_file(tmp.name, self.timeout_s)
+            return self._probe_video_path(m["uri"])
+        suffix = os.path.splitext(m.get("member") or "")[1] or ".mp4"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:  # ffprobe needs to seek
+            tmp.write(data)
+            tmp.flush()
+            return self._probe_video_path(tmp.name)
+
+    def _probe_video_path(self, path: str) -> dict:
+        info = probe_video_file(path, self.timeout_s)
         if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
             raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")
         if info["width"] * info["height"] > self.max_video_pixels:
             raise ProbeError("too_many_pixels", f"{info['width']}x{info['height']} frames are above "
                                                 f"max_video_pixels {self.max_video_pixels}")
+        if self.phash and info.get("frames"):
+            # the frames the model will see (2 fps, as token accounting samples them), hashed;
+            # decoding them also catches files whose header is fine but whose frames are not
+            from curation.tokens import TokenError, video_nframes
+            from curation.video import frame_phashes, sample_indices
+
+            try:
+                n = video_nframes(info["duration"], info.get("fps"), total_frames=info["frames"])
+            except TokenError:
+                n = 0
+            if n:
+                info["phash"] = frame_phashes(path, sample_indices(info["frames"], n), timeout_s=self.timeout_s * 4)
         return info
 
 

@@ -23,12 +23,13 @@ class RecipeError(Exception):
 def _steps() -> dict[str, type]:
     from curation.clips import VideoClips
     from curation.dedup import ExactDedup
+    from curation.near_dedup import NearDedup
     from curation.probe import Probe
     from curation.token_count import CountTokens
     from filters.quality import Quality
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
-            "clips": VideoClips}
+            "clips": VideoClips, "dedup_near": NearDedup}
 
 
 PATH_PARAMS = ("tokenizer", "model", "checkpoint")

@@ -75,6 +75,8 @@ def test_probe_step_reasons(tmp_path, mp4):
     assert [r["drop_reason"] for r in rows] == ["empty_file", "missing_file", None, None]
     assert rows[2]["media"][0]["width"] == 10 and len(rows[2]["media"][0]["sha256"]) == 64
     assert rows[3]["media"][0]["duration"] == pytest.approx(2.0, abs=0.1)
+    assert len(rows[3]["media"][0]["phash"]) == 4  # 2 s at 2 fps: the frames the model sees
+    assert len(rows[2]["media"][0]["phash"]) == 1
 
 
 def test_image_phash_survives_resize_and_reencode_but_separates_different_images():

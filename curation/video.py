@@ -1,0 +1,706 @@
+"""Video primitives on the ffmpeg CLI: probe, exact frame sampling, shot detection, cutting, transcoding.
+
+Everything here runs ffprobe/ffmpeg as a subprocess under a deadline (the `timeout_s` of each
+call covers the whole call, probe included) and turns every failure on bad media into a
+`ProbeError(reason, detail)`, the same exception the probe step uses, so a broken file costs
+a ledger line and never an executor. Reasons:
+
+    missing_file     the path does not exist or is not a regular file
+    empty_file       0 bytes
+    corrupt_video    ffprobe cannot read it (truncated without its index, not media at all, ...)
+    not_a_video      readable media without a video stream (audio only, no streams)
+    zero_duration    a video stream but no positive duration
+    probe_timeout    ffprobe ran past the deadline (probe_video)
+    decode_timeout   decoding ran past the deadline (decode_frames, frame_phashes, detect_shots)
+    decode_error     ffmpeg failed while decoding, or the video ended before a requested frame
+    transcode_timeout / transcode_error   the same for cut_clip and transcode
+
+Frame indices are presentation-order indices of the decoded frames, counted from 0, the way
+a decoder hands them out (PyAV's `container.decode(stream)` enumerates the same frames).
+
+Rotation: `probe_video` reports `rotation` as the clockwise angle (0, 90, 180, 270) a player
+turns the stored frames by, from the stream's display matrix (or its legacy `rotate` tag),
+and `display_width`/`display_height` as the size after that turn. ffmpeg applies the same
+turn by default ("autorotate"), and so do we: `decode_frames` returns upright frames
+(`autorotate=False` gives the stored frames), `size` is the size of the upright frame, and
+`transcode`/`cut_clip` write upright pixels with no rotation left in the output's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any, Sequence
+
+import numpy as np
+
+from curation.probe import ProbeError
+from curation.tools import ffmpeg_path, ffprobe_path
+
+__all__ = ["probe_video", "sample_indices", "frame_timestamps", "decode_frames", "frame_phashes",
+           "scene_scores", "detect_shots", "split_shots", "cut_clip", "transcode"]
+
+_MAX_VF_CHARS = 60_000  # longer select expressions go through a filter script, not argv
+
+
+# ----------------------------------------------------------------------------- helpers
+
+class _Deadline:
+    def __init__(self, timeout_s: float):
+        self.timeout_s = float(timeout_s)
+        self.end = time.monotonic() + self.timeout_s
+
+    def left(self) -> float:
+        return max(0.0, self.end - time.monotonic())
+
+
+def _url(path: str) -> str:
+    """A local path as an ffmpeg URL: `file:` so names with ':' or a leading '-' stay names."""
+    return "file:" + os.path.abspath(os.fspath(path))
+
+
+def _check_file(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ProbeError("missing_file", f"{path}: {e.strerror or e}") from e
+    if not os.path.isfile(path):
+        raise ProbeError("missing_file", f"{path} is not a regular file")
+    if st.st_size == 0:
+        raise ProbeError("empty_file", f"{path} has 0 bytes")
+
+
+def _last_line(stderr: bytes | str | None, default: str) -> str:
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    lines = [ln.strip() for ln in (stderr or "").splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else default
+
+
+def _run(cmd: list[str], timeout_s: float, timeout_reason: str, error_reason: str,
+         what: str) -> subprocess.CompletedProcess:
+    """subprocess.run under a timeout (the child is killed on expiry); failures are ProbeErrors."""
+    if timeout_s <= 0:
+        raise ProbeError(timeout_reason, f"{what}: no time left of the deadline")
+    try:
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:
+        raise ProbeError(timeout_reason, f"{what} took longer than {timeout_s:.3g}s") from e
+    if res.returncode != 0:
+        raise ProbeError(error_reason, f"{what}: {_last_line(res.stderr, f'exit status {res.returncode}')}")
+    return res
+
+
+@lru_cache(maxsize=None)
+def _ffmpeg_version(binary: str) -> tuple[int, int]:
+    try:
+        out = subprocess.run([binary, "-version"], stdin=subprocess.DEVNULL, capture_output=True,
+                             text=True, timeout=20).stdout
+        v = out.split()[2]  # "ffmpeg version 5.1.9-0+deb12u1 ..." / "ffmpeg version n6.1 ..."
+        parts = v.lstrip("nN").split("-")[0].split(".")
+        return int(parts[0]), int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    except Exception:  # noqa: BLE001 - git builds ("N-112-g...") and the unknown are taken as new
+        return 99, 0
+
+
+def _ffmpeg_cmd() -> list[str]:
+    return [ffmpeg_path(), "-nostdin", "-hide_banner", "-loglevel", "error"]
+
+
+def _passthrough() -> dict[str, str]:
+    """Output option that emits each filtered frame once, untouched (no dup/drop to a frame rate)."""
+    return {"fps_mode": "passthrough"} if _ffmpeg_version(ffmpeg_path()) >= (5, 1) else {"vsync": "0"}
+
+
+def _rate(s: str | None) -> float | None:
+    if not s or s in ("0/0", "N/A"):
+        return None
+    try:
+        v = float(Fraction(s))
+    except (ValueError, ZeroDivisionError):
+        return None
+    return v if v > 0 else None
+
+
+def _rotation(stream: dict) -> int:
+    """Clockwise degrees (0/90/180/270, or the rounded angle) a player turns the frames by."""
+    theta = None
+    for sd in stream.get("side_data_list") or []:
+        if "rotation" in sd:
+            try:  # the display matrix angle is counter-clockwise; ffmpeg's autorotate negates it
+                theta = -float(sd["rotation"])
+            except (TypeError, ValueError):
+                pass
+            break
+    if theta is None:
+        try:
+            theta = float((stream.get("tags") or {}).get("rotate", 0))  # legacy tag: clockwise already
+        except (TypeError, ValueError):
+            theta = 0.0
+    return int(round(theta)) % 360
+
+
+def _display_size(info: dict, autorotate: bool = True) -> tuple[int, int]:
+    """(width, height) of the frames ffmpeg hands out."""
+    w, h = info["width"], info["height"]
+    if autorotate and info.get("rotation") in (90, 270):
+        return h, w
+    return w, h
+
+
+def _probe_for(path: str, info: dict | None, deadline: _Deadline, timeout_reason: str) -> dict:
+    if info is not None:
+        _check_file(path)
+        return info
+    try:
+        return probe_video(path, deadline.left())
+    except ProbeError as e:
+        if e.reason == "probe_timeout":  # the caller's deadline, spent in the probe
+            raise ProbeError(timeout_reason, f"ran past {deadline.timeout_s:.3g}s while probing") from e
+        raise
+
+
+# ----------------------------------------------------------------------------- probe
+
+def probe_video(path: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    """One ffprobe call: what `probe.probe_video_file` returns, plus rotation and audio facts.
+
+    Keys: format, width, height (stored frame size), duration (s), fps, frames, codec,
+    rotation (clockwise degrees a player applies), display_width, display_height (after the
+    rotation), has_audio, audio_codec.
+    """
+    _check_file(path)
+    cmd = [ffprobe_path(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", _url(path)]
+    res = _run(cmd, timeout_s, "probe_timeout", "corrupt_video", "ffprobe")
+    try:
+        info = json.loads(res.stdout.decode("utf-8", "replace") or "{}")
+    except ValueError as e:
+        raise ProbeError("corrupt_video", "ffprobe printed no JSON") from e
+    all_streams = info.get("streams") or []
+    streams = [s for s in all_streams if s.get("codec_type") == "video"
+               and not (s.get("disposition") or {}).get("attached_pic")]
+    if not streams:
+        raise ProbeError("not_a_video", "no video stream")
+    s = streams[0]
+    fmt = info.get("format") or {}
+    duration = None
+    for d in (s.get("duration"), fmt.get("duration")):
+        try:
+            if d is not None and float(d) > 0:
+                duration = float(d)
+                break
+        except ValueError:
+            pass
+    if not duration:
+        raise ProbeError("zero_duration", "video has no positive duration")
+    fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
+    frames = int(s["nb_frames"]) if str(s.get("nb_frames", "")).isdigit() else (
+        int(round(duration * fps)) if fps else None)
+    width, height = int(s.get("width") or 0), int(s.get("height") or 0)
+    if width <= 0 or height <= 0:
+        raise ProbeError("corrupt_video", f"video stream has size {width}x{height}")
+    container = (fmt.get("format_name") or "").split(",")[0] or None
+    if container == "mov":
+        container = "mp4"
+    audio = [a for a in all_streams if a.get("codec_type") == "audio"]
+    out = {"format": container, "width": width, "height": height, "duration": duration,
+           "fps": fps, "frames": frames, "codec": s.get("codec_name"), "rotation": _rotation(s),
+           "has_audio": bool(audio), "audio_codec": audio[0].get("codec_name") if audio else None}
+    out["display_width"], out["display_height"] = _display_size(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- frame sampling
+
+def sample_indices(total_frames: int, n: int) -> list[int]:
+    """n frame indices spread evenly from the first to the last frame (Qwen-VL's linspace().round())."""
+    total_frames, n = int(total_frames), int(n)
+    if total_frames <= 0 or n <= 0:
+        return []
+    return np.linspace(0, total_frames - 1, n).round().astype(np.int64).tolist()
+
+
+def frame_timestamps(indices: Sequence[int], fps: float) -> list[float]:
+    """Presentation time (s, from the first frame) of each index at a constant frame rate."""
+    if not fps or fps <= 0:
+        raise ValueError(f"fps must be > 0, got {fps!r}")
+    return [int(i) / float(fps) for i in indices]
+
+
+def _select_expr(sorted_unique: list[int]) -> str:
+    """`select` filter matching exactly these frame numbers (runs collapse to between())."""
+    terms, i = [], 0
+    while i < len(sorted_unique):
+        j = i
+        while j + 1 < len(sorted_unique) and sorted_unique[j + 1] == sorted_unique[j] + 1:
+            j += 1
+        a, b = sorted_unique[i], sorted_unique[j]
+        terms.append(f"eq(n\\,{a})" if a == b else f"between(n\\,{a}\\,{b})")
+        i = j + 1
+    return "select=" + "+".join(terms)
+
+
+def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | None = None,
+                  timeout_s: float = 120.0, *, autorotate: bool = True, threads: int | None = None) -> np.ndarray:
+    """Decode exactly the frames with these indices as an N x H x W x 3 uint8 RGB array.
+
+    One ffmpeg process decodes the stream up to the last wanted frame (`-frames:v`), keeps
+    the wanted ones with a `select` filter on the frame number, converts (and, with
+    `size=(height, width)`, bicubic-resizes) only those to rgb24, and streams them through a
+    pipe straight into the returned array; nothing is written to disk. Each frame comes as a
+    binary PPM (a ~15-byte "P6 width height 255" header, then the rgb24 bytes), so the frame
+    size needs no ffprobe call first: ffprobe runs only when ffmpeg fails, to name the reason.
+    Rows come in the order of `indices` (repeats allowed). Frames are upright (ffmpeg's
+    autorotate, as players show them); `autorotate=False` gives them as stored. `threads` is
+    ffmpeg's decoder `-threads` (default: ffmpeg's choice, all cores).
+    """
+    deadline = _Deadline(timeout_s)
+    idx = [int(i) for i in indices]
+    if any(i < 0 for i in idx):
+        raise ValueError("frame indices must be >= 0")
+    if size is not None and (len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0):
+        raise ValueError(f"size must be (height, width) > 0, got {size!r}")
+    _check_file(path)
+    if not idx:
+        info = _probe_for(path, None, deadline, "decode_timeout")
+        w, h = _display_size(info, autorotate)
+        return np.empty((0, int(size[0]), int(size[1]), 3) if size else (0, h, w, 3), np.uint8)
+    uniq = sorted(set(idx))
+    vf = _select_expr(uniq)
+    if size is not None:
+        vf += f",scale={int(size[1])}:{int(size[0])}:flags=bicubic"
+    in_kw: dict[str, Any] = {}
+    if threads:
+        in_kw["threads"] = int(threads)
+    if not autorotate:
+        in_kw["noautorotate"] = None
+    out_kw: dict[str, Any] = {"map": "0:v:0", "format": "image2pipe", "c:v": "ppm", "pix_fmt": "rgb24",
+                              "frames:v": len(uniq), **_passthrough()}
+    import ffmpeg
+
+    script = None
+    try:
+        if len(vf) > _MAX_VF_CHARS:  # argv strings are limited to 128 KiB on Linux
+            fd, script = tempfile.mkstemp(suffix=".ffscript")
+            with os.fdopen(fd, "w") as f:
+                f.write(vf)
+            out_kw["filter_script:v"] = script
+        else:
+            out_kw["vf"] = vf
+        cmd = ffmpeg.input(_url(path), **in_kw).output("pipe:", **out_kw).compile(cmd=_ffmpeg_cmd())
+        try:
+            frames = _read_ppm_frames(cmd, len(uniq), deadline)
+        except ProbeError as e:
+            if e.reason != "decode_error":
+                raise
+            _probe_for(path, None, deadline, "decode_timeout")  # a precise reason for a bad file, if any
+            raise
+    finally:
+        if script:
+            os.unlink(script)
+    if idx == uniq:
+        return frames
+    pos = {v: k for k, v in enumerate(uniq)}
+    return frames[[pos[i] for i in idx]]
+
+
+class _Ffmpeg:
+    """An ffmpeg child whose stdout is read by the caller, killed at the deadline, stderr drained."""
+
+    def __init__(self, cmd: list[str], deadline: _Deadline, what: str):
+        if deadline.left() <= 0:
+            raise ProbeError("decode_timeout", f"no time left of {deadline.timeout_s:.3g}s for {what}")
+        self.deadline, self.what = deadline, what
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.timed_out = threading.Event()
+        self._err: list[bytes] = []
+        self._drain = threading.Thread(target=lambda: self._err.append(self.proc.stderr.read()), daemon=True)
+        self._drain.start()
+        self._timer = threading.Timer(deadline.left(), self._kill)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _kill(self) -> None:
+        self.timed_out.set()
+        self.proc.kill()
+
+    def readinto(self, buf: memoryview) -> int:
+        """Fill buf from stdout; fewer bytes only at the end of the stream."""
+        got = 0
+        while got < buf.nbytes:
+            k = self.proc.stdout.readinto(buf[got:])
+            if not k:
+                break
+            got += k
+        return got
+
+    def finish(self) -> bytes:
+        """Wait for the exit; the stderr text. Raises decode_timeout / decode_error."""
+        try:
+            self.proc.stdout.close()
+            rc = self.proc.wait()
+        finally:
+            self.close()
+        err = b"".join(self._err)
+        if self.timed_out.is_set():
+            raise ProbeError("decode_timeout", f"{self.what} took longer than {self.deadline.timeout_s:.3g}s")
+        if rc != 0:
+            raise ProbeError("decode_error", f"{self.what}: {_last_line(err, f'ffmpeg exit status {rc}')}")
+        return err
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._drain.join(5)
+
+
+def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
+    """Read n binary PPM frames (all one size) from ffmpeg's stdout into one array."""
+    ff = _Ffmpeg(cmd, deadline, "decoding")
+    out: np.ndarray | None = None
+    got = 0
+    problem = None
+    try:
+        stdout = ff.proc.stdout
+        while got < n:
+            header = [stdout.readline() for _ in range(3)]  # b"P6\n", b"W H\n", b"255\n"
+            if not header[0]:
+                break
+            try:
+                w, h = (int(x) for x in header[1].split())
+                ok = header[0].strip() == b"P6" and header[2].strip() == b"255"
+            except ValueError:
+                ok = False
+            if not ok:
+                problem = f"unexpected frame header {b''.join(header)[:40]!r}"
+                break
+            if out is None:
+                out = np.empty((n, h, w, 3), np.uint8)
+            elif out.shape[1:3] != (h, w):
+                problem = f"the frame size changes mid-stream ({out.shape[2]}x{out.shape[1]} -> {w}x{h})"
+                break
+            if ff.readinto(memoryview(out[got]).cast("B")) < h * w * 3:
+                break
+            got += 1
+        if problem is None:
+            ff.finish()
+    finally:
+        ff.close()
+    if ff.timed_out.is_set():
+        raise ProbeError("decode_timeout", f"decoding took longer than {deadline.timeout_s:.3g}s")
+    if problem:
+        raise ProbeError("decode_error", problem)
+    if got < n or out is None:
+        raise ProbeError("decode_error", f"the video ended after {got} of the {n} requested frames "
+                                         "(an index past the last frame, or a truncated stream)")
+    return out
+
+
+def frame_phashes(path: str, indices: Sequence[int], timeout_s: float = 120.0, *,
+                  size: tuple[int, int] = (64, 64)) -> list[int]:
+    """64-bit pHash (`phash.phash_rgb`) of each frame with these indices.
+
+    Frames are decoded already shrunk to `size` by ffmpeg (bicubic, which low-passes when
+    it shrinks): pHash squashes every frame to 32x32 anyway, and at 64x64 the hashes stay
+    within a few bits of full-size decoding (see tests) at a fraction of the pipe traffic.
+    """
+    from curation.phash import phash_rgb
+
+    frames = decode_frames(path, indices, size=size, timeout_s=timeout_s)
+    return [phash_rgb(f) for f in frames]
+
+
+# ----------------------------------------------------------------------------- shots
+
+_THUMB = 64          # content score: frames shrunk (area average) to 64x64 YUV 4:4:4 thumbnails
+_SCORE_UNIT = 50.0   # ... and scored in units of 50 grey levels of mean absolute difference
+_WINDOW = 2          # neighbours on each side a frame's difference is compared with
+_CHUNK = 256         # thumbnails read from the pipe at once
+
+
+def _parse_times(text: str) -> list[float]:
+    times = []
+    for line in text.splitlines():
+        if line.startswith("frame:"):
+            for part in line.split():
+                if part.startswith("pts_time:"):
+                    try:
+                        times.append(float(part[9:]))
+                    except ValueError:
+                        times.append(float("nan"))
+    return times
+
+
+def _content_diffs(path: str, info: dict, deadline: _Deadline, threads: int | None, flash_frames: int,
+                   cand_levels: float) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
+    """Per frame k: time (s from the first frame), d_k = mean |thumb_k - thumb_{k-1}| (0..255),
+    and for frames with d_k > cand_levels the smallest of |thumb_{k+j} - thumb_{k-1}| and
+    |thumb_k - thumb_{k-1-j}|, j = 1..flash_frames (small when the picture before k comes back
+    or the picture at k was there just before: a flash, not a cut). One decode, thumbnails streamed."""
+    import ffmpeg
+
+    t = _THUMB
+    in_kw: dict[str, Any] = {"noautorotate": None}
+    if threads:
+        in_kw["threads"] = int(threads)
+    # the two metadata filters only print each frame's pts_time (to stderr; stdout has the thumbnails)
+    vf = (f"scale={t}:{t}:flags=area,format=yuv444p,metadata=add:key=rf:value=1,"
+          "metadata=print:key=rf:file=pipe\\\\:2")
+    cmd = (ffmpeg.input(_url(path), **in_kw)
+           .output("pipe:", vf=vf, format="rawvideo", pix_fmt="yuv444p", map="0:v:0", **_passthrough())
+           .compile(cmd=_ffmpeg_cmd()))
+    fsize = 3 * t * t
+    buf = np.empty((_CHUNK, 3, t, t), np.uint8)
+    mv = memoryview(buf).cast("B")
+    diffs: list[np.ndarray] = []
+    back: dict[int, float] = {}
+    hist: np.ndarray | None = None  # the frame before the current chunk, then the current chunk
+    hist_start = 0                  # global index of hist[0]
+    pending: list[int] = []
+    n = 0
+    ff = _Ffmpeg(cmd, deadline, "shot detection")
+    try:
+        while True:
+            got = ff.readinto(mv)
+            c = got // fsize
+            if c:
+                x = buf[:c].astype(np.int16)
+                y = x if hist is None else np.concatenate([hist, x])
+                y_start = n if hist is None else hist_start
+                d = np.abs(np.diff(y, axis=0)).mean(axis=(1, 2, 3))
+                d = np.concatenate([[0.0], d]) if hist is None else d[len(hist) - 1:]
+                diffs.append(d.astype(np.float32))
+                # flash check for earlier candidates, now that the frames after them are here
+                for k in pending:
+                    _flash_back(y, y_start, k, flash_frames, back)
+                pending = [n + i for i in np.flatnonzero(d > cand_levels).tolist()]
+                hist = y[-(c + flash_frames + 1):]  # this chunk and the frames before it the checks need
+                hist_start = n + c - len(hist)
+                n += c
+            if got < mv.nbytes:
+                break
+        if hist is not None:
+            for k in pending:
+                _flash_back(hist, hist_start, k, flash_frames, back)
+        err = ff.finish()
+    finally:
+        ff.close()
+    d = np.concatenate(diffs) if diffs else np.zeros(0, np.float32)
+    times = _parse_times(err.decode("utf-8", "replace"))
+    if len(times) == len(d) and all(math.isfinite(x) for x in times) and times:
+        tt = np.asarray(times, np.float64) - times[0]
+    else:  # no usable timestamps: constant frame rate
+        tt = np.arange(len(d), dtype=np.float64) / (info.get("fps") or 25.0)
+    return tt, d, back
+
+
+def _flash_back(y: np.ndarray, y_start: int, k: int, flash_frames: int, back: dict[int, float]) -> None:
+    """How close the picture before k comes back after it, or the picture at k was there shortly before."""
+    i = k - y_start
+    if i < 1:
+        return
+    vals = [float(np.abs(y[i + j] - y[i - 1]).mean()) for j in range(1, flash_frames + 1) if i + j < len(y)]
+    vals += [float(np.abs(y[i] - y[i - 1 - j]).mean()) for j in range(1, flash_frames + 1) if i - 1 - j >= 0]
+    if vals:
+        back[k] = min(vals)
+
+
+def _neighbour_mean(d: np.ndarray, w: int = _WINDOW) -> np.ndarray:
+    """Mean of d over the w frames on each side of each frame (frame 0, which has no d, left out)."""
+    n = len(d)
+    v = d.astype(np.float64).copy()
+    ok = np.ones(n)
+    if n:
+        v[0], ok[0] = 0.0, 0.0
+    cs, co = np.concatenate([[0.0], np.cumsum(v)]), np.concatenate([[0.0], np.cumsum(ok)])
+    lo, hi = np.clip(np.arange(n) - w, 0, n), np.clip(np.arange(n) + w + 1, 0, n)
+    tot, cnt = cs[hi] - cs[lo] - v, co[hi] - co[lo] - ok
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
+
+
+def scene_scores(path: str, timeout_s: float = 300.0, *, threads: int | None = None,
+                 info: dict | None = None) -> list[tuple[float, float]]:
+    """(time in s from the first frame, content score in [0, 1]) for every frame; see detect_shots."""
+    deadline = _Deadline(timeout_s)
+    info = _probe_for(path, info, deadline, "decode_timeout")
+    tt, d, _ = _content_diffs(path, info, deadline, threads, 0, float("inf"))
+    score = np.clip((d - _neighbour_mean(d)) / _SCORE_UNIT, 0.0, 1.0)
+    return [(float(a), float(b)) for a, b in zip(tt, score)]
+
+
+def _ffmpeg_scene_scores(path: str, deadline: _Deadline, threads: int | None) -> list[tuple[float, float]]:
+    """ffmpeg's own `scene` score of every full-size frame (select filter), for method="ffmpeg"."""
+    import ffmpeg
+
+    in_kw: dict[str, Any] = {"noautorotate": None}
+    if threads:
+        in_kw["threads"] = int(threads)
+    vf = r"select=gte(scene\,0),metadata=print:key=lavfi.scene_score:file=-"
+    cmd = (ffmpeg.input(_url(path), **in_kw)
+           .output("-", vf=vf, format="null", map="0:v:0", **_passthrough())
+           .compile(cmd=_ffmpeg_cmd()))
+    res = _run(cmd, deadline.left(), "decode_timeout", "decode_error", "ffmpeg scene detection")
+    times = _parse_times(res.stdout.decode("utf-8", "replace"))
+    scores = [float(ln.split("=", 1)[1]) for ln in res.stdout.decode("utf-8", "replace").splitlines()
+              if ln.startswith("lavfi.scene_score=")]
+    pairs = [(t, s) for t, s in zip(times, scores) if math.isfinite(t)]
+    return [(t - pairs[0][0], s) for t, s in pairs] if pairs else []
+
+
+def detect_shots(path: str, threshold: float = 0.3, min_shot_s: float = 0.5, timeout_s: float = 300.0, *,
+                 method: str = "content", threads: int | None = None, info: dict | None = None) -> list[float]:
+    """Cut times (s from the first frame, ascending): the time of the first frame of each new shot.
+
+    method="content" (default): every frame is shrunk to a 64x64 YUV thumbnail (area average,
+    so grain and fine texture average out) and d_k, the mean absolute difference from the
+    previous thumbnail (0..255), is compared with the mean d of the 2 frames on each side:
+    score_k = (d_k - mean neighbours) / 50, clipped to [0, 1]. Steady motion, pans and noise
+    raise the neighbours too and score near 0; a cut scores high on its own frame. A frame
+    whose score exceeds `threshold` (0.3 = 15 grey levels above its neighbours) is a cut unless
+    the picture comes back within ~0.2 s (a flash). This replaces ffmpeg's `scene` score,
+    min(d, |d - d_prev|)/100, which misses cuts between noisy or busy shots (see
+    benchmarks/bench_shot_detection.py); method="ffmpeg" keeps that score (full-size frames,
+    `select` filter) with `threshold` on its own scale.
+
+    Then cuts closer than `min_shot_s` to a stronger cut, to the start or to the end are
+    dropped, so no shot is shorter than `min_shot_s`. Gradual transitions (fades, dissolves)
+    are not detected by either method.
+    """
+    deadline = _Deadline(timeout_s)
+    info = _probe_for(path, info, deadline, "decode_timeout")
+    fps = info.get("fps") or 25.0
+    if method == "ffmpeg":
+        pairs = _ffmpeg_scene_scores(path, deadline, threads)
+        tt = np.asarray([p[0] for p in pairs], np.float64)
+        score = np.asarray([p[1] for p in pairs], np.float64)
+        is_cut = score > threshold
+    elif method == "content":
+        flash = int(min(12, max(2, round(0.2 * fps))))
+        tt, d, back = _content_diffs(path, info, deadline, threads, flash, threshold * _SCORE_UNIT)
+        m = _neighbour_mean(d)
+        score = np.clip((d - m) / _SCORE_UNIT, 0.0, 1.0)
+        is_cut = score > threshold
+        for k in np.flatnonzero(is_cut):
+            if k in back and (back[k] - m[k]) / _SCORE_UNIT <= threshold:
+                is_cut[k] = False  # the picture came back: a flash or a glitch, not a new shot
+    else:
+        raise ValueError(f"method must be 'content' or 'ffmpeg', not {method!r}")
+    if not len(tt):
+        return []
+    end = max(float(tt[-1]) + 1.0 / fps, float(info.get("duration") or 0.0))
+    cands = sorted(((float(score[k]), float(tt[k])) for k in np.flatnonzero(is_cut) if k > 0), reverse=True)
+    cuts: list[float] = []
+    eps = 1e-6
+    for _s, t in cands:
+        if t < min_shot_s - eps or end - t < min_shot_s - eps:
+            continue
+        if all(abs(t - c) >= min_shot_s - eps for c in cuts):
+            cuts.append(t)
+    return sorted(round(c, 6) for c in cuts)
+
+
+def split_shots(duration: float, cuts: Sequence[float], max_clip_s: float | None) -> list[tuple[float, float]]:
+    """(start, end) clips covering [0, duration] split at the cuts; a clip longer than
+    `max_clip_s` is split into the fewest equal parts no longer than it."""
+    duration = float(duration or 0.0)
+    if duration <= 0:
+        return []
+    bounds = [0.0]
+    for c in sorted(float(c) for c in cuts):
+        if bounds[-1] < c < duration:
+            bounds.append(c)
+    bounds.append(duration)
+    out: list[tuple[float, float]] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        k = max(1, math.ceil((b - a) / max_clip_s - 1e-9)) if max_clip_s and max_clip_s > 0 else 1
+        step = (b - a) / k
+        out.extend((a + i * step, b if i == k - 1 else a + (i + 1) * step) for i in range(k))
+    return out
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def _even(x: float) -> int:
+    return max(2, int(round(x / 2.0)) * 2)
+
+
+def _encode(path: str, out_path: str, start: float | None, end: float | None, max_side: int | None,
+            fps: float | None, crf: float, preset: str, audio: bool, timeout_s: float,
+            info: dict | None) -> dict[str, Any]:
+    deadline = _Deadline(timeout_s)
+    info = _probe_for(path, info, deadline, "transcode_timeout")
+    w, h = _display_size(info)  # ffmpeg autorotates first; sizes below are upright sizes
+    filters = []
+    if max_side and max(w, h) > int(max_side):
+        s = int(max_side) / max(w, h)
+        nw, nh = _even(w * s), _even(h * s)
+        if max(nw, nh) > int(max_side):  # an odd max_side rounded up
+            nw, nh = (nw - 2, nh) if nw >= nh else (nw, nh - 2)
+        filters.append(f"scale={nw}:{nh}:flags=bicubic")
+    elif w % 2 or h % 2:  # never upscale: drop the odd last column/row instead
+        filters.append(f"crop={w - w % 2}:{h - h % 2}:0:0")
+    if fps and (not info.get("fps") or info["fps"] > float(fps) + 1e-3):  # never raise the frame rate
+        filters.append(f"fps={float(fps):g}")
+    filters.append("format=yuv420p")
+    import ffmpeg
+
+    in_kw: dict[str, Any] = {}
+    if start is not None and start > 0:
+        in_kw["ss"] = f"{start:.6f}"
+    out_kw: dict[str, Any] = {"vf": ",".join(filters), "c:v": "libx264", "preset": preset, "crf": crf,
+                              "pix_fmt": "yuv420p", "movflags": "+faststart", "format": "mp4", "sn": None,
+                              "dn": None, "map_chapters": "-1"}
+    if end is not None:
+        out_kw["t"] = f"{max(0.0, end - (start or 0.0)):.6f}"
+    stream = ffmpeg.input(_url(path), **in_kw)
+    if audio and info.get("has_audio"):
+        out = ffmpeg.output(stream["v:0"], stream["a:0"], _url(out_path + ".part"),
+                            **out_kw, **{"c:a": "aac", "b:a": "128k"})
+    else:
+        out = ffmpeg.output(stream["v:0"], _url(out_path + ".part"), **out_kw, an=None)
+    cmd = out.compile(cmd=_ffmpeg_cmd(), overwrite_output=True)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    try:
+        _run(cmd, deadline.left(), "transcode_timeout", "transcode_error", "ffmpeg encode")
+        try:
+            result = probe_video(out_path + ".part", max(deadline.left(), 1.0))
+        except ProbeError as e:
+            raise ProbeError("transcode_error", f"the output does not probe: {e}") from e
+        os.replace(out_path + ".part", out_path)
+    finally:
+        if os.path.exists(out_path + ".part"):
+            os.unlink(out_path + ".part")
+    return result
+
+
+def cut_clip(path: str, start: float, end: float, out_path: str, timeout_s: float = 300.0, *,
+             max_side: int | None = None, fps: float | None = None, crf: float = 23, preset: str = "veryfast",
+             audio: bool = True, info: dict | None = None) -> dict[str, Any]:
+    """Re-encode [start, end) seconds of `path` (frame-accurate) as a normalised H.264 MP4.
+
+    Same output as `transcode`; returns `probe_video(out_path)`.
+    """
+    if end <= start:
+        raise ValueError(f"end ({end}) must be after start ({start})")
+    return _encode(path, out_path, float(start), float(end), max_side, fps, crf, preset, audio, timeout_s, info)
+
+
+def transcode(path: str, out_path: str, max_side: int | None = None, fps: float | None = None, crf: float = 23,
+              timeout_s: float = 300.0, *, preset: str = "veryfast", audio: bool = True,
+              info: dict | None = None) -> dict[str, Any]:
+    """Normalised H.264 MP4: yuv420p, even upright dimensions, `+faststart`, first video stream
+    (and first audio stream as AAC when `audio`), longest side at most `max_side` with the
+    aspect ratio kept (never upscaled), frame rate lowered to `fps` (never raised).
+
+    The file appears at `out_path` only when complete; returns `probe_video(out_path)`.
+    """
+    return _encode(path, out_path, None, None, max_side, fps, crf, preset, audio, timeout_s, info)
