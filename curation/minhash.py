@@ -646,7 +646,8 @@ _BLOCK = 512  # shingles hashed and permuted per step: bounded scratch, long vec
 @_jit
 def _nb_word_tokens(buf, s, e, cls, tb, th, lo, hi, ln):
     """Hash every word of buf[s:e] into th (low 32 bits of xxh64 of its ASCII-lowercased bytes);
-    returns the word count. tb, lo, hi, ln: scratch. Words are the maximal runs of non-separator code points."""
+    returns the word count. Words are the maximal runs of non-separator code points.
+    tb, lo, hi, ln: scratch."""
     # word boundaries, without a branch per byte on ASCII text: a word starts or ends wherever
     # the separator flag changes; the position is stored unconditionally and the counter only
     # advances at a change (tb = start, end, start, end, ...)
@@ -862,7 +863,10 @@ def _nb_signatures(buf, offsets, cls, n, char_unit, a32, b32, a64, b64, legacy, 
                     bk = b64[k]
                     mn = np.uint64(out[d, k])
                     for j in range(cnt):
-                        mn = min(mn, ((ak * hh[j] + bk) % _U64_MERSENNE) & _U64_M32)
+                        x = ak * hh[j] + bk  # wraps mod 2**64, as in datasketch's uint64 numpy code
+                        x = (x & _U64_MERSENNE) + (x >> np.uint64(61))  # 2**61 = 1 mod p: a branch-free x % p
+                        x = x - _U64_MERSENNE if x >= _U64_MERSENNE else x
+                        mn = min(mn, x & _U64_M32)
                     out[d, k] = np.uint32(mn)
             else:
                 for j in range(cnt):

@@ -7,8 +7,10 @@ shares a band with probability ~0.5 under the threshold's own parameters; the ma
 that > 0.95); samples sharing a band are candidates, and a candidate pair is kept as an
 edge only when the exact Jaccard of its shingle sets reaches the threshold, so the extra
 candidates cost a comparison, never precision.
-Images: 64-bit pHashes; a band is a fixed random sample of 16 of the 64 bits (Hamming LSH),
-and an edge needs Hamming distance <= `image_hamming`.
+Images: 64-bit pHashes; a band is a fixed random sample of `image_band_bits` (12) of the
+64 bits, `image_bands` (24) of them (bit-sampling LSH for Hamming distance: a pair 10 bits
+apart shares a band with probability ~0.97; fewer bits per band find more but make bigger
+buckets), and an edge needs Hamming distance <= `image_hamming` (10).
 Videos: the pHashes of their sampled frames; candidates share a band of any of their first
 `video_probe_frames` frames, and an edge needs most frames to match in order (the longest
 common subsequence of matching frames covers `video_match` of the shorter video).
@@ -21,6 +23,8 @@ longest text, then the smallest id. Every other member is dropped as `near_dupli
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -35,7 +39,7 @@ from curation.step import Step
 _BITS_SEED = 20240701
 
 
-def bit_bands(n_bands: int = 16, bits: int = 16, seed: int = _BITS_SEED) -> np.ndarray:
+def bit_bands(n_bands: int = 24, bits: int = 12, seed: int = _BITS_SEED) -> np.ndarray:
     """Fixed random bit positions per band (n_bands x bits), the same on every executor."""
     rng = np.random.RandomState(seed)
     return np.stack([rng.choice(64, size=bits, replace=False) for _ in range(n_bands)])
@@ -76,8 +80,9 @@ class NearDedup(Step):
 
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, unit: str = "word",
                  seed: int = 1, text_kinds: list[str] | None = None, image_kinds: list[str] | None = None,
-                 image_hamming: int = 6, video_match: float = 0.5, video_probe_frames: int = 8,
-                 max_bucket: int = 64, candidate_margin: float = 0.15, **kw: Any):
+                 image_hamming: int = 10, video_match: float = 0.5, video_probe_frames: int = 8,
+                 max_bucket: int = 64, candidate_margin: float = 0.15, image_bands: int = 24,
+                 image_band_bits: int = 12, **kw: Any):
         super().__init__(**kw)
         if not 0 < threshold <= 1:
             raise ValueError("threshold must be in (0, 1]")
@@ -93,21 +98,23 @@ class NearDedup(Step):
         self.video_probe_frames = int(video_probe_frames)
         self.max_bucket = int(max_bucket)
         self.candidate_margin = float(candidate_margin)
+        self.image_bands = int(image_bands)
+        self.image_band_bits = int(image_band_bits)
 
     # -- candidates ---------------------------------------------------------------------------
-    def _keys(self, live: DataFrame) -> DataFrame:
+    def _keys(self, live: DataFrame, every_image: bool = False) -> DataFrame:
         """(id, key, payload) rows: one per band a sample falls in; payload verifies edges."""
         from curation.minhash import band_hashes, lsh_params, signatures
 
         bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
         step = self
-        bit_b = bit_bands()
+        bit_b = bit_bands(self.image_bands, self.image_band_bits)
 
         def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for b in batches:
                 recs = b.to_pylist()
                 out: list[dict] = []
-                texts = [(r["id"], all_text(r)) for r in recs if r["kind"] in step.text_kinds]
+                texts = [(r["id"], all_text(r)) for r in recs if every_image or r["kind"] in step.text_kinds]
                 if texts:
                     sigs = signatures([t for _, t in texts], num_perm=step.num_perm, n=step.ngram,
                                       unit=step.unit, seed=step.seed)
@@ -117,6 +124,13 @@ class NearDedup(Step):
                             out.append({"id": sid, "space": "t", "key": f"{i}:{int(h)}", "payload": None})
                 for r in recs:
                     media = r.get("media") or []
+                    if every_image:  # leakage: each image of any sample, as "<id>|<index>"
+                        for j, m in enumerate(media):
+                            if m["kind"] == "image" and m.get("phash"):
+                                for k in phash_band_keys(m["phash"][0], bit_b):
+                                    out.append({"id": f"{r['id']}|{j}", "space": "i", "key": str(k),
+                                                "payload": m["phash"][:1]})
+                        continue
                     if r["kind"] not in step.image_kinds or len(media) != 1 or not media[0].get("phash"):
                         continue
                     hashes = list(media[0]["phash"])
@@ -132,7 +146,7 @@ class NearDedup(Step):
 
         return live.mapInArrow(run, "id string, space string, key string, payload array<bigint>")
 
-    def _edges(self, keys: DataFrame, live: DataFrame) -> DataFrame:
+    def _edges(self, keys: DataFrame, live: DataFrame, across: bool = False) -> DataFrame:
         keys = keys.persist()
         buckets = keys.groupBy("space", "key").agg(F.collect_set("id").alias("ids")) \
             .filter(F.size("ids") > 1)
@@ -143,10 +157,12 @@ class NearDedup(Step):
             .select("space", F.array_min("ids").alias("a"), F.explode("ids").alias("b")) \
             .filter(F.col("a") < F.col("b"))
         pairs = small.unionByName(big).distinct()
+        if across:  # leakage: only pairs of one training sample and one evaluation item
+            pairs = pairs.filter(F.col("a").startswith(EVAL_PREFIX) != F.col("b").startswith(EVAL_PREFIX))
         payload = keys.select("id", "space", "payload").dropDuplicates(["id", "space"])
         cand = (pairs.join(payload.withColumnRenamed("id", "a").withColumnRenamed("payload", "pa"), ["a", "space"])
                 .join(payload.withColumnRenamed("id", "b").withColumnRenamed("payload", "pb"), ["b", "space"]))
-        texts = live.select("id", "kind", "text", "messages", "chosen", "rejected")
+        texts = live.select("id", "kind", "text", "messages", "chosen", "rejected").filter(F.col("id").isNotNull())
         cand = (cand.join(texts.select(F.col("id").alias("a"), F.struct(*texts.columns).alias("ra")), "a", "left")
                 .join(texts.select(F.col("id").alias("b"), F.struct(*texts.columns).alias("rb")), "b", "left"))
         step = self
@@ -201,3 +217,80 @@ class NearDedup(Step):
 _KEY_SCHEMA = pa.schema([("id", pa.string()), ("space", pa.string()), ("key", pa.string()),
                          ("payload", pa.list_(pa.int64()))])
 _EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string())])
+
+
+EVAL_PREFIX = "eval:"
+
+
+class LeakageFilter(NearDedup):
+    """Drops every training sample whose text or any image is a near-duplicate of an item of
+    an evaluation set (`leak:<set name>` in the ledger, so the report counts per set).
+
+    Evaluation sets are JSONL or Parquet files in any manifest dialect the readers know
+    (question/answer text, `image` paths); their images are probed and pHashed like the
+    corpus. Text: exact shingle Jaccard >= `threshold` (default 0.8) found through MinHash
+    LSH; images: pHash Hamming distance <= `image_hamming`. One matching image drops the
+    whole multi-image sample.
+    """
+
+    name = "leakage"
+
+    def __init__(self, eval_sets: list[dict] | None = None, **kw: Any):
+        super().__init__(**kw)
+        sets = eval_sets or []
+        if not sets:
+            raise ValueError("`eval_sets` must list the evaluation sets: [{name: ..., path: ...}]")
+        for i, e in enumerate(sets):
+            if not isinstance(e, dict) or "name" not in e or "path" not in e:
+                raise ValueError(f"eval_sets[{i}] needs a name and a path")
+            if not os.path.exists(e["path"]):
+                raise ValueError(f"eval_sets[{i}].path {e['path']} does not exist")
+        self.eval_sets = sets
+
+    def _eval_rows(self, spark) -> DataFrame:
+        from curation.probe import Probe
+        from curation.readers import read_jsonl, read_parquet
+        rows = []
+        for e in self.eval_sets:
+            reader = read_parquet if e["path"].endswith(".parquet") else read_jsonl
+            for r in reader(e["path"], e["name"], os.path.dirname(e["path"]), {}):
+                if r.get("kind") == "unknown":
+                    continue
+                meta = json.loads(r["meta"]) if r.get("meta") else {}
+                qa = " ".join(str(meta[k]) for k in ("question", "answer") if meta.get(k) is not None)
+                if qa:  # benchmark items: their question and answer are the text to match
+                    r["text"] = f"{r['text']} {qa}" if r.get("text") else qa
+                r["id"] = f"{EVAL_PREFIX}{e['name']}:{r['source_key']}"
+                r["drop_step"] = r["drop_reason"] = r["drop_detail"] = None
+                rows.append(r)
+        rows = [r for r in Probe().process_rows(rows) if r["drop_step"] is None]  # small: probe here, once
+        if not rows:
+            return None
+        from curation.schema import COLUMNS, spark_schema
+
+        return spark.createDataFrame([tuple(r[c] for c in COLUMNS) for r in rows], schema=spark_schema())
+
+    def apply(self, df: DataFrame) -> DataFrame:
+        live = df.filter(F.col("drop_step").isNull())
+        ev = self._eval_rows(df.sparkSession)
+        if ev is None:
+            return df
+        keys = self._keys(live, every_image=True).unionByName(self._keys(ev, every_image=True))
+        both = live.unionByName(ev)
+        edges = self._edges(keys, both, across=True)
+        # map image pseudo-ids back to samples; name the evaluation set that matched
+        e = edges.select(F.when(F.col("a").startswith(EVAL_PREFIX), F.col("b")).otherwise(F.col("a")).alias("t"),
+                         F.when(F.col("a").startswith(EVAL_PREFIX), F.col("a")).otherwise(F.col("b")).alias("e"))
+        e = e.select(F.split("t", r"\|")[0].alias("id"), F.split("e", r"\|")[0].alias("e"))
+        hits = e.groupBy("id").agg(F.min("e").alias("_eval"))
+        out = df.join(hits, "id", "left")
+        leak = F.col("_eval").isNotNull() & F.col("drop_step").isNull()
+        set_name = F.split(F.substring_index(F.col("_eval"), ":", 2), ":")[1]
+        out = (out.withColumn("drop_reason", F.when(leak, F.concat(F.lit("leak:"), set_name))
+                              .otherwise(F.col("drop_reason")))
+               .withColumn("drop_detail",
+                           F.when(leak, F.concat(F.lit("near-duplicate of evaluation item "),
+                                                 F.substring(F.col("_eval"), len(EVAL_PREFIX) + 1, 1000)))
+                           .otherwise(F.col("drop_detail")))
+               .withColumn("drop_step", F.when(leak, F.lit(self.name)).otherwise(F.col("drop_step"))))
+        return out.select(*df.columns)

@@ -12,8 +12,14 @@ a ledger line and never an executor. Reasons:
     zero_duration    a video stream but no positive duration
     probe_timeout    ffprobe ran past the deadline (probe_video)
     decode_timeout   decoding ran past the deadline (decode_frames, frame_phashes, detect_shots)
-    decode_error     ffmpeg failed while decoding, or the video ended before a requested frame
+    decode_error     ffmpeg failed while decoding, or the stream ended early with decoder errors
+    frame_out_of_range  a requested frame index is past the end of a cleanly ending stream
     transcode_timeout / transcode_error   the same for cut_clip and transcode
+
+`decode_frames` (and `frame_phashes`) run no ffprobe unless ffmpeg fails; `scene_scores`,
+`detect_shots`, `cut_clip` and `transcode` probe first, or take `info=`, a `probe_video`
+result for the same path. ffmpeg comes from `tools.ffmpeg_path()` (REELFORGE_FFMPEG), ffprobe
+from `tools.ffprobe_path()`.
 
 Frame indices are presentation-order indices of the decoded frames, counted from 0, the way
 a decoder hands them out (PyAV's `container.decode(stream)` enumerates the same frames).
@@ -248,7 +254,8 @@ def _select_expr(sorted_unique: list[int]) -> str:
 
 
 def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | None = None,
-                  timeout_s: float = 120.0, *, autorotate: bool = True, threads: int | None = None) -> np.ndarray:
+                  timeout_s: float = 120.0, *, past_end: str = "error", autorotate: bool = True,
+                  threads: int | None = None) -> np.ndarray:
     """Decode exactly the frames with these indices as an N x H x W x 3 uint8 RGB array.
 
     One ffmpeg process decodes the stream up to the last wanted frame (`-frames:v`), keeps
@@ -260,7 +267,15 @@ def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | Non
     Rows come in the order of `indices` (repeats allowed). Frames are upright (ffmpeg's
     autorotate, as players show them); `autorotate=False` gives them as stored. `threads` is
     ffmpeg's decoder `-threads` (default: ffmpeg's choice, all cores).
+
+    If the stream ends cleanly before an index (container frame counts can overstate what
+    decodes: an MP4 edit list that trims the start still counts the trimmed frames), then
+    `past_end="error"` raises `frame_out_of_range` and `past_end="clamp"` returns the last
+    frame for every index past it (one more decode). A stream that ends early with decoder
+    errors (truncated, corrupt) is `decode_error` either way.
     """
+    if past_end not in ("error", "clamp"):
+        raise ValueError(f"past_end must be 'error' or 'clamp', not {past_end!r}")
     deadline = _Deadline(timeout_s)
     idx = [int(i) for i in indices]
     if any(i < 0 for i in idx):
@@ -273,7 +288,39 @@ def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | Non
         w, h = _display_size(info, autorotate)
         return np.empty((0, int(size[0]), int(size[1]), 3) if size else (0, h, w, 3), np.uint8)
     uniq = sorted(set(idx))
-    vf = _select_expr(uniq)
+    try:
+        frames = _decode_selected(path, uniq, size, deadline, autorotate, threads)
+    except _EndedEarly as e:
+        if e.errors or e.decoded == 0:
+            _probe_for(path, None, deadline, "decode_timeout")  # a precise reason for a bad file, if any
+            raise ProbeError("decode_error", f"the stream ended after {e.decoded} frames, before frame "
+                                             f"{uniq[e.got]}: {e.errors or 'no frame decoded'}") from None
+        if past_end == "error":
+            raise ProbeError("frame_out_of_range", f"frame {uniq[e.got]} requested, the video has "
+                                                   f"{e.decoded} frames") from None
+        return decode_frames(path, [min(i, e.decoded - 1) for i in idx], size, deadline.left(),
+                             past_end="error", autorotate=autorotate, threads=threads)
+    except ProbeError as e:
+        if e.reason == "decode_error":
+            _probe_for(path, None, deadline, "decode_timeout")
+        raise
+    if idx == uniq:
+        return frames
+    pos = {v: k for k, v in enumerate(uniq)}
+    return frames[[pos[i] for i in idx]]
+
+
+class _EndedEarly(Exception):
+    def __init__(self, got: int, decoded: int, errors: str):
+        super().__init__(f"{got} frames, {decoded} decoded")
+        self.got, self.decoded, self.errors = got, decoded, errors
+
+
+def _decode_selected(path: str, uniq: list[int], size: tuple[int, int] | None, deadline: _Deadline,
+                     autorotate: bool, threads: int | None) -> np.ndarray:
+    # the two metadata filters print one line per decoded frame to stderr, so when the stream
+    # ends early we know how many frames it had; select keeps the wanted ones
+    vf = "metadata=add:key=rf:value=1,metadata=print:key=rf:file=pipe\\\\:2," + _select_expr(uniq)
     if size is not None:
         vf += f",scale={int(size[1])}:{int(size[0])}:flags=bicubic"
     in_kw: dict[str, Any] = {}
@@ -295,20 +342,10 @@ def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | Non
         else:
             out_kw["vf"] = vf
         cmd = ffmpeg.input(_url(path), **in_kw).output("pipe:", **out_kw).compile(cmd=_ffmpeg_cmd())
-        try:
-            frames = _read_ppm_frames(cmd, len(uniq), deadline)
-        except ProbeError as e:
-            if e.reason != "decode_error":
-                raise
-            _probe_for(path, None, deadline, "decode_timeout")  # a precise reason for a bad file, if any
-            raise
+        return _read_ppm_frames(cmd, len(uniq), deadline)
     finally:
         if script:
             os.unlink(script)
-    if idx == uniq:
-        return frames
-    pos = {v: k for k, v in enumerate(uniq)}
-    return frames[[pos[i] for i in idx]]
 
 
 class _Ffmpeg:
@@ -369,6 +406,7 @@ def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
     out: np.ndarray | None = None
     got = 0
     problem = None
+    err = b""
     try:
         stdout = ff.proc.stdout
         while got < n:
@@ -392,7 +430,7 @@ def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
                 break
             got += 1
         if problem is None:
-            ff.finish()
+            err = ff.finish()
     finally:
         ff.close()
     if ff.timed_out.is_set():
@@ -400,22 +438,27 @@ def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
     if problem:
         raise ProbeError("decode_error", problem)
     if got < n or out is None:
-        raise ProbeError("decode_error", f"the video ended after {got} of the {n} requested frames "
-                                         "(an index past the last frame, or a truncated stream)")
+        lines = err.decode("utf-8", "replace").splitlines()
+        decoded = sum(1 for ln in lines if ln.startswith("frame:"))
+        errors = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("frame:", "rf="))]
+        raise _EndedEarly(got, decoded, errors[-1][:300] if errors else "")
     return out
 
 
 def frame_phashes(path: str, indices: Sequence[int], timeout_s: float = 120.0, *,
-                  size: tuple[int, int] = (64, 64)) -> list[int]:
+                  size: tuple[int, int] = (64, 64), past_end: str = "clamp") -> list[int]:
     """64-bit pHash (`phash.phash_rgb`) of each frame with these indices.
 
-    Frames are decoded already shrunk to `size` by ffmpeg (bicubic, which low-passes when
-    it shrinks): pHash squashes every frame to 32x32 anyway, and at 64x64 the hashes stay
-    within a few bits of full-size decoding (see tests) at a fraction of the pipe traffic.
+    Frames are decoded already shrunk to `size` by ffmpeg (bicubic, which low-passes when it
+    shrinks): pHash squashes every frame to 32x32 anyway, and at 64x64 the hashes stay within
+    a few bits of hashing full-size frames (0-3 bits on average, at most 8 on smooth
+    gradients, where +-2 grey levels of noise alone flip up to 8) for a fraction of the
+    conversion and pipe traffic. Indices past a cleanly ending stream hash its last frame (`past_end`, see
+    `decode_frames`), so indices from an overstated container frame count still work.
     """
     from curation.phash import phash_rgb
 
-    frames = decode_frames(path, indices, size=size, timeout_s=timeout_s)
+    frames = decode_frames(path, indices, size=size, timeout_s=timeout_s, past_end=past_end)
     return [phash_rgb(f) for f in frames]
 
 
@@ -424,7 +467,7 @@ def frame_phashes(path: str, indices: Sequence[int], timeout_s: float = 120.0, *
 _THUMB = 64          # content score: frames shrunk (area average) to 64x64 YUV 4:4:4 thumbnails
 _SCORE_UNIT = 50.0   # ... and scored in units of 50 grey levels of mean absolute difference
 _WINDOW = 2          # neighbours on each side a frame's difference is compared with
-_CHUNK = 256         # thumbnails read from the pipe at once
+_CHUNK = 256         # thumbnails read from the pipe at once (more than the flash window + 1)
 
 
 def _parse_times(text: str) -> list[float]:

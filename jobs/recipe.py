@@ -23,13 +23,14 @@ class RecipeError(Exception):
 def _steps() -> dict[str, type]:
     from curation.clips import VideoClips
     from curation.dedup import ExactDedup
-    from curation.near_dedup import NearDedup
+    from curation.near_dedup import LeakageFilter, NearDedup
     from curation.probe import Probe
     from curation.token_count import CountTokens
     from filters.quality import Quality
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
-            "clips": VideoClips, "dedup_near": NearDedup}
+            "clips": VideoClips, "dedup_near": NearDedup,
+            "leakage": LeakageFilter}
 
 
 PATH_PARAMS = ("tokenizer", "model", "checkpoint")
@@ -189,6 +190,10 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         params = params or {}
         if not isinstance(params, dict):
             raise RecipeError(f"recipe field `{where}.{sname}` must be a mapping of parameters.")
+        if isinstance(params.get("eval_sets"), list):
+            params["eval_sets"] = [{**e, "path": os.path.join(base_dir, e["path"])}
+                                   if isinstance(e, dict) and isinstance(e.get("path"), str)
+                                   and not os.path.isabs(e["path"]) else e for e in params["eval_sets"]]
         params = {k: (os.path.join(base_dir, v) if (k in PATH_PARAMS or k.endswith("_path"))
                       and isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v else v)
                   for k, v in params.items()}

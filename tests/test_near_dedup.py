@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import subprocess
 
 import pytest
 import yaml
@@ -113,3 +114,113 @@ def test_text_near_dup_precision_and_recall(spark, text_corpus, tmp_path):
     assert rep["balanced"]
     dropped = [s for s in rep["steps"] if s["step"] == "dedup_near"][0]
     assert set(dropped["reasons"]) == {"near_duplicate"}
+
+
+def smooth_field(rng: random.Random, w: int, h: int, t: float = 0.0):
+    """A smooth random colour field (photo-like low frequencies), drifting with t."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    img = np.zeros((h, w, 3))
+    r = random.Random(rng.random())
+    for c in range(3):
+        for _ in range(6):
+            fx, fy, p = r.uniform(0.5, 6), r.uniform(0.5, 6), r.uniform(0, 6.28)
+            img[..., c] += r.uniform(0.3, 1) * np.cos(2 * np.pi * (fx * x + fy * y) + p + 0.4 * t)
+    img = (img - img.min()) / (np.ptp(img) + 1e-9) * 255
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def _video(path: str, seed: int, seconds: float = 6.0, fps: int = 10, crf: int = 23, start: float = 0.0) -> None:
+    rng = random.Random(seed)
+    state = rng.random()
+    frames = []
+    for k in range(int(seconds * fps)):
+        frames.append(smooth_field(random.Random(state), 96, 64, t=start + k / fps).tobytes())
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "96x64",
+                    "-r", str(fps), "-i", "-", "-c:v", "libx264", "-crf", str(crf), "-pix_fmt", "yuv420p", path],
+                   input=b"".join(frames), check=True, timeout=120)
+
+
+def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
+
+    from jobs.recipe import load_recipe
+    from jobs.run import run_recipe
+
+    rng = random.Random(5)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "vid").mkdir()
+    rows, truth = [], set()
+    bases = [smooth_field(rng, 320, 240) for _ in range(50)]
+    for i, im in enumerate(bases):
+        im.save(tmp_path / "img" / f"b{i:03d}.png")
+        rows.append({"image": f"img/b{i:03d}.png", "caption": f"picture {i}"})
+    for i in range(0, 30):
+        im = bases[i]
+        variant = [im.resize((192, 144)), im.crop((4, 3, 316, 237)), im][i % 3]
+        variant.save(tmp_path / "img" / f"c{i:03d}.jpg", quality=[90, 90, 35][i % 3])
+        rows.append({"image": f"img/c{i:03d}.jpg", "caption": f"another caption {i}"})
+        truth.add((f"img/b{i:03d}.png", f"img/c{i:03d}.jpg"))
+    (tmp_path / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for v in range(5):
+        _video(str(tmp_path / "vid" / f"v{v}.mp4"), seed=100 + v)
+        (tmp_path / "vid" / f"v{v}.txt").write_text(f"video {v}")
+    for v in range(3):  # a re-encoded copy and a trimmed copy of three of them
+        _video(str(tmp_path / "vid" / f"v{v}_crf.mp4"), seed=100 + v, crf=38)
+        _video(str(tmp_path / "vid" / f"v{v}_trim.mp4"), seed=100 + v, seconds=4.5, start=1.0)
+        for suffix in ("crf", "trim"):
+            (tmp_path / "vid" / f"v{v}_{suffix}.txt").write_text(f"copy {v}")
+    # an evaluation set: one question about a (re-encoded) training image, one copied text
+    (tmp_path / "eval").mkdir()
+    bases[40].save(tmp_path / "eval" / "q.jpg", quality=80)
+    bench_text = real_documents()[3]
+    (tmp_path / "eval" / "bench.jsonl").write_text(
+        json.dumps({"image": "q.jpg", "question": "What colours?", "answer": "many"}) + "\n"
+        + json.dumps({"question": bench_text, "answer": "x"}) + "\n")
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": bench_text}) + "\n"
+                                         + json.dumps({"text": real_documents()[4]}) + "\n")
+    recipe = {"name": "near-media", "sources": [
+        {"name": "images", "format": "jsonl", "path": "images.jsonl"},
+        {"name": "videos", "format": "video_folder", "path": "vid/"},
+        {"name": "docs", "format": "text", "path": "docs.jsonl"}],
+        "steps": [{"probe": {}}, {"leakage": {"eval_sets": [{"name": "bench", "path": "eval/bench.jsonl"}]}},
+                  {"dedup_near": {}}],
+        "output": {"path": "out", "shards": {"max_samples": 100}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    out = str(tmp_path / "out")
+    rep = run_recipe(load_recipe(str(tmp_path / "recipe.yaml"), out=out), spark=spark, log=lambda *a: None)
+
+    import pyarrow.parquet as pq
+
+    ledger = pq.read_table(os.path.join(out, "ledger")).to_pylist()
+    by_id = {r["id"]: r for r in ledger}
+
+    # images: pairs decided by the step vs the planted copies
+    img_rows = {r["id"]: r for r in ledger if r["source"] == "images"}
+    manifest = [json.loads(x)["image"] for x in (tmp_path / "images.jsonl").read_text().splitlines()]
+    path_of = {r["id"]: manifest[int(r["source_key"].split(":")[1]) - 1] for r in img_rows.values()}
+    leaked = {r["id"] for r in ledger if (r["reason"] or "").startswith("leak:")}
+    pred = {tuple(sorted((path_of[r["id"]], path_of[r["dup_of"]]))) for r in img_rows.values()
+            if r["reason"] == "near_duplicate"}
+    truth_live = {p for p in truth if not any(path_of[i] in p for i in leaked & set(img_rows))}
+    tp = len(pred & truth_live)
+    assert tp / max(1, len(pred)) >= 0.95 and tp / len(truth_live) >= 0.95, (len(pred), len(truth_live), tp)
+    # videos: both copies of each of the three clustered with their original
+    vids = {os.path.basename(r["source_location"]): r for r in ledger if r["source"] == "videos"}
+    for v in range(3):
+        keep = vids[f"v{v}.mp4"]["id"]
+        group = {vids[f"v{v}.mp4"]["fate"], vids[f"v{v}_crf.mp4"]["fate"], vids[f"v{v}_trim.mp4"]["fate"]}
+        assert group == {"kept", "dropped"}
+        dropped = [vids[n] for n in (f"v{v}.mp4", f"v{v}_crf.mp4", f"v{v}_trim.mp4") if vids[n]["fate"] == "dropped"]
+        assert len(dropped) == 2 and all(d["reason"] == "near_duplicate" for d in dropped), dropped
+        assert keep in {d["dup_of"] for d in dropped} or vids[f"v{v}.mp4"]["fate"] == "dropped"
+    for v in range(3, 5):
+        assert vids[f"v{v}.mp4"]["fate"] == "kept"
+    # leakage: the training image and the copied text are gone, named with their evaluation set
+    assert {by_id[i]["reason"] for i in leaked} == {"leak:bench"} and len(leaked) == 2
+    assert manifest[int(by_id[next(i for i in leaked if by_id[i]["source"] == "images")]["source_key"]
+                        .split(":")[1]) - 1] == "img/b040.png"
+    assert rep["balanced"]
+    leak_step = next(s for s in rep["steps"] if s["step"] == "leakage")
+    assert leak_step["reasons"] == {"leak:bench": 2}

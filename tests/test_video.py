@@ -119,6 +119,8 @@ def media(tmp_path_factory) -> dict[str, str]:
     m["faststart"] = str(d / "faststart.mp4")
     _ff("-f", "lavfi", "-i", "testsrc2=s=320x240:r=25:d=4", "-c:v", "libx264", "-preset", "ultrafast",
         "-pix_fmt", "yuv420p", "-movflags", "+faststart", m["faststart"])
+    m["editlist"] = str(d / "editlist.mp4")
+    _ff("-ss", "1.3", "-i", m["faststart"], "-c", "copy", m["editlist"])
     # bad inputs
     m["zero"] = str(d / "zero.mp4")
     open(m["zero"], "wb").close()
@@ -221,7 +223,26 @@ def test_decode_frames_argument_and_range_errors(media):
         video.decode_frames(media["numbered"], [0], size=(0, 10))
     with pytest.raises(ProbeError) as e:
         video.decode_frames(media["numbered"], [0, NFRAMES])  # one past the last frame
-    assert e.value.reason == "decode_error"
+    assert e.value.reason == "frame_out_of_range"
+    with pytest.raises(ValueError):
+        video.decode_frames(media["numbered"], [0], past_end="wrap")
+    frames = video.decode_frames(media["numbered"], [NFRAMES + 5, 3, NFRAMES], past_end="clamp")
+    assert [_read_number(f) for f in frames] == [NFRAMES - 1, 3, NFRAMES - 1]
+
+
+def test_container_frame_count_that_overstates_the_stream(media):
+    # a stream copy cut at 1.3 s keeps the frames from the keyframe before it behind an edit
+    # list: the container still counts all 100 frames, 67 decode
+    info = video.probe_video(media["editlist"])
+    assert info["frames"] == 100 and info["duration"] == pytest.approx(2.7, abs=0.05)
+    idx = video.sample_indices(info["frames"], 6)
+    with pytest.raises(ProbeError) as e:
+        video.decode_frames(media["editlist"], idx)
+    assert e.value.reason == "frame_out_of_range"
+    frames = video.decode_frames(media["editlist"], idx, past_end="clamp")
+    last = video.decode_frames(media["editlist"], [66])[0]
+    assert frames.shape[0] == 6 and np.array_equal(frames[-1], last) and np.array_equal(frames[-2], last)
+    assert len(video.frame_phashes(media["editlist"], idx)) == 6  # frame_phashes clamps by default
     assert video.decode_frames(media["numbered"], [], size=(5, 7)).shape == (0, 5, 7, 3)
 
 
@@ -371,8 +392,12 @@ def test_truncated_stream_and_timeouts(media, tmp_path):
     path = media["truncated_faststart"]  # the header promises 100 frames; about half are there
     assert video.probe_video(path)["frames"] == 100
     assert video.decode_frames(path, [0, 5]).shape == (2, 240, 320, 3)
+    for past_end in ("error", "clamp"):  # decoder errors: not a clean end
+        with pytest.raises(ProbeError) as e:
+            video.decode_frames(path, [0, 99], past_end=past_end)
+        assert e.value.reason == "decode_error"
     with pytest.raises(ProbeError) as e:
-        video.decode_frames(path, [0, 99])
+        video.frame_phashes(path, [0, 99])
     assert e.value.reason == "decode_error"
     big = media["faststart"]
     info = video.probe_video(big)
