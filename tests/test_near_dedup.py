@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -224,3 +225,19 @@ def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
     assert rep["balanced"]
     leak_step = next(s for s in rep["steps"] if s["step"] == "leakage")
     assert leak_step["reasons"] == {"leak:bench": 2}
+
+
+def test_local_cluster_decides_the_same(spark, text_corpus, tmp_path):
+    """Separate executor processes give the same near-dup decisions as local[2]."""
+    from jobs.recipe import load_recipe
+    from jobs.run import run_recipe
+
+    recipe, _ = text_corpus
+    local = str(tmp_path / "local")
+    run_recipe(load_recipe(recipe, out=local), spark=spark, log=lambda *a: None)
+    cluster = str(tmp_path / "cluster")
+    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", recipe, "--out", cluster,
+                          "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = _predicted(local), _predicted(cluster)
+    assert a == b and any(k != v for k, v in a.items())
