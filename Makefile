@@ -46,7 +46,8 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) benchmarks/bench_shard_writer.py
+	$(PIP) install -q -e '.[test,bench]'
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf demo-out .pytest_cache

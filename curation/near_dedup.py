@@ -104,7 +104,7 @@ class NearDedup(Step):
     # -- candidates ---------------------------------------------------------------------------
     def _keys(self, live: DataFrame, every_image: bool = False) -> DataFrame:
         """(id, key, payload) rows: one per band a sample falls in; payload verifies edges."""
-        from curation.minhash import band_hashes, lsh_params, signatures
+        from curation.minhash import band_hashes, is_empty, lsh_params, signatures
 
         bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
         step = self
@@ -119,7 +119,10 @@ class NearDedup(Step):
                     sigs = signatures([t for _, t in texts], num_perm=step.num_perm, n=step.ngram,
                                       unit=step.unit, seed=step.seed)
                     hb = band_hashes(sigs, bands, rows)
-                    for (sid, _), hs in zip(texts, hb):
+                    empty = is_empty(sigs)
+                    for (sid, _), hs, e in zip(texts, hb, empty):
+                        if e:  # no shingles: all-max signatures would share one giant bucket
+                            continue
                         for i, h in enumerate(hs):
                             out.append({"id": sid, "space": "t", "key": f"{i}:{int(h)}", "payload": None})
                 for r in recs:

@@ -154,7 +154,11 @@ class Probe(RowStep):
             return self._probe_video_path(tmp.name)
 
     def _probe_video_path(self, path: str) -> dict:
-        info = probe_video_file(path, self.timeout_s)
+        from curation.video import probe_video  # kills ffprobe at the deadline
+
+        info = probe_video(path, self.timeout_s)
+        for k in ("rotation", "display_width", "display_height", "has_audio", "audio_codec"):
+            info.pop(k, None)
         if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
             raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")
         if info["width"] * info["height"] > self.max_video_pixels:
