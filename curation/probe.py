@@ -10,16 +10,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import subprocess
 import tempfile
 import warnings
-from fractions import Fraction
 from typing import Any
 
 from curation.media_io import IMAGE_EXTS, MediaReadError, read_media_bytes
 from curation.schema import drop
 from curation.step import RowStep
-from curation.tools import ffprobe_path
 
 
 class ProbeError(Exception):
@@ -59,53 +56,13 @@ def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[
     return out
 
 
-def _rate(s: str | None) -> float | None:
-    if not s or s in ("0/0", "N/A"):
-        return None
-    try:
-        v = float(Fraction(s))
-    except (ValueError, ZeroDivisionError):
-        return None
-    return v if v > 0 else None
-
-
 def probe_video_file(path: str, timeout_s: float) -> dict[str, Any]:
-    import ffmpeg
+    """format, width, height, duration, fps, frames, codec of a video (one ffprobe call,
+    killed at the deadline); raises ProbeError with the ledger reason."""
+    from curation.video import probe_video
 
-    try:
-        info = ffmpeg.probe(path, cmd=ffprobe_path(), timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise ProbeError("probe_timeout", f"ffprobe took longer than {timeout_s}s") from e
-    except ffmpeg.Error as e:
-        msg = (e.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-        raise ProbeError("corrupt_video", msg[-1] if msg else "ffprobe failed") from e
-    streams = [s for s in info.get("streams", []) if s.get("codec_type") == "video"
-               and not (s.get("disposition") or {}).get("attached_pic")]
-    if not streams:
-        raise ProbeError("not_a_video", "no video stream")
-    s = streams[0]
-    fmt = info.get("format", {})
-    duration = None
-    for d in (s.get("duration"), fmt.get("duration")):
-        try:
-            if d is not None and float(d) > 0:
-                duration = float(d)
-                break
-        except ValueError:
-            pass
-    if not duration:
-        raise ProbeError("zero_duration", "video has no positive duration")
-    fps = _rate(s.get("avg_frame_rate")) or _rate(s.get("r_frame_rate"))
-    frames = int(s["nb_frames"]) if str(s.get("nb_frames", "")).isdigit() else (
-        int(round(duration * fps)) if fps else None)
-    width, height = int(s.get("width") or 0), int(s.get("height") or 0)
-    if width <= 0 or height <= 0:
-        raise ProbeError("corrupt_video", f"video stream has size {width}x{height}")
-    container = (fmt.get("format_name") or "").split(",")[0] or None
-    if container == "mov":
-        container = "mp4"
-    return {"format": container, "width": width, "height": height, "duration": duration,
-            "fps": fps, "frames": frames, "codec": s.get("codec_name")}
+    info = probe_video(path, timeout_s)
+    return {k: info.get(k) for k in ("format", "width", "height", "duration", "fps", "frames", "codec")}
 
 
 class Probe(RowStep):
@@ -154,11 +111,7 @@ class Probe(RowStep):
             return self._probe_video_path(tmp.name)
 
     def _probe_video_path(self, path: str) -> dict:
-        from curation.video import probe_video  # kills ffprobe at the deadline
-
-        info = probe_video(path, self.timeout_s)
-        for k in ("rotation", "display_width", "display_height", "has_audio", "audio_codec"):
-            info.pop(k, None)
+        info = probe_video_file(path, self.timeout_s)
         if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
             raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")
         if info["width"] * info["height"] > self.max_video_pixels:
