@@ -26,14 +26,16 @@ def _steps() -> dict[str, type]:
     from curation.near_dedup import LeakageFilter, NearDedup
     from curation.probe import Probe
     from curation.token_count import CountTokens
+    from filters.clip_score import ClipScore
     from filters.quality import Quality
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
             "clips": VideoClips, "dedup_near": NearDedup,
-            "leakage": LeakageFilter}
+            "leakage": LeakageFilter, "clip": ClipScore}
 
 
-PATH_PARAMS = ("tokenizer", "model", "checkpoint")
+PATH_PARAMS = ("tokenizer", "checkpoint", "model_config")
+MAYBE_PATH_PARAMS = ("pretrained", "model")  # a tag or name, or a path relative to the recipe
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.I)
@@ -194,7 +196,9 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
             params["eval_sets"] = [{**e, "path": os.path.join(base_dir, e["path"])}
                                    if isinstance(e, dict) and isinstance(e.get("path"), str)
                                    and not os.path.isabs(e["path"]) else e for e in params["eval_sets"]]
-        params = {k: (os.path.join(base_dir, v) if (k in PATH_PARAMS or k.endswith("_path"))
+        params = {k: (os.path.join(base_dir, v) if (k in PATH_PARAMS or k.endswith("_path")
+                                                      or (k in MAYBE_PATH_PARAMS and isinstance(v, str)
+                                                          and os.path.exists(os.path.join(base_dir, v))))
                       and isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v else v)
                   for k, v in params.items()}
         sig = inspect.signature(known[sname].__init__)
