@@ -86,7 +86,8 @@ class ClipScore(RowStep):
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "", model_config: str = "",
                  batch_size: int = 64, threshold: float | None = None, video_aggregate: str = "mean",
-                 video_frames: int = 8, conversation_text: str = "assistant", device: str = "auto", **kw: Any):
+                 video_frames: int = 8, conversation_text: str = "assistant", device: str = "auto",
+                 percentile: float | None = None, **kw: Any):
         super().__init__(**kw)
         if video_aggregate not in ("mean", "max", "min"):
             raise ValueError("video_aggregate must be mean, max or min")
@@ -101,6 +102,29 @@ class ClipScore(RowStep):
         self.video_frames = int(video_frames)
         self.conversation_text = conversation_text
         self.device = device
+        if percentile is not None and not 0 <= float(percentile) < 100:
+            raise ValueError("percentile must be in [0, 100): samples below it, per source, are dropped")
+        self.percentile = None if percentile is None else float(percentile)
+
+    def apply(self, df):
+        """Scores every sample; with `percentile`, drops each source's lowest-scoring share
+        (DataComp-style: keep the top (100 - p)% rather than a fixed threshold)."""
+        scored = super().apply(df)
+        if self.percentile is None:
+            return scored
+        from pyspark.sql import functions as F
+
+        live = scored.filter(F.col("drop_step").isNull() & F.col("clip_score").isNotNull())
+        cut = live.groupBy("source").agg(
+            F.percentile_approx("clip_score", self.percentile / 100.0, 10000).alias("_cut"))
+        out = scored.join(F.broadcast(cut), "source", "left")
+        low = F.col("drop_step").isNull() & F.col("clip_score").isNotNull() & (F.col("clip_score") < F.col("_cut"))
+        out = (out.withColumn("drop_reason", F.when(low, F.lit("low_clip_percentile")).otherwise(F.col("drop_reason")))
+               .withColumn("drop_detail", F.when(low, F.concat(F.lit(f"below the source's p{self.percentile:g} "),
+                                                                 F.col("_cut").cast("string")))
+                           .otherwise(F.col("drop_detail")))
+               .withColumn("drop_step", F.when(low, F.lit(self.name)).otherwise(F.col("drop_step"))))
+        return out.select(*df.columns)
 
     def setup(self) -> None:
         self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None, self.device)

@@ -52,3 +52,14 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     for i in range(12):
         assert abs(got[f"m.jsonl:{i + 1}"] - want[i]) < 1e-5
     assert np.std(want) > 0  # the scores differ: the comparison means something
+
+    # percentile per source: the lowest quarter leaves, as low_clip_percentile
+    recipe["steps"][1]["clip"]["percentile"] = 25
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    rep = run_recipe(load_recipe(str(tmp_path / "recipe.yaml"), out=str(tmp_path / "p")), spark=spark,
+                     log=lambda *a: None)
+    ledger = pq.read_table(str(tmp_path / "p" / "ledger")).to_pylist()
+    low = sorted(r["source_key"] for r in ledger if r["reason"] == "low_clip_percentile")
+    order = sorted(range(12), key=lambda i: want[i])
+    assert low == sorted(f"m.jsonl:{i + 1}" for i in order[:len(low)]) and 2 <= len(low) <= 4
+    assert rep["balanced"]
