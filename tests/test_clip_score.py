@@ -63,3 +63,33 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     order = sorted(range(12), key=lambda i: want[i])
     assert low == sorted(f"m.jsonl:{i + 1}" for i in order[:len(low)]) and 2 <= len(low) <= 4
     assert rep["balanced"]
+
+
+def test_local_cluster_scores_equal_local(tmp_path):
+    """Separate executor processes load the model themselves and write the same scores."""
+    import subprocess
+    import sys
+
+    build_tiny_clip(str(tmp_path / "model"))
+    (tmp_path / "img").mkdir()
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for i in range(6):
+            Image.effect_noise((40, 40 + i), 30 + i).convert("RGB").save(tmp_path / "img" / f"{i}.png")
+            f.write(json.dumps({"image": f"img/{i}.png", "caption": f"noise {i}"}) + "\n")
+    recipe = {"name": "clip", "sources": [{"name": "m", "format": "jsonl", "path": "m.jsonl"}],
+              "steps": [{"probe": {}},
+                        {"clip": {"model": "reelforge-tiny-clip", "pretrained": "model/reelforge-tiny-clip.pt",
+                                  "model_config": "model/reelforge-tiny-clip.json", "device": "cpu"}}],
+              "output": {"path": "out", "shards": {"max_samples": 100}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    scores = {}
+    for master in ("local[2]", "local-cluster[2,1,1024]"):
+        out = str(tmp_path / master.split("[")[0])
+        res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "recipe.yaml"), "--out", out,
+                              "--master", master], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        scores[master] = {r["source_key"]: r["clip_score"]
+                          for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}
+    a, b = scores.values()
+    assert a.keys() == b.keys() and len(a) == 6
+    assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
