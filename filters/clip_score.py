@@ -62,6 +62,22 @@ class ClipScorer:
         return torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
 
 
+def _task_device(device: str) -> str:
+    """`auto` on a GPU executor means the GPU Spark assigned to this task, if it assigned one."""
+    if device != "auto":
+        return device
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        gpus = ctx.resources().get("gpu") if ctx is not None else None
+        if gpus is not None and gpus.addresses:
+            return f"cuda:{gpus.addresses[0]}"
+    except Exception:  # noqa: BLE001 - outside a Spark task, or no resources API
+        pass
+    return "auto"
+
+
 def load_scorer(model: str, pretrained: str | None, model_config: str | None, device: str) -> ClipScorer:
     key = (model, pretrained, model_config, device)
     if key not in _SCORERS:
@@ -127,7 +143,8 @@ class ClipScore(RowStep):
         return out.select(*df.columns)
 
     def setup(self) -> None:
-        self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None, self.device)
+        self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
+                                   _task_device(self.device))
 
     def _images_of(self, m: dict) -> list:
         from PIL import Image
