@@ -80,20 +80,6 @@ def make_video(path: str, clips: list[tuple[str, float]], size: str, rate: int,
     return cuts
 
 
-def match(detected: list[float], true: list[float], tol: float) -> int:
-    used: set[int] = set()
-    tp = 0
-    for c in true:
-        best = None
-        for j, d in enumerate(detected):
-            if j not in used and abs(d - c) <= tol and (best is None or abs(d - c) < abs(detected[best] - c)):
-                best = j
-        if best is not None:
-            used.add(best)
-            tp += 1
-    return tp
-
-
 def psd(path: str, adaptive: bool) -> list[float]:
     from scenedetect import AdaptiveDetector, ContentDetector, detect
 
@@ -156,7 +142,7 @@ def main() -> None:
                     cuts = methods[m](path)
                     times[m] = time.perf_counter() - t
                     if r == 0:
-                        stats[m]["tp"] += match(cuts, true, args.tol)
+                        stats[m]["tp"] += video.match_cuts(cuts, true, args.tol)
                         stats[m]["det"] += len(cuts)
                         stats[m]["true"] += len(true)
                 for m in methods:

@@ -651,6 +651,22 @@ def detect_shots(path: str, threshold: float = 0.3, min_shot_s: float = 0.5, tim
     return sorted(round(c, 6) for c in cuts)
 
 
+def match_cuts(detected: Sequence[float], true: Sequence[float], tol: float = 0.5) -> int:
+    """True positives of a shot detector: greedy one-to-one matching of cuts within `tol` s
+    (each true cut takes the nearest unused detected cut), for precision/recall/F1."""
+    used: set[int] = set()
+    tp = 0
+    for c in true:
+        best = None
+        for j, d in enumerate(detected):
+            if j not in used and abs(d - c) <= tol and (best is None or abs(d - c) < abs(detected[best] - c)):
+                best = j
+        if best is not None:
+            used.add(best)
+            tp += 1
+    return tp
+
+
 def split_shots(duration: float, cuts: Sequence[float], max_clip_s: float | None) -> list[tuple[float, float]]:
     """(start, end) clips covering [0, duration] split at the cuts; a clip longer than
     `max_clip_s` is split into the fewest equal parts no longer than it."""

@@ -85,21 +85,6 @@ def _shot_video(path: str, clips: list[tuple[str, float]], size: str = "128x96",
     return cuts
 
 
-def _match(detected: list[float], true: list[float], tol: float = 0.5) -> int:
-    """True positives: greedy one-to-one matching of cuts within tol seconds."""
-    used: set[int] = set()
-    tp = 0
-    for c in true:
-        best = None
-        for j, d in enumerate(detected):
-            if j not in used and abs(d - c) <= tol and (best is None or abs(d - c) < abs(detected[best] - c)):
-                best = j
-        if best is not None:
-            used.add(best)
-            tp += 1
-    return tp
-
-
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("video")
@@ -273,7 +258,7 @@ def test_detect_shots_f1_on_assembled_videos(tmp_path):
         true = _shot_video(path, clips)
         cuts = video.detect_shots(path)
         assert cuts == sorted(cuts) and all(0 < c < sum(d for _, d in clips) for c in cuts)
-        tp += _match(cuts, true)
+        tp += video.match_cuts(cuts, true)
         n_det += len(cuts)
         n_true += len(true)
     precision, recall = tp / max(n_det, 1), tp / n_true
