@@ -14,7 +14,7 @@ import tempfile
 import warnings
 from typing import Any
 
-from curation.media_io import IMAGE_EXTS, MediaReadError, read_media_bytes
+from curation.media_io import MediaReadError, read_media_bytes
 from curation.schema import drop
 from curation.step import RowStep
 
@@ -131,5 +131,3 @@ class Probe(RowStep):
                 info["phash"] = frame_phashes(path, sample_indices(info["frames"], n), timeout_s=self.timeout_s * 4)
         return info
 
-
-IMAGE_FORMATS = set(IMAGE_EXTS.values())

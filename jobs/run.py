@@ -125,8 +125,9 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
          .otherwise(F.coalesce(F.col("reason"), F.lit("not_written"))).alias("reason"),
         F.col("detail"), F.lit(None).cast("string").alias("dup_of"), "parent_id")
     ledger_path = os.path.join(out, "ledger")
-    dropped.unionByName(written).repartition(max(1, len(stats) // 64 + 1)).sortWithinPartitions("id") \
-        .write.mode("overwrite").parquet(ledger_path)
+    (dropped.unionByName(written).select(*LEDGER_COLUMNS)
+     .repartition(max(1, len(stats) // 64 + 1)).sortWithinPartitions("id")
+     .write.mode("overwrite").parquet(ledger_path))
     ledger = spark.read.parquet(ledger_path)
 
     inputs = spark.read.schema(schema).parquet(os.path.join(work, "00_ingest")).count()
