@@ -55,6 +55,16 @@ class Message:
 
 
 @dataclass
+class Caption:
+    """A caption a model wrote for the sample, kept beside the original text, never over it."""
+
+    text: str
+    model: str  # the model folder or name that wrote it
+    prompt: str  # the exact instruction it was given
+    task: str  # caption | ocr | video (the recipe's prompt key)
+
+
+@dataclass
 class Sample:
     id: str
     kind: str
@@ -70,6 +80,8 @@ class Sample:
     # columns later steps fill
     clip_score: Optional[float] = None
     quality_score: Optional[float] = None
+    vlm_score: Optional[float] = None  # a VLM judge's P(yes) for the recipe's quality question
+    captions: Optional[list[Caption]] = None  # recaptions, each with its model and prompt
     text_tokens: Optional[int] = None
     visual_tokens: Optional[int] = None
     tokens: Optional[int] = None
@@ -140,7 +152,8 @@ def row_to_sample(row: dict) -> Sample:
     media = [Media(**m) for m in row["media"]] if row.get("media") is not None else None
     messages = ([Message(**m) for m in row["messages"]]
                 if row.get("messages") is not None else None)
-    return Sample(**{**row, "media": media, "messages": messages})
+    captions = [Caption(**c) for c in row["captions"]] if row.get("captions") is not None else None
+    return Sample(**{**row, "media": media, "messages": messages, "captions": captions})
 
 
 def alive(row: dict) -> bool:
@@ -171,7 +184,7 @@ def all_text(row: dict) -> str:
 
 
 __all__ = [
-    "ARROW_SCHEMA", "COLUMNS", "IMAGE_PLACEHOLDER", "KINDS", "Media", "Message", "Sample",
+    "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "Media", "Message", "Sample",
     "VIDEO_PLACEHOLDER", "all_text", "alive", "drop", "empty_row", "make_id",
     "row_to_sample", "sample_to_row", "spark_schema",
 ]
