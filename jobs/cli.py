@@ -119,6 +119,31 @@ def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
         return {"input": path, "error": e.reason, "detail": str(e)}
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from mixers.planner import format_plan, plan_mixture, write_plan
+    from mixers.spec import load_mixture
+
+    mix = load_mixture(args.mixture)
+    plan = plan_mixture(mix, args.stats)
+    out = args.out or f"{mix.name}.plan.json"
+    png = write_plan(plan, out)
+    print(format_plan(plan))
+    print(f"\nplan: {out}\nplot: {png}")
+    return 0
+
+
+def _cmd_mix(args: argparse.Namespace) -> int:
+    from mixers.emit import emit_plan, load_plan
+
+    indexes = emit_plan(load_plan(args.plan), args.out, seed=args.seed, stages=args.stage, workers=args.workers)
+    for name, idx in indexes.items():
+        print(f"{name}: {os.path.join(args.out, name, 'index.json')}")
+        for e, v in idx["entries"].items():
+            print(f"  {e:<20} {v['samples']:>10} samples {v['tokens']:>14} tokens "
+                  f"(plan {v['planned_tokens']}) {v['epochs']:.3f} epochs")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reelforge", description="Curate multimodal training data on Spark.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -148,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--key")
     lg.add_argument("--limit", type=int, default=20)
     lg.set_defaults(fn=_cmd_ledger)
+    pl = sub.add_parser("plan", help="plan a mixture: token targets -> per-source sample counts, from a run's stats")
+    pl.add_argument("mixture", help="mixture YAML (examples: mixers/recipes/)")
+    pl.add_argument("--stats", required=True, metavar="RUN_DIR", help="output folder of a finished run")
+    pl.add_argument("--out", help="plan JSON to write (default: NAME.plan.json; the plot goes beside it)")
+    pl.set_defaults(fn=_cmd_plan)
+    mx = sub.add_parser("mix", help="emit each stage's shards exactly to a plan, globally shuffled")
+    mx.add_argument("plan", help="plan JSON from `reelforge plan`")
+    mx.add_argument("--out", required=True, help="output folder: one sub-folder of shards per stage")
+    mx.add_argument("--seed", type=int, help="shuffle seed (default: the plan's); the samples stay the plan's")
+    mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
+    mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    mx.set_defaults(fn=_cmd_mix)
     return p
 
 

@@ -116,17 +116,21 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
                               f"{', '.join(sorted(allowed))}.")
 
 
-def load_recipe(path: str, out: str | None = None) -> Recipe:
-    if not os.path.exists(path):
-        raise RecipeError(f"recipe file {path} does not exist: pass the path of a recipe YAML.")
+def read_yaml(path: str, what: str = "recipe") -> Any:
+    """A YAML file's data; a syntax error costs one sentence with its line."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f)
+            return yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"recipe {path} is not valid YAML{line}: {getattr(e, 'problem', e)}.") from e
-    return parse_recipe(raw, os.path.dirname(os.path.abspath(path)), out)
+        raise RecipeError(f"{what} {path} is not valid YAML{line}: {getattr(e, 'problem', e)}.") from e
+
+
+def load_recipe(path: str, out: str | None = None) -> Recipe:
+    if not os.path.exists(path):
+        raise RecipeError(f"recipe file {path} does not exist: pass the path of a recipe YAML.")
+    return parse_recipe(read_yaml(path), os.path.dirname(os.path.abspath(path)), out)
 
 
 def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:

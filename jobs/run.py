@@ -142,11 +142,17 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
              "sources": _sum_sources(stats)}
     with open(os.path.join(shard_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
+    # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
+    from mixers.stats import SAMPLES_DIR, write_sample_stats
+
+    samples_path = os.path.join(out, SAMPLES_DIR)
+    write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)
+    in_table = spark.read.parquet(samples_path).count()
 
     report = build_report(spark, recipe, final, ledger, stats, inputs, timings, derived)
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),
-                       "ledger": ledger_path, "report": os.path.join(out, "report.md")}
+                       "ledger": ledger_path, "samples": samples_path, "report": os.path.join(out, "report.md")}
     write_report(report, out)
     plus = f" + {derived} derived" if derived else ""
     log(f"done in {report['elapsed_s']:.1f}s: {inputs} inputs{plus} = {kept} kept + {n_dropped} dropped, "
@@ -158,6 +164,8 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
         problems.append(f"{inputs + derived} samples but {distinct_ids} distinct ids in the ledger")
     if kept != kept_in_shards:
         problems.append(f"ledger says {kept} kept but the shards hold {kept_in_shards}")
+    if in_table != kept_in_shards:
+        problems.append(f"the samples table has {in_table} rows but the shards hold {kept_in_shards}")
     if problems:
         raise AccountingError("sample accounting failed: " + "; ".join(problems))
     return report

@@ -1,0 +1,281 @@
+"""The emitter: a plan -> each stage's shards, exactly to plan, globally shuffled, deterministic.
+
+Plain Python, streaming, no Spark: the only thing in memory is the selection itself
+(row number, repeat, entry: ~20 bytes a sample) and the few columns of the per-sample
+table it needs; sample bytes are read one at a time from the run's shards and written
+once. Why not Spark: a global shuffle of a few million small index rows costs a Spark
+job and a sort, while a seeded permutation of integers costs milliseconds; the expensive
+part, copying bytes, is a sequential loop per output shard and runs in `workers` processes
+in parallel (each shard is written by exactly one of them, so the bytes never depend on
+how many there are).
+
+Each sample is copied as the byte span of its members in the run's shard (offset and
+length from the per-sample table): those bytes are exactly what the tar writer
+(`curation.shards.ShardFile`, itself byte-identical to `webdataset.TarWriter`) writes for
+the same members, so copying them is writing them, without re-encoding. A repeat (an
+entry drawn for more than one epoch) needs a distinct key in the stage: its copies r >= 1
+get the key `ID_rR`, are re-written member by member through `ShardFile.write`, and the
+media member names inside their `.json` follow the new key (the `id` stays the sample's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from collections import OrderedDict
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from curation.shards import ShardFile
+from jobs.recipe import RecipeError
+from mixers.planner import PLAN_VERSION, load_stats, select, selection_digest
+from mixers.spec import Entry, Stage
+from mixers.tarspan import split_members
+
+EMIT_COLUMNS = ["id", "source", "kind", "mode", "shard", "offset", "length", "tokens", "text_tokens",
+                "visual_tokens", "quality_score", "clip_score"]
+
+
+class SpanShard(ShardFile):
+    """A ShardFile that can also take a sample's ready-made tar bytes (its members' headers and data)."""
+
+    def write_span(self, span: bytes, source: str) -> None:
+        stream = self.tar.fileobj  # tarfile's stream; flush what it buffered, then write straight through
+        if stream.buf:
+            self.f.write(stream.buf)
+            stream.buf = b""
+        self.f.write(span)
+        stream.pos += len(span)
+        self.tar.offset += len(span)
+        self.count += 1
+        self.sources[source] += 1
+
+
+def repeat_key(sample_id: str, r: int) -> str:
+    return sample_id if r == 0 else f"{sample_id}_r{r}"
+
+
+def rekeyed(span: bytes, sample_id: str, r: int) -> dict:
+    """The members of a span under the repeat's key (the `.json`'s media member names follow it)."""
+    key = repeat_key(sample_id, r)
+    obj: dict = {"__key__": key}
+    old = f'"member":"{sample_id}.'.encode()
+    new = f'"member":"{key}.'.encode()
+    for name, data in split_members(span):
+        ext = name[len(sample_id) + 1:]
+        obj[ext] = data.replace(old, new) if ext == "json" else data
+    return obj
+
+
+def _stage_of(d: dict) -> Stage:
+    entries = [Entry(name=e["name"], **{k: v for k, v in e["selector"].items()}) for e in d["entries"]]
+    return Stage(name=d["name"], unit=d["unit"], target=d["target"], max_epochs=d["max_epochs"],
+                 temperature=d["temperature"], entries=entries, shards=d["shards"], note=d.get("note", ""))
+
+
+def load_plan(path: str) -> dict:
+    if not os.path.exists(path):
+        raise RecipeError(f"plan file {path} does not exist: make one with `reelforge plan MIXTURE.yaml --stats RUN`.")
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+    except ValueError as e:
+        raise RecipeError(f"plan file {path} is not JSON ({e}): make it again with `reelforge plan`.") from e
+    if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION or "stages" not in plan:
+        raise RecipeError(f"plan file {path} is not a version-{PLAN_VERSION} plan: "
+                          "make it again with `reelforge plan`.")
+    return plan
+
+
+def stage_seed(seed: int, stage: str) -> list[int]:
+    return [seed & 0xFFFFFFFF, zlib.crc32(stage.encode()), 0x5EED]
+
+
+def _shard_bounds(lengths: np.ndarray, max_samples: int, max_bytes: int) -> np.ndarray:
+    """Start positions of shards: a new one every max_samples samples and whenever the running
+    bytes cross a multiple of max_bytes (the rule of curation.shards)."""
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    bw = before // max_bytes
+    cw = np.arange(n) // max_samples
+    change = np.ones(n, dtype=bool)
+    change[1:] = (bw[1:] != bw[:-1]) | (cw[1:] != cw[:-1])
+    return np.flatnonzero(change)
+
+
+class _Readers:
+    """Open run shards, least recently used closed first."""
+
+    def __init__(self, shard_dir: str, keep: int = 64):
+        self.dir, self.keep = shard_dir, keep
+        self.fds: OrderedDict[str, int] = OrderedDict()
+
+    def read(self, shard: str, offset: int, length: int) -> bytes:
+        fd = self.fds.get(shard)
+        if fd is None:
+            fd = os.open(os.path.join(self.dir, shard), os.O_RDONLY)
+            self.fds[shard] = fd
+            if len(self.fds) > self.keep:
+                os.close(self.fds.popitem(last=False)[1])
+        else:
+            self.fds.move_to_end(shard)
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise RecipeError(f"run shard {shard} is shorter than its statistics say: run the curation job again.")
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+# state the worker processes inherit by fork (set just before the pool starts)
+_JOB: dict = {}
+
+
+def _write_shards(shard_ids: list[int]) -> list[dict]:
+    j = _JOB
+    readers = _Readers(j["run_shards"])
+    out = []
+    try:
+        for s in shard_ids:
+            lo, hi = int(j["bounds"][s]), int(j["bounds"][s + 1])
+            path = os.path.join(j["out"], j["names"][s])
+            sf = SpanShard(path)
+            try:
+                src_i, rep, shard_i = j["src_i"], j["reps"], j["shard_i"]
+                offs, lens, ids, srcs, snames = j["offset"], j["length"], j["ids"], j["sources"], j["shard_names"]
+                rows = j["rows"]
+                for p in range(lo, hi):
+                    row = rows[p]
+                    span = readers.read(snames[shard_i[row]], int(offs[row]), int(lens[row]))
+                    r = int(rep[p])
+                    if r == 0:
+                        sf.write_span(span, srcs[src_i[row]])
+                    else:
+                        sf.write(rekeyed(span, ids[row], r), srcs[src_i[row]])
+                out.append(sf.close())
+            except BaseException:
+                sf.abort()
+                raise
+    finally:
+        readers.close()
+    return out
+
+
+def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, workers: int = 1,
+               log: Callable[[str], None] = print) -> dict:
+    stage = _stage_of(st)
+    rows_l, reps_l, ent_l = [], [], []
+    for j, (e, pe) in enumerate(zip(stage.entries, st["entries"])):
+        rows, reps = select(table, stage, e, pe["full_epochs"], pe["remainder_units"], plan["seed"], plan["stats"],
+                            allow_over=not pe["capped"])
+        if len(rows) != pe["samples"] or selection_digest(table, rows, reps) != pe["selection_sha256"]:
+            raise RecipeError(f"plan stage {stage.name!r}, entry {e.name!r}: the statistics of {plan['stats']} no "
+                              "longer give the planned samples (the run changed): make the plan again.")
+        rows_l.append(rows)
+        reps_l.append(reps)
+        ent_l.append(np.full(len(rows), j, dtype=np.int16))
+    rows = np.concatenate(rows_l) if rows_l else np.zeros(0, np.int64)
+    reps = np.concatenate(reps_l) if reps_l else np.zeros(0, np.int32)
+    ents = np.concatenate(ent_l) if ent_l else np.zeros(0, np.int16)
+    perm = np.random.default_rng(stage_seed(seed, stage.name)).permutation(len(rows))
+    rows, reps, ents = rows[perm], reps[perm], ents[perm]
+
+    # the columns the copy loop needs, as plain arrays
+    shard_col = table["shard"].dictionary_encode().combine_chunks()
+    src_col = table["source"].dictionary_encode().combine_chunks()
+    length = table["length"].to_numpy(zero_copy_only=False)
+    tokens = np.nan_to_num(table["tokens"].to_numpy(zero_copy_only=False).astype(float)).astype(np.int64)
+    sh = stage.shards
+    bounds = _shard_bounds(length[rows], sh["max_samples"], sh["max_bytes"])
+    n_shards = len(bounds)
+    width = max(6, len(str(n_shards)))
+    names = [f"{sh['prefix']}-{i:0{width}d}.tar" for i in range(n_shards)]
+    sdir = os.path.join(out_dir, stage.name)
+    if os.path.isdir(sdir):
+        shutil.rmtree(sdir)  # a stage is rebuilt whole: a re-run never mixes two emissions
+    os.makedirs(sdir)
+    need_ids = bool((reps > 0).any())
+    _JOB.clear()
+    _JOB.update(run_shards=os.path.join(plan["stats"], "shards"), out=sdir, names=names,
+                bounds=np.append(bounds, len(rows)), rows=rows, reps=reps,
+                src_i=src_col.indices.to_numpy(zero_copy_only=False), sources=src_col.dictionary.to_pylist(),
+                shard_i=shard_col.indices.to_numpy(zero_copy_only=False),
+                shard_names=shard_col.dictionary.to_pylist(), offset=table["offset"].to_numpy(zero_copy_only=False),
+                length=length, ids=table["id"].to_pylist() if need_ids else None)
+    jobs = list(range(n_shards))
+    if workers > 1 and n_shards > 1:
+        import multiprocessing as mp
+
+        parts = [jobs[i::workers] for i in range(workers)]
+        with mp.get_context("fork").Pool(min(workers, n_shards)) as pool:
+            stats = [s for part in pool.map(_write_shards, parts) for s in part]
+        stats.sort(key=lambda s: s["shard"])
+    else:
+        stats = _write_shards(jobs)
+    _JOB.clear()
+
+    # the index: per shard and per entry, tokens counted from the same table the plan used
+    shard_of = np.repeat(np.arange(n_shards), np.diff(np.append(bounds, len(rows))))
+    tok_rows = tokens[rows]
+    for i, s in enumerate(stats):
+        sel = shard_of == i
+        s["entries"] = {stage.entries[k].name: int(c) for k, c in
+                        enumerate(np.bincount(ents[sel], minlength=len(stage.entries))) if c}
+        s["tokens"] = int(tok_rows[sel].sum())
+    entries = {}
+    for j, (e, pe) in enumerate(zip(stage.entries, st["entries"])):
+        sel = ents == j
+        tok = int(tok_rows[sel].sum())
+        units = int(sel.sum()) if stage.unit == "samples" else tok
+        entries[e.name] = {"samples": int(sel.sum()), "tokens": tok, "planned_tokens": pe["tokens"],
+                           "planned_samples": pe["samples"],
+                           "epochs": round(units / pe["available_units"], 6) if pe["available_units"] else 0.0,
+                           "max_epochs": pe["max_epochs"],
+                           "max_repeats": int(reps[sel].max()) + 1 if sel.any() else 0}
+    by_source: dict[str, dict] = {}
+    src_names = src_col.dictionary.to_pylist()
+    src_rows = src_col.indices.to_numpy(zero_copy_only=False)[rows]
+    for k, name in enumerate(src_names):
+        sel = src_rows == k
+        if sel.any():
+            by_source[name] = {"samples": int(sel.sum()), "tokens": int(tok_rows[sel].sum())}
+    index = {"stage": stage.name, "plan_mixture": plan["mixture"], "plan_seed": plan["seed"], "seed": seed,
+             "stats": plan["stats"], "unit": stage.unit, "target": stage.target, "samples": int(len(rows)),
+             "tokens": int(tok_rows.sum()), "bytes": sum(s["bytes"] for s in stats), "entries": entries,
+             "sources": by_source, "shards": stats}
+    with open(os.path.join(sdir, "index.json"), "w") as f:
+        json.dump(index, f, indent=1, sort_keys=True)
+    log(f"stage {stage.name}: {len(rows)} samples, {index['tokens']} tokens, {n_shards} shards in {sdir}")
+    return index
+
+
+def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[str] | None = None,
+              workers: int = 1, log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Write the shards of each stage (or only `stages`) under out_dir/<stage>/; returns their indexes."""
+    names = [s["name"] for s in plan["stages"]]
+    for s in stages or []:
+        if s not in names:
+            raise RecipeError(f"--stage {s!r} is not in the plan: use one of {', '.join(names)}.")
+    run_shards = os.path.join(plan["stats"], "shards")
+    if not os.path.isdir(run_shards):
+        raise RecipeError(f"the plan's run {plan['stats']} has no shards folder: emit on a machine that sees the "
+                          "run, or plan again with --stats pointing at it.")
+    table = load_stats(plan["stats"], EMIT_COLUMNS)
+    if table.num_rows != plan["stats_samples"]:
+        raise RecipeError(f"the run {plan['stats']} now has {table.num_rows} samples, the plan was made for "
+                          f"{plan['stats_samples']}: make the plan again.")
+    seed = plan["seed"] if seed is None else seed
+    os.makedirs(out_dir, exist_ok=True)
+    return {st["name"]: emit_stage(plan, st, table, out_dir, seed, workers, log)
+            for st in plan["stages"] if not stages or st["name"] in stages}
+
+

@@ -1,0 +1,223 @@
+"""Mixture specs: per training stage a token (or sample) target, per-entry weights, an epoch cap.
+
+A mixture is plain YAML, checked up front so a mistake costs one sentence naming the field::
+
+    name: keye-stage2
+    seed: 0
+    stages:
+      - name: stage2
+        target_tokens: 300B          # or target_samples: 784000 (weights are then shares of samples)
+        max_epochs: 4                # no entry is drawn more often than this (per-entry override below)
+        temperature: 2.0             # optional: shares become weight^(1/T), normalised
+        shards: {max_samples: 1000, max_bytes: 1GiB, prefix: stage2}
+        sources:
+          - {name: captions, source: [laion_like, coyo_like], weight: 0.30}
+          - {name: ocr, source: ocr_synth, weight: 0.10, max_epochs: 3}
+          - {name: video, kind: video_text, weight: 0.20}
+          - {name: thinking, mode: thinking, weight: 230000}
+
+An entry selects samples of the run by `source`, `kind` and `mode` (each a name or a list;
+an entry with none of them selects the source named like the entry), optionally above
+`min_quality_score` / `min_clip_score`. Weights are shares of the stage's target (they are
+normalised); with no weights at all the shares follow the entries' sizes (to the power 1/T).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobs.recipe import RecipeError, parse_size, read_yaml
+
+SELECTORS = ("source", "kind", "mode")
+_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.I)
+_MULT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+MODES = ("thinking", "non_thinking", "auto_think", "think_with_image", "video")
+
+
+@dataclass
+class Entry:
+    """One line of a stage: which samples it draws from and its share."""
+
+    name: str
+    source: list[str] = field(default_factory=list)
+    kind: list[str] = field(default_factory=list)
+    mode: list[str] = field(default_factory=list)
+    weight: float | None = None
+    max_epochs: float | None = None
+    min_quality_score: float | None = None
+    min_clip_score: float | None = None
+
+    def selector(self) -> dict:
+        d = {k: getattr(self, k) for k in (*SELECTORS, "min_quality_score", "min_clip_score")}
+        return {k: v for k, v in d.items() if v not in (None, [])}
+
+
+@dataclass
+class Stage:
+    name: str
+    unit: str  # "tokens" | "samples"
+    target: int
+    max_epochs: float
+    temperature: float | None
+    entries: list[Entry]
+    shards: dict
+    note: str = ""
+
+
+@dataclass
+class Mixture:
+    name: str
+    seed: int
+    stages: list[Stage]
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_count(value: Any, where: str) -> int:
+    """300B, 1.5T, 784k or a plain integer."""
+    if isinstance(value, bool):
+        raise RecipeError(f"mixture field `{where}` must be a count such as 300B or 784000, got {value!r}.")
+    if isinstance(value, (int, float)) and value > 0:
+        return int(value)
+    m = _COUNT.match(str(value))
+    if not m or float(m.group(1)) <= 0:
+        raise RecipeError(f"mixture field `{where}` must be a count such as 300B or 784000, got {value!r}.")
+    return int(float(m.group(1)) * _MULT[m.group(2).lower()])
+
+
+def _number(d: dict, key: str, where: str, minimum: float = 0.0, strict: bool = False) -> float | None:
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < minimum or (strict and v == minimum):
+        op = ">" if strict else ">="
+        raise RecipeError(f"mixture field `{where}.{key}` must be a number {op} {minimum:g}, got {v!r}.")
+    return float(v)
+
+
+def _names(v: Any, where: str) -> list[str]:
+    if v is None:
+        return []
+    vals = v if isinstance(v, list) else [v]
+    if not vals or not all(isinstance(x, str) and x for x in vals):
+        raise RecipeError(f"mixture field `{where}` must be a name or a list of names, got {v!r}.")
+    return list(vals)
+
+
+def _keys(d: dict, allowed: set[str], where: str) -> None:
+    for k in d:
+        if k not in allowed:
+            raise RecipeError(f"mixture field `{where}.{k}` is not known: use one of {', '.join(sorted(allowed))}.")
+
+
+def _entry(raw: Any, where: str) -> Entry:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"mixture field `{where}` must be a mapping such as {{name: ocr, weight: 0.1}}.")
+    _keys(raw, {"name", "weight", "max_epochs", "min_quality_score", "min_clip_score", *SELECTORS}, where)
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise RecipeError(f"mixture field `{where}.name` must be a word of letters, digits, '_', '.' or '-', "
+                          f"got {name!r}.")
+    e = Entry(name=name, **{k: _names(raw.get(k), f"{where}.{k}") for k in SELECTORS})
+    for m in e.mode:
+        if m not in MODES:
+            raise RecipeError(f"mixture field `{where}.mode` names {m!r}: use one of {', '.join(MODES)}.")
+    if not (e.source or e.kind or e.mode):
+        e.source = [name]
+    e.weight = _number(raw, "weight", where, 0.0, strict=True)
+    e.max_epochs = _number(raw, "max_epochs", where, 0.0, strict=True)
+    e.min_quality_score = _number(raw, "min_quality_score", where, float("-inf"))
+    e.min_clip_score = _number(raw, "min_clip_score", where, float("-inf"))
+    return e
+
+
+def _stage(raw: Any, i: int, defaults: dict) -> Stage:
+    where = f"stages[{i}]"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"mixture field `{where}` must be a mapping with name, target_tokens and sources.")
+    _keys(raw, {"name", "target_tokens", "target_samples", "max_epochs", "temperature", "sources", "shards",
+                "note"}, where)
+    name = raw.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise RecipeError(f"mixture field `{where}.name` must be letters, digits, '_' or '-', got {name!r}.")
+    if ("target_tokens" in raw) == ("target_samples" in raw):
+        raise RecipeError(f"mixture field `{where}` needs exactly one of `target_tokens` (e.g. 300B) "
+                          "or `target_samples` (e.g. 784000).")
+    unit = "tokens" if "target_tokens" in raw else "samples"
+    target = parse_count(raw[f"target_{unit}"], f"{where}.target_{unit}")
+    merged = {**defaults, **{k: raw[k] for k in ("max_epochs", "temperature") if k in raw}}
+    max_epochs = _number(merged, "max_epochs", where, 0.0, strict=True)
+    temperature = _number(merged, "temperature", where, 0.0, strict=True)
+    srcs = raw.get("sources")
+    if isinstance(srcs, dict):  # shorthand: {source_name: weight}
+        srcs = [{"name": k, "weight": v} for k, v in srcs.items()]
+    if not isinstance(srcs, list) or not srcs:
+        raise RecipeError(f"mixture field `{where}.sources` must be a non-empty list of entries "
+                          "such as {name: ocr, weight: 0.1}.")
+    entries = [_entry(s, f"{where}.sources[{j}]") for j, s in enumerate(srcs)]
+    names = [e.name for e in entries]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise RecipeError(f"mixture field `{where}.sources` repeats the entry name {dup!r}: make each name unique.")
+    weighted = [e.weight is not None for e in entries]
+    if any(weighted) and not all(weighted):
+        missing = entries[weighted.index(False)].name
+        raise RecipeError(f"mixture field `{where}.sources` gives weights to some entries but not to {missing!r}: "
+                          "give every entry a weight, or none (shares then follow the entries' sizes).")
+    shards = dict(defaults.get("shards") or {})
+    shards.update(raw.get("shards") or {})
+    _keys(shards, {"max_samples", "max_bytes", "prefix"}, f"{where}.shards")
+    ms = shards.get("max_samples", 1000)
+    if not isinstance(ms, int) or isinstance(ms, bool) or ms < 1:
+        raise RecipeError(f"mixture field `{where}.shards.max_samples` must be an integer >= 1, got {ms!r}.")
+    prefix = shards.get("prefix", name)
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", prefix):
+        raise RecipeError(f"mixture field `{where}.shards.prefix` must be letters, digits, '_' or '-', "
+                          f"got {prefix!r}.")
+    try:
+        max_bytes = parse_size(shards.get("max_bytes", "1GiB"), f"{where}.shards.max_bytes")
+    except RecipeError as e:
+        raise RecipeError(str(e).replace("recipe field", "mixture field")) from None
+    return Stage(name=name, unit=unit, target=target, max_epochs=max_epochs or 1.0, temperature=temperature,
+                 entries=entries, shards={"max_samples": ms, "max_bytes": max_bytes, "prefix": prefix},
+                 note=str(raw.get("note", "")))
+
+
+def parse_mixture(raw: Any, path: str = "") -> Mixture:
+    if not isinstance(raw, dict):
+        raise RecipeError("a mixture must be a YAML mapping with `name`, `seed` and `stages`.")
+    _keys(raw, {"name", "seed", "stages", "defaults", "note"}, "mixture")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise RecipeError(f"mixture field `seed` must be an integer, got {seed!r}.")
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        raise RecipeError("mixture field `defaults` must be a mapping (max_epochs, temperature, shards).")
+    _keys(defaults, {"max_epochs", "temperature", "shards"}, "defaults")
+    stages = raw.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise RecipeError("mixture field `stages` must be a non-empty list of stages.")
+    parsed = [_stage(s, i, defaults) for i, s in enumerate(stages)]
+    names = [s.name for s in parsed]
+    dup = next((n for n in names if names.count(n) > 1), None)
+    if dup:
+        raise RecipeError(f"mixture field `stages` repeats the stage name {dup!r}: make each name unique.")
+    return Mixture(name=str(raw.get("name", "mixture")), seed=seed, stages=parsed, path=path)
+
+
+def load_mixture(path: str) -> Mixture:
+    if not os.path.exists(path):
+        raise RecipeError(f"mixture file {path} does not exist: pass the path of a mixture YAML "
+                          f"(examples in {recipes_dir()}).")
+    raw = read_yaml(path, "mixture")
+    return parse_mixture(raw, os.path.abspath(path))
+
+
+def recipes_dir() -> str:
+    """The shipped stage recipes (package data)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
