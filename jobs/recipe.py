@@ -28,10 +28,13 @@ def _steps() -> dict[str, type]:
     from curation.token_count import CountTokens
     from filters.clip_score import ClipScore
     from filters.quality import Quality
+    from mixers.alignment import FormatConsistencyFilter, RepetitionFilter
+    from mixers.modes import RenderModes
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
             "clips": VideoClips, "dedup_near": NearDedup,
-            "leakage": LeakageFilter, "clip": ClipScore}
+            "leakage": LeakageFilter, "clip": ClipScore, "modes": RenderModes, "repetition": RepetitionFilter,
+            "format_consistency": FormatConsistencyFilter}
 
 
 PATH_PARAMS = ("tokenizer", "checkpoint", "model_config")

@@ -1,0 +1,281 @@
+"""The five cold-start modes: renderers from schema samples to training conversations.
+
+A renderer returns the same sample with its `messages` rewritten in the mode's form and
+`mode` set (plus, for think-with-image, the intermediate images appended to `media`); the
+chat text itself comes from `mixers.chat.to_chat`. What a renderer reads from a sample:
+
+- the question: the conversation's turns up to the last assistant turn (earlier assistant
+  turns stay plain answers); the answer: the last assistant turn;
+- reasoning: `meta.reasoning`, or a `<think>R</think>` prefix of the last assistant turn;
+- auto-think's decision: `meta.think` (true/false) when the source has it, else the
+  complexity rule `needs_thinking`: think when the source has reasoning and either the
+  reasoning is long (>= 40 words) or the question asks for counting, arithmetic, comparison,
+  explanation or several steps; answer directly otherwise;
+- think-with-image: `meta.tool_steps` = [{"thought": ..., "code": ...}, ...] and optional
+  `meta.final_thought`; each code runs in the sandbox on the sample's first image, and its
+  image comes back as the next turn (stored as a PNG beside the run and added to `media`);
+- video: `meta.video_qa` = {"question", "answer" with `{0}`, `{1}` ... where times go,
+  "spans": [[start, end], ...], optional "reasoning"}; a video sample without it gets a
+  grounded caption question whose answer cites the whole clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from typing import Any
+
+from curation.schema import drop
+from curation.step import RowStep
+from mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
+
+STYLES = ("report", "template")
+_CUES = re.compile(r"\b(how many|why|calculate|compute|prove|solve|compare|explain|step|total|difference|"
+                   r"how much|which is (?:larger|smaller|more|less)|count)\b", re.I)
+_THINK_PREFIX = re.compile(r"^\s*<think>(.*?)</think>\s*(?:<answer>(.*?)</answer>\s*)?(.*)$", re.S)
+
+
+class ModeError(Exception):
+    """A sample that cannot be rendered in the mode; `reason` is the ledger code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _meta(row: dict) -> dict:
+    try:
+        m = json.loads(row.get("meta") or "{}")
+    except ValueError:
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def _split(row: dict) -> tuple[list[dict], str, str | None]:
+    """(turns before the final answer, final answer, reasoning or None)."""
+    msgs = [{"role": m["role"], "content": m["content"]} for m in row.get("messages") or []]
+    if not msgs or msgs[-1]["role"] != "assistant" or len(msgs) < 2:
+        raise ModeError("mode_no_answer", "the sample has no conversation ending in an assistant answer")
+    answer = msgs[-1]["content"]
+    meta = _meta(row)
+    reasoning = meta.get("reasoning") if isinstance(meta.get("reasoning"), str) else None
+    m = _THINK_PREFIX.match(answer)
+    if m:
+        reasoning = reasoning or m.group(1).strip()
+        answer = (m.group(2) if m.group(2) is not None else m.group(3)).strip()
+    history = []
+    for x in msgs[:-1]:
+        if x["role"] == "assistant":
+            pm = _THINK_PREFIX.match(x["content"])
+            x = {"role": "assistant", "content": (pm.group(2) or pm.group(3)).strip() if pm else x["content"]}
+        history.append(x)
+    if not answer.strip():
+        raise ModeError("mode_no_answer", "the final answer is empty")
+    return history, answer.strip(), (reasoning.strip() if reasoning and reasoning.strip() else None)
+
+
+def _switch(history: list[dict], switch: str | None) -> list[dict]:
+    out = [dict(m) for m in history]
+    last = max(i for i, m in enumerate(out) if m["role"] == "user")
+    content = re.sub(r"\s*/(no_)?think\s*$", "", out[last]["content"])
+    out[last]["content"] = f"{content} {switch}" if switch else content
+    return out
+
+
+def thinking_text(reasoning: str, answer: str, style: str = "report") -> str:
+    if style == "template":
+        return f"<think>\n{reasoning}\n</think>\n\n{answer}"
+    return f"<think>{reasoning}</think><answer>{answer}</answer>"
+
+
+def non_thinking_text(answer: str, style: str = "report") -> str:
+    return f"<think>\n\n</think>\n\n{answer}" if style == "template" else answer
+
+
+def needs_thinking(question: str, reasoning: str | None, min_words: int = 40) -> tuple[bool, str]:
+    """The documented complexity rule of auto-think: (decision, why)."""
+    if not reasoning:
+        return False, "The question can be answered directly from what is shown"
+    if len(reasoning.split()) >= min_words:
+        return True, "Answering needs several steps of reasoning"
+    cue = _CUES.search(question)
+    if cue:
+        return True, f"The question asks to {cue.group(1).lower()}, which needs reasoning"
+    return False, "The question is simple and can be answered directly"
+
+
+def _finish(row: dict, messages: list[dict], mode: str) -> dict:
+    out = dict(row)
+    out["messages"] = messages
+    out["mode"] = mode
+    return out
+
+
+def render_thinking(row: dict, style: str = "report") -> dict:
+    history, answer, reasoning = _split(row)
+    if not reasoning:
+        raise ModeError("mode_no_reasoning", "thinking mode needs reasoning (meta.reasoning or <think> in the answer)")
+    return _finish(row, _switch(history, THINK) + [{"role": "assistant",
+                                                    "content": thinking_text(reasoning, answer, style)}], "thinking")
+
+
+def render_non_thinking(row: dict, style: str = "report") -> dict:
+    history, answer, _ = _split(row)
+    return _finish(row, _switch(history, NO_THINK) + [{"role": "assistant",
+                                                       "content": non_thinking_text(answer, style)}], "non_thinking")
+
+
+def render_auto_think(row: dict, style: str = "report") -> dict:
+    history, answer, reasoning = _split(row)
+    meta = _meta(row)
+    question = next(m["content"] for m in reversed(history) if m["role"] == "user")
+    if isinstance(meta.get("think"), bool):
+        think = meta["think"] and reasoning is not None
+        why = "The source marks this question as needing reasoning" if think else \
+            "The source marks this question as answerable directly"
+    else:
+        think, why = needs_thinking(question, reasoning)
+    decision = THINK if think else NO_THINK
+    body = thinking_text(reasoning, answer, style) if think else non_thinking_text(answer, style)
+    content = f"<analysis>{why}. Therefore, {decision} mode is more appropriate.</analysis>{body}"
+    return _finish(row, _switch(history, None) + [{"role": "assistant", "content": content}], "auto_think")
+
+
+def _fmt_time(s: float, e: float) -> str:
+    return f"{TIME_START}{s:.1f}-{e:.1f}{TIME_END}"
+
+
+def render_video(row: dict, style: str = "report", think: bool | None = None) -> dict:
+    media = row.get("media") or []
+    video = next((m for m in media if m["kind"] == "video"), None)
+    if video is None:
+        raise ModeError("mode_no_video", "video mode needs a sample with a video")
+    dur = float(video.get("duration") or 0.0)
+    qa = _meta(row).get("video_qa")
+    if isinstance(qa, dict) and qa.get("question") and qa.get("answer"):
+        spans = qa.get("spans") or []
+        try:
+            answer = qa["answer"].format(*[_fmt_time(float(s), float(e)) for s, e in spans])
+        except (IndexError, KeyError, ValueError, TypeError) as e:
+            raise ModeError("mode_bad_video_qa", f"video_qa answer and spans disagree: {e}") from e
+        question, reasoning = qa["question"], qa.get("reasoning")
+    else:
+        caption = (row.get("text") or "").strip()
+        if not caption or dur <= 0:
+            raise ModeError("mode_no_video_qa", "a video without video_qa needs a caption and a duration")
+        question = "What happens in this video, and when?"
+        answer = f"{caption.rstrip('.')} ({_fmt_time(0.0, dur)})."
+        reasoning = None
+    if TIME_START not in answer:
+        raise ModeError("mode_no_times", "the video answer cites no time")
+    think = bool(reasoning) if think is None else think
+    if think and not reasoning:
+        raise ModeError("mode_no_reasoning", "a thinking video sample needs video_qa.reasoning")
+    n_videos = sum(m["kind"] == "video" for m in media)
+    n_images = sum(m["kind"] == "image" for m in media)
+    tags = "".join(["<image>"] * n_images + ["<video>"] * n_videos)
+    user = {"role": "user", "content": f"{tags}\n{question} {THINK if think else NO_THINK}"}
+    body = thinking_text(reasoning, answer, style) if think else non_thinking_text(answer, style)
+    return _finish(row, [user, {"role": "assistant", "content": body}], "video")
+
+
+def render_think_with_image(row: dict, workdir: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> dict:
+    """Runs each tool step's code in the sandbox; its image becomes the next turn and a new medium."""
+    from PIL import Image
+
+    from curation.media_io import MediaReadError, read_media_bytes
+    from mixers.sandbox import run_code
+
+    media = list(row.get("media") or [])
+    first = next((m for m in media if m["kind"] == "image"), None)
+    if first is None:
+        raise ModeError("mode_no_image", "think-with-image needs an image")
+    meta = _meta(row)
+    steps = meta.get("tool_steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) and s.get("code") for s in steps):
+        raise ModeError("mode_no_tool_steps", "think-with-image needs meta.tool_steps [{thought, code}, ...]")
+    history, answer, reasoning = _split(row)
+    try:
+        src = read_media_bytes(first)
+    except MediaReadError as e:
+        raise ModeError(e.reason, e.detail) from e
+    os.makedirs(workdir, exist_ok=True)
+    turns: list[dict] = []
+    for k, st in enumerate(steps):
+        res = run_code(st["code"], [src], timeout_s=timeout_s, memory_mb=memory_mb)
+        if not res.ok:
+            raise ModeError(f"sandbox_{res.reason}", f"tool step {k}: {res.error[:300]}")
+        data = res.images[0]
+        sha = hashlib.sha256(data).hexdigest()
+        path = os.path.join(workdir, f"{row['id']}_{k}.png")
+        with open(path, "wb") as f:
+            f.write(data)
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        media.append({**{key: None for key in first}, "kind": "image", "uri": path, "length": len(data),
+                      "sha256": sha, "format": "png", "width": w, "height": h})
+        thought = (st.get("thought") or "Let me look closer at the image.").strip()
+        lead = ("<think>" + (f"{reasoning}\n" if reasoning else "")) if k == 0 else ""
+        code = st["code"].strip("\n")
+        turns.append({"role": "assistant", "content": f"{lead}{thought}\n<code>\n```python\n{code}\n```\n</code>"})
+        turns.append({"role": "user", "content": "<sandbox_output><image></sandbox_output>"})
+    final = (meta.get("final_thought") or "The processed image shows the answer.").strip()
+    turns.append({"role": "assistant", "content": f"{final}</think><answer>{answer}</answer>"})
+    out = _finish(row, _switch(history, THINK) + turns, "think_with_image")
+    out["media"] = media
+    return out
+
+
+def render(row: dict, mode: str, style: str = "report", workdir: str | None = None, **opts: Any) -> dict:
+    """Render one schema row (a dict) in `mode`; raises ModeError when the sample cannot be."""
+    if mode == "thinking":
+        return render_thinking(row, style)
+    if mode == "non_thinking":
+        return render_non_thinking(row, style)
+    if mode == "auto_think":
+        return render_auto_think(row, style)
+    if mode == "video":
+        return render_video(row, style, opts.get("think"))
+    if mode == "think_with_image":
+        if workdir is None:
+            raise ModeError("mode_no_workdir", "think-with-image needs a folder for its images")
+        return render_think_with_image(row, workdir, opts.get("timeout_s", 10.0), opts.get("memory_mb", 1024))
+    raise ModeError("mode_unknown", f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+class RenderModes(RowStep):
+    """The `modes` recipe step: renders each listed source in its mode; other sources pass unchanged.
+
+    ``- modes: {sources: {llava_sft: non_thinking, math_cot: thinking, thyme_like: think_with_image},
+    style: report, timeout_s: 10, memory_mb: 1024}``. A sample that cannot be rendered leaves with
+    the reason (`mode_no_reasoning`, `sandbox_timeout`, ...)."""
+
+    name = "modes"
+
+    def __init__(self, sources: dict | None = None, style: str = "report", timeout_s: float = 10.0,
+                 memory_mb: int = 1024, video_think: bool | None = None, **kw: Any):
+        super().__init__(**kw)
+        if not isinstance(sources, dict) or not sources:
+            raise ValueError("`sources` must map source names to modes, e.g. {llava_sft: non_thinking}")
+        bad = {k: v for k, v in sources.items() if v not in MODES}
+        if bad:
+            raise ValueError(f"unknown modes {bad}: use {', '.join(MODES)}")
+        if style not in STYLES:
+            raise ValueError(f"`style` must be one of {', '.join(STYLES)}")
+        self.sources, self.style = dict(sources), style
+        self.timeout_s, self.memory_mb, self.video_think = float(timeout_s), int(memory_mb), video_think
+        self.workdir: str | None = None
+
+    def process(self, row: dict) -> dict:
+        mode = self.sources.get(row["source"])
+        if mode is None:
+            return row
+        folder = os.path.join(self.workdir or ".", "modes_media")
+        try:
+            return render(row, mode, self.style, folder, think=self.video_think, timeout_s=self.timeout_s,
+                          memory_mb=self.memory_mb)
+        except ModeError as e:
+            return drop(row, self.name, e.reason, e.detail)
