@@ -53,3 +53,28 @@ def read_media_bytes(media: dict, max_bytes: int | None = None) -> bytes:
             return f.read()
     except OSError as e:
         raise MediaReadError("unreadable_file", f"{path}: {e}") from e
+
+
+def decode_visual(media: dict, video_frames: int = 8) -> list:
+    """The pixels a model looks at: an image as one RGB PIL image, a video as up to
+    `video_frames` frames sampled evenly over its length (probe must have counted them)."""
+    import io
+
+    from PIL import Image
+
+    if media["kind"] == "image":
+        return [Image.open(io.BytesIO(read_media_bytes(media))).convert("RGB")]
+    import tempfile
+
+    from curation.video import decode_frames, sample_indices
+
+    total = int(media.get("frames") or 0)
+    n = max(1, min(video_frames, total))
+    with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
+        path = media["uri"]
+        if media.get("offset") is not None:
+            tmp.write(read_media_bytes(media))
+            tmp.flush()
+            path = tmp.name
+        frames = decode_frames(path, sample_indices(total, n), past_end="clamp")
+    return [Image.fromarray(f) for f in frames]

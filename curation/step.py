@@ -8,6 +8,8 @@ A row that raises is dropped with reason `error` instead of failing the task.
 from __future__ import annotations
 
 import traceback
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
@@ -33,6 +35,10 @@ class RowStep(Step):
     """A step that looks at one live row at a time inside Python workers."""
 
     batch_rows = 256
+    _transient = ("_scorer", "_pool", "_model")  # per-worker state: never pickled to executors
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._transient}
 
     def setup(self) -> None:
         """Called once per worker batch stream before the first row (load models here)."""
@@ -61,6 +67,56 @@ class RowStep(Step):
             yield from map_batches(batches, step.process_rows, step.batch_rows)
 
         return df.mapInArrow(run, df.schema)
+
+
+class PrefetchRowStep(RowStep):
+    """A row step split into `prepare` (decode, resize: CPU work that releases the GIL) and
+    `compute` (the model). The next chunk is prepared in a background thread while the model
+    works on the current one, so an accelerator never waits on JPEG or video decode."""
+
+    prefetch = 2  # chunks prepared ahead of the model
+
+    def prepare(self, rows: list[dict]) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def compute(self, rows: list[dict], prepared: Any) -> list[dict]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def process_rows(self, rows: list[dict]) -> list[dict]:
+        return self.compute(rows, self.prepare(rows))
+
+    def apply(self, df):
+        step = self
+
+        def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            step.setup()
+            chunks = (rows[i:i + step.batch_rows] for b in batches for rows in (b.to_pylist(),)
+                      for i in range(0, len(rows), step.batch_rows))
+            for chunk in prefetched(chunks, step.prepare, step.compute, step.prefetch):
+                if chunk:
+                    yield pa.RecordBatch.from_pylist(chunk, schema=ARROW_SCHEMA)
+
+        return df.mapInArrow(run, df.schema)
+
+
+def prefetched(chunks: Iterable[list[dict]], prepare: Callable[[list[dict]], Any],
+               compute: Callable[[list[dict], Any], list[dict]], depth: int = 2) -> Iterator[list[dict]]:
+    """compute(chunk, prepare(chunk)) for each chunk, in order, with up to `depth` chunks
+    being prepared in a background thread while compute runs."""
+    if depth <= 0:
+        for chunk in chunks:
+            yield compute(chunk, prepare(chunk))
+        return
+    pending: deque = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(prepare, chunk)))
+            if len(pending) > depth:
+                c, fut = pending.popleft()
+                yield compute(c, fut.result())
+        while pending:
+            c, fut = pending.popleft()
+            yield compute(c, fut.result())
 
 
 def map_batches(batches: Iterable[pa.RecordBatch], fn: Callable[[list[dict]], list[dict]],

@@ -10,16 +10,16 @@ know. fp32 on the CPU; bf16 autocast on a GPU. For a video the score aggregates 
 
 from __future__ import annotations
 
-import io
 import os
 from typing import Any
 
 import numpy as np
 
-from curation.media_io import read_media_bytes
+from curation.media_io import decode_visual
 from curation.probe import ProbeError
 from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop
-from curation.step import RowStep
+from curation.step import PrefetchRowStep
+from curation.vlm import halving_batches, resolve_device
 
 _SCORERS: dict[tuple, "ClipScorer"] = {}
 
@@ -49,33 +49,42 @@ class ClipScorer:
         return contextlib.nullcontext()
 
     def embed_images(self, images: list) -> np.ndarray:
+        return self.embed_pixels(self.torch.stack([self.preprocess(im) for im in images]))
+
+    def embed_pixels(self, x) -> np.ndarray:
+        """Embed already preprocessed images (a float tensor N x 3 x H x W)."""
         torch = self.torch
         with torch.no_grad(), self._autocast():
-            x = torch.stack([self.preprocess(im) for im in images]).to(self.device)
-            f = self.model.encode_image(x).float()
+            f = self.model.encode_image(x.to(self.device, non_blocking=True)).float()
         return torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
+        return self.embed_tokens(self.tokenizer(texts))
+
+    def embed_tokens(self, tokens) -> np.ndarray:
         torch = self.torch
         with torch.no_grad(), self._autocast():
-            f = self.model.encode_text(self.tokenizer(texts).to(self.device)).float()
+            f = self.model.encode_text(tokens.to(self.device)).float()
         return torch.nn.functional.normalize(f, dim=-1).cpu().numpy()
 
 
-def _task_device(device: str) -> str:
-    """`auto` on a GPU executor means the GPU Spark assigned to this task, if it assigned one."""
-    if device != "auto":
-        return device
-    try:
-        from pyspark import TaskContext
+def check_clip_model(model: str, pretrained: str | None, model_config: str | None) -> None:
+    """Refuse, on the driver and in one sentence, a model the workers could not load."""
+    import open_clip
 
-        ctx = TaskContext.get()
-        gpus = ctx.resources().get("gpu") if ctx is not None else None
-        if gpus is not None and gpus.addresses:
-            return f"cuda:{gpus.addresses[0]}"
-    except Exception:  # noqa: BLE001 - outside a Spark task, or no resources API
-        pass
-    return "auto"
+    if model_config:
+        open_clip.add_model_config(model_config)
+    if model not in open_clip.list_models():
+        raise ValueError(f"`model` {model!r} is not an open_clip architecture: use one of open_clip.list_models() "
+                         "(e.g. ViT-B-32, ViT-L-14) or give `model_config` for your own")
+    if pretrained and not os.path.exists(pretrained):
+        if "/" in pretrained or pretrained.endswith((".pt", ".bin", ".safetensors", ".pth")):
+            raise ValueError(f"`pretrained` checkpoint {pretrained} does not exist: pass the path of a local "
+                             "checkpoint or an open_clip pretrained tag")
+        if pretrained not in open_clip.list_pretrained_tags_by_model(model):
+            raise ValueError(f"`pretrained` tag {pretrained!r} is not known for {model}: use one of "
+                             f"{', '.join(open_clip.list_pretrained_tags_by_model(model)) or 'none'} "
+                             "or a local checkpoint path")
 
 
 def load_scorer(model: str, pretrained: str | None, model_config: str | None, device: str) -> ClipScorer:
@@ -96,14 +105,17 @@ def caption_of(row: dict, which: str) -> str:
     return " ".join(text.split())
 
 
-class ClipScore(RowStep):
+class ClipScore(PrefetchRowStep):
+    """Decode and preprocessing of the next chunk run in background threads (`decode_workers`)
+    while the model embeds the current one."""
+
     name = "clip"
     batch_rows = 256
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "", model_config: str = "",
                  batch_size: int = 64, threshold: float | None = None, video_aggregate: str = "mean",
                  video_frames: int = 8, conversation_text: str = "assistant", device: str = "auto",
-                 percentile: float | None = None, **kw: Any):
+                 percentile: float | None = None, decode_workers: int = 2, prefetch: int = 2, **kw: Any):
         super().__init__(**kw)
         if video_aggregate not in ("mean", "max", "min"):
             raise ValueError("video_aggregate must be mean, max or min")
@@ -121,6 +133,9 @@ class ClipScore(RowStep):
         if percentile is not None and not 0 <= float(percentile) < 100:
             raise ValueError("percentile must be in [0, 100): samples below it, per source, are dropped")
         self.percentile = None if percentile is None else float(percentile)
+        self.decode_workers = max(1, int(decode_workers))
+        self.prefetch = int(prefetch)
+        check_clip_model(model, pretrained, model_config)
 
     def apply(self, df):
         """Scores every sample; with `percentile`, drops each source's lowest-scoring share
@@ -144,69 +159,62 @@ class ClipScore(RowStep):
 
     def setup(self) -> None:
         self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
-                                   _task_device(self.device))
+                                   resolve_device(self.device))
 
-    def _images_of(self, m: dict) -> list:
-        from PIL import Image
+    def _pixels_of(self, row: dict):
+        """All media of a row decoded and preprocessed, or the (reason, detail) of the failure."""
+        try:
+            imgs = [im for m in row["media"] for im in decode_visual(m, self.video_frames)]
+            return self._scorer.torch.stack([self._scorer.preprocess(im) for im in imgs])
+        except ProbeError as e:
+            return (e.reason, e.detail)
+        except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
+            return ("decode_error", f"{type(e).__name__}: {e}"[:500])
 
-        if m["kind"] == "image":
-            return [Image.open(io.BytesIO(read_media_bytes(m))).convert("RGB")]
-        import tempfile
+    def prepare(self, rows: list[dict]):
+        """Runs in the prefetch thread: decode + resize (+ tokenise) one chunk."""
+        live = [i for i, row in enumerate(rows) if row.get("drop_step") is None and row.get("media")]
+        if self.decode_workers > 1 and len(live) > 1:
+            if getattr(self, "_pool", None) is None:
+                from concurrent.futures import ThreadPoolExecutor
 
-        from curation.video import decode_frames, sample_indices
+                self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
+            decoded = list(self._pool.map(lambda i: self._pixels_of(rows[i]), live))
+        else:
+            decoded = [self._pixels_of(rows[i]) for i in live]
+        items, failed, pixels = [], [], []
+        for i, d in zip(live, decoded):
+            if isinstance(d, tuple):
+                failed.append((i, d))
+            else:
+                items.append((i, len(d)))
+                pixels.append(d)
+        if not items:
+            return items, failed, None, None
+        texts = self._scorer.tokenizer([caption_of(rows[i], self.conversation_text) for i, _ in items])
+        return items, failed, self._scorer.torch.cat(pixels), texts
 
-        total = int(m.get("frames") or 0)
-        n = max(1, min(self.video_frames, total))
-        with tempfile.NamedTemporaryFile(suffix=".mp4") as tmp:
-            path = m["uri"]
-            if m.get("offset") is not None:
-                tmp.write(read_media_bytes(m))
-                tmp.flush()
-                path = tmp.name
-            frames = decode_frames(path, sample_indices(total, n), past_end="clamp")
-        return [Image.fromarray(f) for f in frames]
-
-    def process_rows(self, rows: list[dict]) -> list[dict]:
-        items: list[tuple[int, list]] = []  # (row index, images of that row)
-        for i, row in enumerate(rows):
-            if row.get("drop_step") is not None or not row.get("media"):
-                continue
-            try:
-                imgs = [im for m in row["media"] for im in self._images_of(m)]
-            except ProbeError as e:
-                drop(row, self.name, e.reason, e.detail)
-                continue
-            except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
-                drop(row, self.name, "decode_error", f"{type(e).__name__}: {e}"[:500])
-                continue
-            items.append((i, imgs))
+    def compute(self, rows: list[dict], prepared) -> list[dict]:
+        items, failed, pixels, texts = prepared
+        for i, (reason, detail) in failed:
+            drop(rows[i], self.name, reason, detail)
         if not items:
             return rows
-        flat = [im for _, imgs in items for im in imgs]
-        img_emb = self._batched(self._scorer.embed_images, flat)
-        txt_emb = self._batched(self._scorer.embed_texts,
-                                [caption_of(rows[i], self.conversation_text) for i, _ in items])
+        img_emb = self._batched(self._scorer.embed_pixels, pixels)
+        txt_emb = self._batched(self._scorer.embed_tokens, texts)
         agg = {"mean": np.mean, "max": np.max, "min": np.min}[self.video_aggregate]
         pos = 0
-        for k, (i, imgs) in enumerate(items):
-            sims = img_emb[pos:pos + len(imgs)] @ txt_emb[k]
-            pos += len(imgs)
+        for k, (i, n) in enumerate(items):
+            sims = img_emb[pos:pos + n] @ txt_emb[k]
+            pos += n
             score = float(agg(sims))
             rows[i]["clip_score"] = score
             if self.threshold is not None and score < self.threshold:
                 drop(rows[i], self.name, "low_clip_score", f"clip score {score:.4f} < {self.threshold}")
         return rows
 
-    def _batched(self, fn, items: list) -> np.ndarray:
+    def _batched(self, fn, items) -> np.ndarray:
         """Run in batches; on GPU out-of-memory the batch halves and retries."""
-        out, bs, i = [], self.batch_size, 0
-        while i < len(items):
-            try:
-                out.append(fn(items[i:i + bs]))
-                i += bs
-            except RuntimeError as e:
-                if "out of memory" not in str(e).lower() or bs == 1:
-                    raise
-                self._scorer.torch.cuda.empty_cache()
-                bs = max(1, bs // 2)
+        out = halving_batches(lambda a, b: [fn(items[a:b])], len(items), self.batch_size,
+                              self._scorer.torch.cuda.empty_cache)
         return np.concatenate(out) if out else np.zeros((0, 1), dtype=np.float32)

@@ -195,6 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SetupError) as e:
         print(f"reelforge: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a model a worker could not load: its sentence, not a JVM trace
+        said = worker_user_error(e)
+        if said is None:
+            raise
+        print(f"reelforge: {said}", file=sys.stderr)
+        return 2
+
+
+def worker_user_error(e: BaseException) -> str | None:
+    """The one-sentence message of a ModelLoadError raised inside a Spark worker, if that is
+    what failed the job (Spark wraps it in a PythonException / Py4JJavaError)."""
+    import re
+
+    m = re.search(r"ModelLoadError: (.+)", str(e))
+    return m.group(1).strip() if m else None
 
 
 if __name__ == "__main__":

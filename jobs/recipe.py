@@ -25,16 +25,18 @@ def _steps() -> dict[str, type]:
     from curation.dedup import ExactDedup
     from curation.near_dedup import LeakageFilter, NearDedup
     from curation.probe import Probe
+    from curation.recaption import Recaption
     from curation.token_count import CountTokens
     from filters.clip_score import ClipScore
     from filters.quality import Quality
+    from filters.vlm_judge import VlmJudge
     from mixers.alignment import FormatConsistencyFilter, RepetitionFilter
     from mixers.modes import RenderModes
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
             "clips": VideoClips, "dedup_near": NearDedup,
             "leakage": LeakageFilter, "clip": ClipScore, "modes": RenderModes, "repetition": RepetitionFilter,
-            "format_consistency": FormatConsistencyFilter}
+            "format_consistency": FormatConsistencyFilter, "vlm_judge": VlmJudge, "recaption": Recaption}
 
 
 PATH_PARAMS = ("tokenizer", "checkpoint", "model_config")
@@ -130,6 +132,15 @@ def read_yaml(path: str, what: str = "recipe") -> Any:
         raise RecipeError(f"{what} {path} is not valid YAML{line}: {getattr(e, 'problem', e)}.") from e
 
 
+def _step_params(cls: type) -> dict[str, inspect.Parameter]:
+    """Parameters a step accepts: its own and those its base classes take through **kw."""
+    params: dict[str, inspect.Parameter] = {}
+    for c in reversed(cls.__mro__):
+        if "__init__" in vars(c) and c is not object:
+            params.update(inspect.signature(c.__init__).parameters)
+    return params
+
+
 def load_recipe(path: str, out: str | None = None) -> Recipe:
     if not os.path.exists(path):
         raise RecipeError(f"recipe file {path} does not exist: pass the path of a recipe YAML.")
@@ -208,11 +219,11 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
                                                           and os.path.exists(os.path.join(base_dir, v))))
                       and isinstance(v, str) and v and not os.path.isabs(v) and "://" not in v else v)
                   for k, v in params.items()}
-        sig = inspect.signature(known[sname].__init__)
-        allowed = {p for p in sig.parameters if p not in ("self", "kw", "name")}
+        sig = _step_params(known[sname])
+        allowed = {p for p in sig if p not in ("self", "kw", "name")}
         _check_keys(params, allowed, f"{where}.{sname}")
         for k, v in params.items():
-            default = sig.parameters[k].default
+            default = sig[k].default
             if isinstance(default, (int, float)) and not isinstance(default, bool):
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
                     raise RecipeError(f"recipe field `{where}.{sname}.{k}` must be a number >= 0, got {v!r}.")

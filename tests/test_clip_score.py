@@ -65,12 +65,16 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     assert rep["balanced"]
 
 
-def test_local_cluster_scores_equal_local(tmp_path):
-    """Separate executor processes load the model themselves and write the same scores."""
+def test_local_cluster_scores_and_captions_equal_local(tmp_path):
+    """Separate executor processes load the models themselves and write the same CLIP scores,
+    VLM judge scores and recaptions as local[2]."""
     import subprocess
     import sys
 
+    from curation.tiny_vlm import build_tiny_vlm
+
     build_tiny_clip(str(tmp_path / "model"))
+    build_tiny_vlm(str(tmp_path / "vlm"))
     (tmp_path / "img").mkdir()
     with open(tmp_path / "m.jsonl", "w") as f:
         for i in range(6):
@@ -79,10 +83,12 @@ def test_local_cluster_scores_equal_local(tmp_path):
     recipe = {"name": "clip", "sources": [{"name": "m", "format": "jsonl", "path": "m.jsonl"}],
               "steps": [{"probe": {}},
                         {"clip": {"model": "reelforge-tiny-clip", "pretrained": "model/reelforge-tiny-clip.pt",
-                                  "model_config": "model/reelforge-tiny-clip.json", "device": "cpu"}}],
+                                  "model_config": "model/reelforge-tiny-clip.json", "device": "cpu"}},
+                        {"vlm_judge": {"model": "vlm", "device": "cpu", "batch_size": 4}},
+                        {"recaption": {"model": "vlm", "device": "cpu", "batch_size": 4, "max_new_tokens": 8}}],
               "output": {"path": "out", "shards": {"max_samples": 100}}}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    scores = {}
+    scores, vlm = {}, {}
     for master in ("local[2]", "local-cluster[2,1,1024]"):
         out = str(tmp_path / master.split("[")[0])
         res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "recipe.yaml"), "--out", out,
@@ -90,6 +96,13 @@ def test_local_cluster_scores_equal_local(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         scores[master] = {r["source_key"]: r["clip_score"]
                           for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}
+        vlm[master] = {r["source_key"]: (r["vlm_score"], r["captions"])
+                       for r in pq.read_table(os.path.join(out, "_work", "04_recaption")).to_pylist()}
     a, b = scores.values()
     assert a.keys() == b.keys() and len(a) == 6
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a)
+    a, b = vlm.values()
+    assert a.keys() == b.keys() and len(a) == 6
+    for k in a:
+        assert abs(a[k][0] - b[k][0]) < 1e-6
+        assert a[k][1] == b[k][1] and a[k][1][0]["text"]  # identical captions, and there are captions
