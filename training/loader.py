@@ -1,0 +1,603 @@
+"""The shard loader: blends reelforge shard sets, splits them across ranks and workers, decodes,
+tokenises, packs, and remembers its exact position.
+
+Order is a pure function of (seed, rank, worker, state), so a resumed run sees the same
+samples in the same order as one that never stopped:
+
+* **split**: a *slot* is one (rank, loader worker) pair, `slot = rank * workers + worker`.
+  Each epoch every shard set's shards are put in a seeded order; with many shards each slot
+  takes every `n_slots`-th shard, otherwise every slot reads the shards and keeps every
+  `n_slots`-th sample (webdataset's own node splitter refuses several ranks, so the split is
+  ours and explicit). Together the slots see each sample of an epoch exactly once.
+* **blend**: within a slot the next sample comes from the set with the smallest
+  `drawn_tokens / weight` (deterministic stride scheduling), so sets are mixed by tokens, not
+  samples; a set that runs out starts its next epoch (or stops, with `data.epochs`).
+* **pack**: samples are appended in order to a sequence until the next one does not fit
+  (greedy, order-preserving); position ids restart at 0 for every sample, which is also how
+  the model keeps attention inside each sample (block-diagonal causal mask), and labels are
+  shifted per sample so no sample predicts its neighbour's first token.
+* **state**: with every batch a worker hands back its state as it was before the first sample
+  that is not in the batch (the one that did not fit is re-read on resume). The loader keeps
+  the newest state per worker and how many batches the trainer took; on restore the worker
+  whose turn was next gets DataLoader worker 0 (DataLoader hands batches out round-robin).
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import io
+import json
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
+from jobs.recipe import RecipeError
+
+IGNORE = -100
+_PLACEHOLDER = re.compile(r"(<image>|<video>)")
+STATE_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- shard sets
+
+@dataclass
+class ShardSet:
+    """One named, weighted set of shards; `counts` come from the run's index.json when present."""
+
+    name: str
+    weight: float
+    urls: list[str]
+    counts: list[int | None] = field(default_factory=list)
+
+
+def _index_counts(folder: str) -> dict[str, int]:
+    p = os.path.join(folder, "index.json")
+    if not os.path.exists(p):
+        return {}
+    with open(p) as f:
+        idx = json.load(f)
+    return {os.path.join(folder, s["shard"]): int(s["samples"]) for s in idx.get("shards", [])}
+
+
+def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: str = "data.sources") -> ShardSet:
+    """Folders (their *.tar, with counts from index.json), globs or tar paths -> a ShardSet."""
+    urls: list[str] = []
+    counts: dict[str, int] = {}
+    for p in paths:
+        if os.path.isdir(p):
+            counts.update(_index_counts(p))
+            found = sorted(glob.glob(os.path.join(p, "*.tar")))
+        elif any(c in p for c in "*?["):
+            found = sorted(glob.glob(p))
+            for d in {os.path.dirname(f) for f in found}:
+                counts.update(_index_counts(d))
+        else:
+            found = [p] if os.path.isfile(p) else []
+            if found:
+                counts.update(_index_counts(os.path.dirname(p)))
+        if not found:
+            raise RecipeError(f"stage field `{where}` ({name}): no .tar shards at {p}; point `path` at the "
+                              "shards folder of a run (OUT/shards), a glob, or tar files.")
+        urls.extend(found)
+    return ShardSet(name=name, weight=float(weight), urls=urls, counts=[counts.get(u) for u in urls])
+
+
+def shard_sets_of(cfg) -> list[ShardSet]:
+    return [resolve_shard_set(s["name"], s["path"], s["weight"], f"data.sources[{i}].path")
+            for i, s in enumerate(cfg.data["sources"])]
+
+
+# ----------------------------------------------------------------------------- one set, one slot
+
+class SlotStream:
+    """One shard set as one slot sees it: raw webdataset samples, epoch after epoch.
+
+    `pos` counts this slot's samples taken in the current epoch; restoring (epoch, pos) skips
+    whole shards by their index counts and the rest without decoding anything.
+    """
+
+    def __init__(self, ss: ShardSet, seed: int, slot: int, n_slots: int, split: str, epoch: int = 0,
+                 pos: int = 0, max_epochs: int | None = None):
+        self.ss, self.seed, self.slot, self.n_slots = ss, seed, slot, n_slots
+        n = len(ss.urls)
+        self.by_shards = split == "shards" or (split == "auto" and n >= 4 * n_slots)
+        self.epoch, self.pos, self.max_epochs = epoch, pos, max_epochs
+        self._it: Iterator[dict] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.ss.urls)))
+        random.Random(f"{self.seed}:{self.ss.name}:{epoch}").shuffle(order)
+        return order
+
+    def _mine(self, off: int, count: int) -> int:
+        """How many of global sample indices [off, off+count) fall to this slot (sample split)."""
+        first = off + ((self.slot - off) % self.n_slots)
+        return max(0, (off + count - first + self.n_slots - 1) // self.n_slots)
+
+    def _epoch_iter(self, epoch: int, skip: int) -> Iterator[dict]:
+        import webdataset as wds
+
+        order = self._order(epoch)
+        if self.by_shards:
+            order = order[self.slot::self.n_slots]
+        g = 0  # global sample index in this epoch (sample split)
+        for j in order:
+            url, count = self.ss.urls[j], self.ss.counts[j]
+            if count is not None and skip > 0:
+                mine = count if self.by_shards else self._mine(g, count)
+                if mine <= skip:
+                    skip -= mine
+                    g += count
+                    continue
+            ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                                empty_check=False)
+            for raw in ds:
+                k = g
+                g += 1
+                if not self.by_shards and k % self.n_slots != self.slot:
+                    continue
+                if skip > 0:
+                    skip -= 1
+                    continue
+                yield raw
+
+    def next(self) -> dict | None:
+        """The next raw sample, or None once `max_epochs` are done."""
+        while True:
+            if self.max_epochs is not None and self.epoch >= self.max_epochs:
+                return None
+            if self._it is None:
+                self._it = self._epoch_iter(self.epoch, self.pos)
+            raw = next(self._it, None)
+            if raw is not None:
+                self.pos += 1
+                return raw
+            self._it = None
+            empty = self.pos == 0
+            self.epoch, self.pos = self.epoch + 1, 0
+            if empty and self.max_epochs is None:
+                return None  # this slot has no samples of this set at all
+
+
+# ----------------------------------------------------------------------------- decode + tokenise
+
+@dataclass
+class Item:
+    """One tokenised sequence: labels already shifted (label[t] is the target of position t)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    images: list[torch.Tensor]
+    id: str
+    source: str
+    kind: str
+    role: str = "seq"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Encoder:
+    """Decodes media with the token rules of `curation.tokens` and tokenises with the model's template."""
+
+    def __init__(self, tokenizer_path: str, visual: dict | None, max_len: int, objective: str = "lm",
+                 kinds: list[str] | None = None, max_text_len: int = 64):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.vcfg = VisualTokenConfig.from_dict(visual)
+        self.max_len, self.objective, self.kinds, self.max_text_len = max_len, objective, kinds, max_text_len
+        ids = self.tok.convert_tokens_to_ids
+        self.image_pad, self.video_pad = ids("<|image_pad|>"), ids("<|video_pad|>")
+        self.vstart, self.vend = ids("<|vision_start|>"), ids("<|vision_end|>")
+        self.eos = self.tok.eos_token_id
+        self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos
+        self._cache: dict[str, list[int]] = {}
+
+    # -- text
+    def ids(self, text: str) -> list[int]:
+        if len(text) < 64:
+            hit = self._cache.get(text)
+            if hit is None:
+                hit = self._cache[text] = self.tok(text, add_special_tokens=False)["input_ids"]
+                if len(self._cache) > 4096:
+                    self._cache.clear()
+            return list(hit)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _render(self, messages: list[dict], gen: bool = False) -> str:
+        if not messages:
+            return ""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    def chat_segments(self, messages: list[dict], last_trainable_only: bool = False) -> list[tuple[str, bool]]:
+        """The rendered conversation cut into (text, is-assistant-answer) pieces."""
+        segs: list[tuple[str, bool]] = []
+        prev = ""
+        n = len(messages)
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], gen=True)
+                full = self._render(messages[: i + 1])
+                if not head.startswith(prev) or not full.startswith(head):
+                    raise ValueError("the chat template does not render conversations prefix by prefix")
+                segs.append((head[len(prev):], False))
+                segs.append((full[len(head):], not last_trainable_only or i == n - 1))
+            else:
+                full = self._render(messages[: i + 1])
+                if not full.startswith(prev):
+                    raise ValueError("the chat template does not render conversations prefix by prefix")
+                segs.append((full[len(prev):], False))
+            prev = full
+        return segs
+
+    def _tokens(self, segs: list[tuple[str, bool]], media: list[tuple[str, int]]) -> tuple[list[int], list[bool]]:
+        """Segments -> ids and trainable flags; each placeholder becomes start, pads x tokens, end."""
+        ids: list[int] = []
+        train: list[bool] = []
+        mi = 0
+        for text, trainable in segs:
+            for piece in _PLACEHOLDER.split(text):
+                if not piece:
+                    continue
+                if piece in ("<image>", "<video>"):
+                    if mi >= len(media):
+                        raise ValueError("more placeholders than media")
+                    kind, n = media[mi]
+                    mi += 1
+                    pad = self.image_pad if kind == "image" else self.video_pad
+                    ids += [self.vstart] + [pad] * n + [self.vend]
+                    train += [False] * (n + 2)
+                else:
+                    t = self.ids(piece)
+                    ids += t
+                    train += [trainable] * len(t)
+        if mi != len(media):
+            raise ValueError(f"{len(media)} media but {mi} placeholders")
+        return ids, train
+
+    @staticmethod
+    def shift(ids: list[int], train: list[bool]) -> list[int]:
+        labels = [ids[t + 1] if train[t + 1] else IGNORE for t in range(len(ids) - 1)]
+        return labels + [IGNORE]
+
+    # -- media
+    def image(self, data: bytes) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (im.width, im.height))
+        im = im.convert("RGB")
+        c = self.vcfg
+        r = image_tokens(im.height, im.width, c)
+        if (r["resized_height"], r["resized_width"]) != (im.height, im.width):
+            im = im.resize((r["resized_width"], r["resized_height"]), Image.BICUBIC)
+        arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+        return arr, r["tokens"]
+
+    def video(self, data: bytes, m: dict) -> tuple[list[torch.Tensor], int]:
+        from curation.video import decode_frames, sample_indices
+
+        c = self.vcfg
+        v = video_tokens(m["height"], m["width"], m.get("duration") or 0.0, m.get("fps"), c,
+                         total_frames=m.get("frames"))
+        total = m.get("frames") or max(1, int(round((m.get("duration") or 0) * (m.get("fps") or 0))))
+        idx = sample_indices(total, v["frames"])
+        tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(suffix="." + (m.get("format") or "mp4"), dir=tmpdir) as f:
+            f.write(data)
+            f.flush()
+            arr = decode_frames(f.name, idx, size=(v["resized_height"], v["resized_width"]), past_end="clamp",
+                                threads=1)
+        frames = [torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous() for a in arr]
+        return frames, v["tokens"]
+
+    def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:
+        images: list[torch.Tensor] = []
+        counts: list[tuple[str, int]] = []
+        sid = meta["id"]
+        for m in meta.get("media") or []:
+            key = m["member"][len(sid) + 1:] if m["member"].startswith(sid + ".") else m["member"].split(".", 1)[1]
+            data = raw[key]
+            if m["kind"] == "image":
+                im, n = self.image(data)
+                images.append(im)
+            else:
+                frames, n = self.video(data, m)
+                images.extend(frames)
+            counts.append((m["kind"], n))
+        return images, counts
+
+    # -- one sample
+    def encode(self, raw: dict) -> list[Item] | None:
+        """Raw shard sample -> items for this objective, or None when it does not serve it."""
+        meta = json.loads(raw["json"])
+        kind = meta["kind"]
+        if self.kinds is not None and kind not in self.kinds:
+            return None
+        src = meta.get("provenance", {}).get("source", "?")
+        obj = self.objective
+        if obj == "mpo" and kind != "preference":
+            return None
+        if obj == "vit_contrastive" and (kind != "image_text" or len(meta.get("media") or []) != 1
+                                         or meta["media"][0]["kind"] != "image"):
+            return None
+        if obj == "grpo" and not self._grpo_ok(meta):
+            return None
+        images, media = self.media(raw, meta)
+        mk = dict(id=meta["id"], source=src, kind=kind)
+        if obj == "vit_contrastive":
+            t = self.ids(meta.get("text") or "")[: self.max_text_len]
+            return [Item(input_ids=t, labels=[], images=images, **mk)]
+        if obj == "grpo":
+            msgs = meta["messages"]
+            prompt = self._render(msgs[:-1], gen=True)
+            ids, _ = self._tokens([(prompt, False)], media)
+            return [Item(input_ids=ids, labels=[], images=images, extra={"reference": msgs[-1]["content"]}, **mk)]
+        if obj == "mpo":
+            out = []
+            for role in ("chosen", "rejected"):
+                msgs = list(meta.get("messages") or []) + [{"role": "assistant", "content": meta.get(role) or ""}]
+                ids, train = self._tokens(self.chat_segments(msgs, last_trainable_only=True), media)
+                out.append(Item(ids, self.shift(ids, train), images, role=role, **mk))
+            if sum(len(i.input_ids) for i in out) > self.max_len:
+                return None
+            return out
+        ids, train = self._sequence(meta, kind, media)
+        if len(ids) > self.max_len:
+            if any(t in (self.image_pad, self.video_pad) for t in ids[self.max_len:]) or images and \
+                    sum(n for _, n in media) + 2 * len(media) > self.max_len:
+                return None
+            ids, train = ids[: self.max_len], train[: self.max_len]
+            if any(t in (self.image_pad, self.video_pad) for t in ids[-1:]):
+                return None
+        return [Item(ids, self.shift(ids, train), images, **mk)]
+
+    def _grpo_ok(self, meta: dict) -> bool:
+        msgs = meta.get("messages") or []
+        return meta["kind"] == "conversation" and len(msgs) >= 2 and msgs[-1]["role"] == "assistant"
+
+    def _sequence(self, meta: dict, kind: str, media: list[tuple[str, int]]) -> tuple[list[int], list[bool]]:
+        if kind in ("image_text", "video_text"):
+            tags = "".join("<image>" if k == "image" else "<video>" for k, _ in media)
+            msgs = [{"role": "user", "content": tags}, {"role": "assistant", "content": meta.get("text") or ""}]
+            return self._tokens(self.chat_segments(msgs), media)
+        if kind == "preference":
+            msgs = list(meta.get("messages") or []) + [{"role": "assistant", "content": meta.get("chosen") or ""}]
+            return self._tokens(self.chat_segments(msgs), media)
+        if meta.get("messages"):
+            return self._tokens(self.chat_segments(meta["messages"]), media)
+        ids, train = self._tokens([(meta.get("text") or "", True)], media)
+        return ids + [self.eos], train + [True]
+
+
+# ----------------------------------------------------------------------------- one slot, all sets
+
+def _fresh_state(names: list[str]) -> dict:
+    z = {n: 0 for n in names}
+    return {"sources": {n: {"epoch": 0, "pos": 0} for n in names}, "drawn": dict(z), "samples": dict(z),
+            "skipped": dict(z), "done": []}
+
+
+class SlotReader:
+    """Blends the shard sets for one slot by tokens (or samples) and decodes the picks."""
+
+    def __init__(self, sets: list[ShardSet], encoder: Encoder, seed: int, slot: int, n_slots: int, split: str,
+                 blend: str, max_epochs: int | None, state: dict | None = None):
+        self.sets, self.enc, self.blend = sets, encoder, blend
+        self.state = copy.deepcopy(state) if state else _fresh_state([s.name for s in sets])
+        self.streams = {s.name: SlotStream(s, seed, slot, n_slots, split, **self.state["sources"][s.name],
+                                           max_epochs=max_epochs) for s in sets}
+
+    def snapshot(self) -> dict:
+        return copy.deepcopy(self.state)
+
+    def _pick(self) -> ShardSet | None:
+        live = [s for s in self.sets if s.name not in self.state["done"]]
+        if not live:
+            return None
+        return min(live, key=lambda s: (self.state["drawn"][s.name] / s.weight, self.sets.index(s)))
+
+    def next(self) -> list[Item] | None:
+        """The items of the next sample that serves the objective; None when every set is done."""
+        while True:
+            ss = self._pick()
+            if ss is None:
+                return None
+            st = self.streams[ss.name]
+            raw = st.next()
+            self.state["sources"][ss.name] = {"epoch": st.epoch, "pos": st.pos}
+            if raw is None:
+                self.state["done"].append(ss.name)
+                continue
+            try:
+                items = self.enc.encode(raw)
+            except (TokenError, ValueError, OSError, KeyError) as e:  # a sample the loader cannot use
+                items = None
+                self.state.setdefault("errors", {}).setdefault(ss.name, 0)
+                self.state["errors"][ss.name] += 1
+                del e
+            if not items:
+                self.state["skipped"][ss.name] += 1
+                # a set with nothing for this objective still advances its counter, so others get picked
+                self.state["drawn"][ss.name] += 1
+                continue
+            self.state["drawn"][ss.name] += (sum(len(i.input_ids) for i in items) if self.blend == "tokens" else 1)
+            self.state["samples"][ss.name] += 1
+            return items
+
+
+# ----------------------------------------------------------------------------- batches
+
+def collate_packed(packs: list[list[Item]], pad_id: int) -> dict:
+    """Packs -> tensors (B, L): ids, shifted labels, per-sample position ids, segment ids, images in order."""
+    rows, labels, pos, seg = [], [], [], []
+    images: list[torch.Tensor] = []
+    samples: list[dict] = []
+    k = 0
+    for pack in packs:
+        r, lab, p, s = [], [], [], []
+        for it in pack:
+            n = len(it.input_ids)
+            r += it.input_ids
+            lab += it.labels
+            p += list(range(n))
+            s += [k] * n
+            images += it.images
+            samples.append({"id": it.id, "source": it.source, "kind": it.kind, "role": it.role, "tokens": n,
+                            "segment": k})
+            k += 1
+        rows.append(r)
+        labels.append(lab)
+        pos.append(p)
+        seg.append(s)
+    L = max(len(r) for r in rows)
+    for i in range(len(rows)):
+        pad = L - len(rows[i])
+        rows[i] += [pad_id] * pad
+        labels[i] += [IGNORE] * pad
+        pos[i] += list(range(pad))
+        seg[i] += [-1] * pad
+    return {"input_ids": torch.tensor(rows), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+            "segment_ids": torch.tensor(seg), "images": images, "samples": samples,
+            "tokens": sum(s["tokens"] for s in samples)}
+
+
+def packed_batches(reader: SlotReader, max_len: int, batch_size: int, pad_id: int, pack: bool = True
+                   ) -> Iterator[tuple[dict, dict]]:
+    """(batch, state) pairs; the state is the reader's before the first sample not in the batch."""
+    packs: list[list[Item]] = []
+    cur: list[Item] = []
+    cur_len = 0
+    while True:
+        snap = reader.snapshot()
+        got = reader.next()
+        if got is None:
+            if cur:
+                packs.append(cur)
+            if packs:
+                yield collate_packed(packs, pad_id), reader.snapshot()
+            return
+        n = sum(len(i.input_ids) for i in got)
+        if cur and (not pack or cur_len + n > max_len):
+            packs.append(cur)
+            cur, cur_len = [], 0
+            if len(packs) == batch_size:
+                yield collate_packed(packs, pad_id), snap
+                packs = []
+        cur += got
+        cur_len += n
+
+
+def list_batches(reader: SlotReader, batch_size: int) -> Iterator[tuple[dict, dict]]:
+    """Unpacked batches of `batch_size` samples (contrastive pairs, GRPO prompts)."""
+    items: list[Item] = []
+    while True:
+        got = reader.next()
+        if got is not None:
+            items += got
+        if items and (got is None or len(items) >= batch_size):
+            yield {"items": items, "samples": [{"id": i.id, "source": i.source, "kind": i.kind, "role": i.role,
+                                                "tokens": len(i.input_ids)} for i in items],
+                   "tokens": sum(len(i.input_ids) for i in items)}, reader.snapshot()
+            items = []
+        if got is None:
+            return
+
+
+class _SlotDataset(torch.utils.data.IterableDataset):
+    def __init__(self, spec: dict, sets: list[ShardSet], states: dict[int, dict], rotation: int):
+        super().__init__()
+        self.spec, self.sets, self.states, self.rotation = spec, sets, states, rotation
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        k = self.spec["workers"]
+        w = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        v = (w + self.rotation) % k
+        slot = self.spec["rank"] * k + v
+        sp = self.spec
+        enc = Encoder(sp["tokenizer"], sp["visual"], sp["max_len"], sp["objective"], sp["kinds"], sp["max_text_len"])
+        reader = SlotReader(self.sets, enc, sp["seed"], slot, sp["world"] * k, sp["split"], sp["blend"],
+                            sp["epochs"], self.states.get(v))
+        if sp["objective"] in ("lm", "mpo"):
+            it = packed_batches(reader, sp["max_len"], sp["batch_size"], enc.pad, sp["pack"])
+        else:
+            it = list_batches(reader, sp["batch_size"])
+        for batch, state in it:
+            batch["_worker"], batch["_state"] = v, state
+            yield batch
+
+
+class ShardLoader:
+    """Iterable of batches for one data-parallel rank, with `state_dict`/`load_state_dict`."""
+
+    def __init__(self, cfg, rank: int = 0, world: int = 1, sets: list[ShardSet] | None = None):
+        d = cfg.data
+        tok = cfg.model["tokenizer"] or cfg.model["llm"] or (os.path.join(cfg.model["init"], "tokenizer")
+                                                             if cfg.model["init"] else None)
+        if tok is None or not os.path.isdir(tok):
+            raise RecipeError("stage field `model.tokenizer` must be a tokenizer folder (default: `model.llm`).")
+        self.sets = sets or shard_sets_of(cfg)
+        self.workers = max(1, d["num_workers"])
+        self.spec = {"rank": rank, "world": world, "workers": self.workers, "tokenizer": tok,
+                     "visual": d["visual"], "max_len": d["max_len"], "objective": cfg.objective,
+                     "kinds": d["kinds"], "max_text_len": d["max_text_len"], "seed": cfg.seed, "split": d["split"],
+                     "blend": d["blend"], "epochs": d["epochs"], "batch_size": d["batch_size"], "pack": d["pack"]}
+        self.num_workers, self.prefetch = d["num_workers"], d["prefetch"]
+        self._states: dict[int, dict] = {}
+        self.consumed = 0
+        self.seen: dict[str, int] = {}
+        self.seen_tokens: dict[str, int] = {}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "rank": self.spec["rank"], "world": self.spec["world"],
+                "workers": self.workers, "consumed": self.consumed, "states": copy.deepcopy(self._states),
+                "seen": dict(self.seen), "seen_tokens": dict(self.seen_tokens)}
+
+    def load_state_dict(self, st: dict) -> None:
+        if (st.get("world"), st.get("workers")) != (self.spec["world"], self.workers):
+            raise RecipeError(f"the checkpoint's loader ran {st.get('world')} ranks x {st.get('workers')} workers; "
+                              f"resume with the same (now {self.spec['world']} x {self.workers}): set "
+                              "`data.num_workers` and the launcher's process count back.")
+        self._states = {int(k): v for k, v in st["states"].items()}
+        self.consumed = int(st["consumed"])
+        self.seen = dict(st.get("seen", {}))
+        self.seen_tokens = dict(st.get("seen_tokens", {}))
+
+    def __iter__(self) -> Iterator[dict]:
+        ds = _SlotDataset(self.spec, self.sets, dict(self._states), self.consumed % self.workers)
+        if self.num_workers > 0:
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers,
+                                             prefetch_factor=self.prefetch, persistent_workers=False)
+        else:
+            dl = ds
+        for b in dl:
+            self._states[b.pop("_worker")] = b.pop("_state")
+            self.consumed += 1
+            for s in b["samples"]:
+                if s["role"] != "rejected":
+                    self.seen[s["source"]] = self.seen.get(s["source"], 0) + 1
+                self.seen_tokens[s["source"]] = self.seen_tokens.get(s["source"], 0) + s["tokens"]
+            yield b
+
+
+def iter_ids(loader: ShardLoader, limit: int | None = None, on_batch: Callable[[dict], None] | None = None
+             ) -> list[str]:
+    """Sample ids in the order the loader yields them (tests, debugging)."""
+    out: list[str] = []
+    for i, b in enumerate(loader):
+        if on_batch:
+            on_batch(b)
+        out += [s["id"] for s in b["samples"] if s["role"] != "rejected"]
+        if limit is not None and i + 1 >= limit:
+            break
+    return out

@@ -1,0 +1,80 @@
+"""The training report: loss curve (PNG), tokens/s, and samples seen per source against the plan.
+
+The plan is the mixture planner's JSON (`report.plan`) or a `report.targets` mapping; any JSON
+whose `sources` (or top level) maps names to numbers, or to objects with `samples`, is read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+
+def _plan_targets(cfg) -> dict[str, float] | None:
+    rep = cfg.report
+    if rep.get("targets"):
+        return {k: float(v) for k, v in rep["targets"].items()}
+    if not rep.get("plan"):
+        return None
+    with open(rep["plan"]) as f:
+        plan = json.load(f)
+    node: Any = plan.get("sources", plan) if isinstance(plan, dict) else plan
+    if isinstance(node, list):
+        node = {s.get("name") or s.get("source"): s for s in node}
+    out: dict[str, float] = {}
+    for k, v in node.items():
+        if isinstance(v, (int, float)):
+            out[k] = float(v)
+        elif isinstance(v, dict):
+            for key in ("samples", "target_samples", "count"):
+                if isinstance(v.get(key), (int, float)):
+                    out[k] = float(v[key])
+                    break
+    return out or None
+
+
+def write_report(out_dir: str, cfg, seen: dict[str, int]) -> dict:
+    """Writes report.json and loss.png under out_dir; returns the report."""
+    rows = []
+    p = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(p):
+        with open(p) as f:
+            rows = [json.loads(ln) for ln in f if ln.strip()]
+    tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    total_tokens = sum(r.get("tokens", 0) for r in rows)
+    total_s = sum(r.get("seconds", 0) for r in rows)
+    report: dict[str, Any] = {
+        "stage": cfg.name, "objective": cfg.objective, "steps": len(rows),
+        "loss_first": rows[0]["loss"] if rows else None, "loss_last": rows[-1]["loss"] if rows else None,
+        "tokens": total_tokens, "tokens_per_s": total_tokens / total_s if total_s else None,
+        "tokens_per_s_median": sorted(tps)[len(tps) // 2] if tps else None,
+        "samples_per_source": dict(sorted(seen.items())),
+    }
+    targets = _plan_targets(cfg)
+    if targets:
+        total_seen, total_plan = sum(seen.values()) or 1, sum(targets.values()) or 1
+        report["plan_comparison"] = {
+            k: {"seen": seen.get(k, 0), "planned": targets.get(k, 0.0),
+                "seen_share": seen.get(k, 0) / total_seen, "planned_share": targets.get(k, 0.0) / total_plan}
+            for k in sorted(set(seen) | set(targets))}
+    if rows:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=cfg.name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title(f"{cfg.name} ({cfg.objective})")
+        ax.legend()
+        fig.tight_layout()
+        png = os.path.join(out_dir, "loss.png")
+        fig.savefig(png, dpi=100)
+        plt.close(fig)
+        report["loss_png"] = png
+    with open(os.path.join(out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+    return report

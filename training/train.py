@@ -1,0 +1,461 @@
+"""`reelforge train STAGE.yaml`: one stage on DeepSpeed, one process or many (deepspeed / torchrun).
+
+Each optimiser step logs loss, learning rate, tokens and tokens/s to `OUT/metrics.jsonl` and the
+ids it trained on to `OUT/seen/rank{r}.jsonl`. Checkpoints (`OUT/ckpt/step-N`, DeepSpeed's
+format) hold model, optimiser, scheduler, every rank's loader position and RNG state; running
+the same stage again resumes from the newest one. The end writes `OUT/final` (an export folder
+a later stage names as `model.init`, or `reelforge merge` averages) and the report.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import socket
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from jobs.recipe import RecipeError
+from training.config import StageConfig
+from training.loader import IGNORE, ShardLoader, collate_packed
+from training.losses import RunningMean, group_advantages, grpo_loss, mpo_loss, rewards_of
+from training.model import ContrastiveViT, ReelVLM, segment_sums
+
+# ----------------------------------------------------------------------------- setup
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world, local rank); a plain `python` run becomes a world of one (gloo on the CPU)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def deepspeed_config(cfg: StageConfig, world: int, gpu: bool) -> dict:
+    """The DeepSpeed JSON from the stage: ZeRO stage, precision (bf16 on GPU, fp32 on CPU), clipping."""
+    d = cfg.deepspeed
+    bf16 = d["precision"] == "bf16" or (d["precision"] == "auto" and gpu)
+    z: dict[str, Any] = {"stage": d["zero_stage"], "contiguous_gradients": True, "overlap_comm": gpu,
+                         "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7}
+    if d["zero_stage"] == 3:
+        z.update({"stage3_prefetch_bucket_size": 5e7, "stage3_param_persistence_threshold": 1e5,
+                  "stage3_gather_16bit_weights_on_model_save": True})
+    if d["offload_optimizer"]:
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    ds = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": cfg.grad_accum,
+          "train_batch_size": world * cfg.grad_accum, "gradient_clipping": cfg.optim["grad_clip"],
+          "zero_optimization": z, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
+          "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    from training.config import deep_update
+
+    return deep_update(ds, d.get("extra") or {})
+
+
+def lr_lambda(cfg: StageConfig) -> Callable[[int], float]:
+    """Warm-up, then cosine to min_lr_ratio, constant, or linear to zero (Stage 3's annealing)."""
+    o, total = cfg.optim, cfg.steps
+    warm, floor, kind = o["warmup_steps"], o["min_lr_ratio"], o["schedule"]
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear_to_zero":
+            return max(0.0, 1.0 - (step - warm + 1) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def build_model(cfg: StageConfig) -> torch.nn.Module:
+    m, init = cfg.model, cfg.model["init"]
+
+    def part(name: str, sub: str) -> str | None:
+        if m[name]:
+            return m[name]
+        if init and os.path.isdir(os.path.join(init, sub)):
+            return os.path.join(init, sub)
+        return None
+
+    if cfg.objective == "vit_contrastive":
+        vision, text = part("vision", "vision"), part("text_tower", "text_tower")
+        if not vision or not text:
+            raise RecipeError("stage field `model.vision` and `model.text_tower` (or `model.init` holding "
+                              "vision/ and text_tower/) are needed for the vit_contrastive objective.")
+        s = cfg.loss["siglip"]
+        return ContrastiveViT.from_paths(vision, text, init_scale=s["init_scale"], init_bias=s["init_bias"])
+    vision, llm = part("vision", "vision"), part("llm", "llm")
+    if not vision or not llm:
+        raise RecipeError("stage field `model.vision` and `model.llm` (or `model.init` holding vision/ and llm/) "
+                          "must name folders written by save_pretrained.")
+    tokdir = m["tokenizer"] or (os.path.join(init, "tokenizer") if init and os.path.isdir(
+        os.path.join(init, "tokenizer")) else llm)
+    return ReelVLM.from_paths(vision, llm, tokdir, projector=init, projector_hidden=m["projector_hidden"],
+                              attn_implementation=m["attn_implementation"])
+
+
+def set_trainable(model: torch.nn.Module, cfg: StageConfig) -> None:
+    """Freeze what the stage does not train (Stage 1: projector only)."""
+    for name, p in model.named_parameters():
+        top = name.split(".", 1)[0]
+        if top in ("text", "logit_scale", "logit_bias"):
+            p.requires_grad_(True)  # the contrastive head trains with the tower in Stage 0
+        else:
+            p.requires_grad_(top in cfg.trainable)
+        if top == "vision" and ".head." in f".{name.split('.', 1)[1]}" and cfg.objective != "vit_contrastive":
+            p.requires_grad_(False)  # SigLIP's pooling head is unused by the VLM
+
+
+def tokenizer_dir(cfg: StageConfig) -> str:
+    m = cfg.model
+    if m["tokenizer"]:
+        return m["tokenizer"]
+    if m["init"] and os.path.isdir(os.path.join(m["init"], "tokenizer")):
+        return os.path.join(m["init"], "tokenizer")
+    return m["llm"] or m["text_tower"]
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def dummy_batch(objective: str, pad: int) -> dict:
+    """What an exhausted rank feeds while others finish the epoch (loss x 0)."""
+    if objective == "vit_contrastive":
+        from training.loader import Item
+
+        blank = torch.zeros(3, 28, 28, dtype=torch.uint8)
+        return {"items": [Item([pad], [], [blank], "", "", "", "dummy")] * 2, "samples": [], "tokens": 0,
+                "dummy": True}
+    b = {"input_ids": torch.tensor([[pad]]), "labels": torch.tensor([[IGNORE]]), "position_ids": torch.tensor([[0]]),
+         "segment_ids": torch.tensor([[-1]]), "images": [], "samples": [], "tokens": 0, "dummy": True}
+    return b
+
+
+class Objective:
+    """Turns a batch into a loss (and a few numbers to log) for the stage's objective."""
+
+    def __init__(self, cfg: StageConfig, engine, ref: torch.nn.Module | None, pad: int, tok_path: str):
+        self.cfg, self.engine, self.ref, self.pad = cfg, engine, ref, pad
+        self.bco = RunningMean()
+        self.tok = None
+        if cfg.objective == "grpo":
+            from transformers import AutoTokenizer
+
+            self.tok = AutoTokenizer.from_pretrained(tok_path)
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        obj = self.cfg.objective
+        if batch.get("dummy"):
+            if obj == "vit_contrastive":
+                return self.engine(batch)["loss"] * 0.0, {}
+            return self.engine(batch)["loss"] * 0.0, {}
+        if obj == "vit_contrastive":
+            batch["pad_id"] = self.pad
+            return self.engine(batch)["loss"], {}
+        if obj == "lm":
+            return self.engine(batch)["loss"], {}
+        if obj == "mpo":
+            return self.mpo(batch)
+        return self.grpo(batch)
+
+    def _seq_logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        out = model(batch)
+        n = len(batch["samples"])
+        lp = segment_sums(out["token_logps"], batch["segment_ids"], n)
+        cnt = segment_sums((batch["labels"] != IGNORE).to(lp.dtype), batch["segment_ids"], n)
+        return lp, cnt, out
+
+    def mpo(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        c = self.cfg.loss["mpo"]
+        lp, cnt, out = self._seq_logps(self.engine, batch)
+        with torch.no_grad():
+            ref_lp, _, _ = self._seq_logps(self.ref, batch)
+        roles = [s["role"] for s in batch["samples"]]
+        ci = torch.tensor([i for i, r in enumerate(roles) if r == "chosen"])
+        ri = torch.tensor([i for i, r in enumerate(roles) if r == "rejected"])
+        chosen_mask = torch.zeros_like(batch["segment_ids"], dtype=torch.bool)
+        for i in ci.tolist():
+            chosen_mask |= batch["segment_ids"] == i
+        chosen_mask &= batch["labels"] != IGNORE
+        nll = -out["token_logps"][chosen_mask.to(out["token_logps"].device)]
+        delta = self.bco.mean if c["bco_delta"] == "running" else float(c["bco_delta"])
+        loss, st = mpo_loss(lp[ci], lp[ri], ref_lp[ci], ref_lp[ri], nll, c["beta"], c["weights"], delta)
+        if c["bco_delta"] == "running":
+            self.bco.update(st["reward_mean"])
+        st["delta"] = delta
+        return loss, st
+
+    @torch.no_grad()
+    def generate(self, model: ReelVLM, prompt: list[int], images: list[torch.Tensor], n: int) -> list[list[int]]:
+        """n sampled completions of one prompt (KV cache; stops at the end-of-turn token)."""
+        g = self.cfg.loss["grpo"]
+        device = model.projector.fc1.weight.device
+        ids = torch.tensor([prompt], device=device)
+        emb = model.embed(ids, images).expand(n, -1, -1)
+        eos = self.tok.convert_tokens_to_ids("<|im_end|>")
+        out = model.llm(inputs_embeds=emb, use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        for _ in range(g["max_new_tokens"]):
+            logits = logits.float() / max(g["temperature"], 1e-5)
+            if g["top_k"]:
+                kth = torch.topk(logits, g["top_k"]).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+            for i in range(n):
+                if not done[i]:
+                    seqs[i].append(int(nxt[i]))
+            done |= nxt == eos
+            if bool(done.all()):
+                break
+            out = model.llm(input_ids=nxt.unsqueeze(1), past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return seqs
+
+    def grpo(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        from training.loader import Item
+
+        g = self.cfg.loss["grpo"]
+        G = g["group_size"]
+        module = self.engine.module if hasattr(self.engine, "module") else self.engine
+        items, rewards = [], []
+        module.eval()
+        for it in batch["items"]:
+            comps = self.generate(module, it.input_ids, it.images, G)
+            rs = []
+            for c in comps:
+                text = self.tok.decode(c, skip_special_tokens=False).replace("<|im_end|>", "")
+                rs.append(rewards_of(text, it.extra["reference"], g["rewards"]))
+                ids = it.input_ids + c
+                train = [False] * len(it.input_ids) + [True] * len(c)
+                labels = [ids[t + 1] if train[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+                items.append(Item(ids, labels, it.images, it.id, it.source, it.kind))
+            rewards.append([r["total"] for r in rs])
+        module.train()
+        packed = collate_packed([[i] for i in items], self.pad)
+        out = self.engine(packed)
+        with torch.no_grad():
+            ref = self.ref(packed)["token_logps"]
+        mask = packed["labels"] != IGNORE
+        r = torch.tensor(rewards, dtype=torch.float32)
+        adv = group_advantages(r).to(out["token_logps"].device)
+        lp = out["token_logps"]
+        loss, st = grpo_loss(lp, lp.detach(), ref, adv, mask.to(lp.device), g["clip_eps"], g["kl_beta"])
+        st["reward"] = float(r.mean())
+        return loss, st
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    p = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        return f.read().strip() or None
+
+
+def _truncate_jsonl(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
+          log: Callable[[str], None] = print) -> dict:
+    """Run (or resume) a stage; returns a summary. `stop_after` stops at that step, as if interrupted."""
+    import deepspeed
+
+    rank, world, local = init_distributed()
+    gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    out_dir = cfg.output["dir"]
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    if rank == 0:
+        os.makedirs(os.path.join(out_dir, "seen"), exist_ok=True)
+        with open(os.path.join(out_dir, "stage.json"), "w") as f:
+            json.dump(cfg.raw, f, indent=1, default=str)
+    dist.barrier()
+
+    model = build_model(cfg)
+    set_trainable(model, cfg)
+    ref = None
+    if cfg.objective in ("mpo", "grpo"):
+        ref = copy.deepcopy(model).eval().to(device)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        if deepspeed_config(cfg, world, gpu)["bf16"]["enabled"]:
+            ref.to(torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    o = cfg.optim
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]),
+                            eps=o["eps"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
+                                           config=deepspeed_config(cfg, world, gpu))
+    tok = tokenizer_dir(cfg)
+    loader = ShardLoader(cfg, rank, world)
+    if cfg.output["save_initial"] and (fresh or latest_checkpoint(ckpt_dir) is None):
+        export(engine, model, cfg, os.path.join(out_dir, "initial"), rank, tok)
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(tok).pad_token_id or 0
+    objective = Objective(cfg, engine, ref, pad, tok)
+
+    step = 0
+    tag = None if fresh else latest_checkpoint(ckpt_dir)
+    if tag is not None:
+        _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        step = int(client["step"])
+        loader.load_state_dict(client["loader"][rank])
+        torch.set_rng_state(client["rng"][rank])
+        objective.bco = RunningMean(**client.get("bco", {}))
+        log(f"[rank {rank}] resumed {cfg.name} from {tag} at step {step}")
+        if rank == 0:
+            _truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step)
+    _truncate_jsonl(os.path.join(out_dir, "seen", f"rank{rank}.jsonl"), step if tag else -1)
+
+    it = iter(loader)
+    seen_f = open(os.path.join(out_dir, "seen", f"rank{rank}.jsonl"), "a")
+    metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if tag else "w") if rank == 0 else None
+    exhausted = stop = False
+    end = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    t_start = time.perf_counter()
+    tokens_total = 0
+    engine.train()
+    if ref is not None:
+        ref.eval()
+    while step < end:
+        t0 = time.perf_counter()
+        losses, n_tok, ids, extra = [], 0, [], {}
+        stop = False
+        for _ in range(cfg.grad_accum):
+            batch = None if exhausted else next(it, None)
+            if batch is None:
+                exhausted = True
+            live = torch.tensor([0.0 if exhausted else 1.0])
+            dist.all_reduce(live)
+            if live.item() == 0:
+                stop = True
+                break
+            if batch is None:
+                batch = dummy_batch(cfg.objective, pad)
+            loss, st = objective(batch)
+            engine.backward(loss)
+            engine.step()
+            losses.append(float(loss.detach()) if not batch.get("dummy") else float("nan"))
+            n_tok += batch["tokens"]
+            ids += [s["id"] for s in batch["samples"] if s["role"] != "rejected"]
+            extra = st
+        if stop:
+            break
+        step += 1
+        mine = [x for x in losses if not math.isnan(x)]
+        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        loss_mean = float(stats[0] / max(stats[1], 1))
+        tokens_total += int(stats[2])
+        dt = time.perf_counter() - t0
+        seen_f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        seen_f.flush()
+        if metrics_f is not None:
+            rec = {"step": step, "loss": loss_mean, "lr": sched.get_last_lr()[0], "tokens": int(stats[2]),
+                   "seconds": dt, "tokens_per_s": float(stats[2]) / dt if dt > 0 else None, **extra}
+            metrics_f.write(json.dumps(rec) + "\n")
+            metrics_f.flush()
+            if step % cfg.output["log_every"] == 0:
+                log(f"[{cfg.name}] step {step}/{cfg.steps} loss {loss_mean:.4f} lr {rec['lr']:.2e} "
+                    f"{rec['tokens_per_s'] or 0:.0f} tok/s")
+        every = cfg.output["save_every"]
+        if (every and step % every == 0) or step == end:
+            save_checkpoint(engine, loader, objective, ckpt_dir, step, rank, world)
+    seen_f.close()
+    if metrics_f is not None:
+        metrics_f.close()
+    wall = time.perf_counter() - t_start
+    if stop and step > 0:  # the epochs ran out before `steps`: keep where it ended
+        save_checkpoint(engine, loader, objective, ckpt_dir, step, rank, world)
+    if step >= cfg.steps or stop:
+        export(engine, model, cfg, os.path.join(out_dir, "final"), rank, tok)
+    seen = _gather(loader.state_dict()["seen"], world)
+    summary = {"stage": cfg.name, "step": step, "steps": cfg.steps, "wall_s": wall,
+               "tokens_per_s": tokens_total / wall if wall > 0 else None, "world": world}
+    if rank == 0:
+        totals: dict[str, int] = {}
+        for d in seen:
+            for k, v in d.items():
+                totals[k] = totals.get(k, 0) + v
+        summary["samples_per_source"] = totals
+        from training.report import write_report
+
+        summary["report"] = write_report(out_dir, cfg, totals)
+    dist.barrier()
+    return summary
+
+
+def save_checkpoint(engine, loader: ShardLoader, objective: Objective, ckpt_dir: str, step: int, rank: int,
+                    world: int) -> None:
+    """Model, optimiser, scheduler (DeepSpeed) + every rank's loader position and RNG state."""
+    loaders = _gather(loader.state_dict(), world)
+    rngs = _gather(torch.get_rng_state(), world)
+    client = {"step": step, "loader": loaders, "rng": rngs, "bco": objective.bco.state_dict()}
+    engine.save_checkpoint(ckpt_dir, tag=f"step-{step}", client_state=client)
+
+
+def export(engine, model: torch.nn.Module, cfg: StageConfig, out: str, rank: int, tok: str) -> None:
+    from training.checkpoint import export_model
+
+    if cfg.deepspeed["zero_stage"] == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict()
+    if rank == 0:
+        export_model({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, model, out, tok)
+    dist.barrier()
+
+
+@torch.no_grad()
+def eval_loss(cfg: StageConfig, export_dir: str, n_batches: int = 4) -> float:
+    """Mean LM loss of an export folder over the first `n_batches` of the stage's loader (rank 0 of 1)."""
+    c = copy.deepcopy(cfg)
+    c.raw["model"] = {**c.raw["model"], "init": export_dir, "vision": None, "llm": None}
+    c.raw["data"] = {**c.raw["data"], "num_workers": 0}
+    model = build_model(c).eval()
+    losses = []
+    for i, b in enumerate(ShardLoader(c)):
+        losses.append(float(model(b)["loss"]))
+        if i + 1 >= n_batches:
+            break
+    return sum(losses) / len(losses)
