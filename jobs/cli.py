@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
     mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     mx.set_defaults(fn=_cmd_mix)
+    from training.cli import add_training_commands
+
+    add_training_commands(sub)
     return p
 
 

@@ -42,6 +42,14 @@ def stage(path: str):
     return load_stage(path)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """`reelforge ARGS` in a fresh process (DeepSpeed + gloo), or under torchrun with nproc > 1."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -49,7 +57,7 @@ def run_cli(*args: str, nproc: int = 1, timeout: int = 300) -> subprocess.Comple
         env.pop(k, None)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", "0", "-m", "training", *args]
+               "--master_port", str(_free_port()), "-m", "training", *args[1:]]  # args[0] is "train"
     else:
         cmd = [sys.executable, "-m", "jobs.cli", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -50,8 +50,8 @@ def mpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     sft = chosen_token_nll.mean()
     loss = w["dpo"] * dpo + w["bco"] * bco + w["sft"] * sft
     reward_mean = float(torch.cat([cr, rr]).mean().detach())
-    return loss, {"dpo": float(dpo), "bco": float(bco), "sft": float(sft), "reward_mean": reward_mean,
-                  "reward_acc": float((cr > rr).float().mean())}
+    return loss, {"dpo": float(dpo.detach()), "bco": float(bco.detach()), "sft": float(sft.detach()),
+                  "reward_mean": reward_mean, "reward_acc": float((cr > rr).float().mean())}
 
 
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -73,7 +73,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
     kl = torch.exp(d) - d - 1
     per_token = -(surrogate - kl_beta * kl)
     per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
-    return per_seq.mean(), {"kl": float(((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).mean())}
+    kl_mean = ((kl * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    return per_seq.mean(), {"kl": float(kl_mean.detach())}
 
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.S)

@@ -149,8 +149,8 @@ class ContrastiveViT(nn.Module):
     def __init__(self, vision: nn.Module, text: nn.Module, init_scale: float = 10.0, init_bias: float = -10.0):
         super().__init__()
         self.vision, self.text = vision, text
-        self.logit_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias)))
+        self.logit_scale = nn.Parameter(torch.tensor([float(init_scale)]).log())  # 1-d: DeepSpeed broadcasts bytes
+        self.logit_bias = nn.Parameter(torch.tensor([float(init_bias)]))
 
     @classmethod
     def from_paths(cls, vision: str, text: str, **kw: Any) -> "ContrastiveViT":

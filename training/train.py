@@ -78,7 +78,7 @@ def lr_lambda(cfg: StageConfig) -> Callable[[int], float]:
         if kind == "constant":
             return 1.0
         if kind == "linear_to_zero":
-            return max(0.0, 1.0 - (step - warm + 1) / max(1, total - warm))
+            return max(0.0, 1.0 - (step - warm) / max(1, total - warm))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
     return f
@@ -154,6 +154,9 @@ class Objective:
         self.cfg, self.engine, self.ref, self.pad = cfg, engine, ref, pad
         self.bco = RunningMean()
         self.tok = None
+        inner = getattr(engine, "module", engine)
+        self.image_pad = getattr(inner, "image_pad_id", -1)
+        self.video_pad = getattr(inner, "video_pad_id", -1)
         if cfg.objective == "grpo":
             from transformers import AutoTokenizer
 
@@ -209,12 +212,15 @@ class Objective:
         ids = torch.tensor([prompt], device=device)
         emb = model.embed(ids, images).expand(n, -1, -1)
         eos = self.tok.convert_tokens_to_ids("<|im_end|>")
+        banned = [i for i in self.tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
+                                                              "<|vision_end|>"]) if i is not None and i >= 0]
         out = model.llm(inputs_embeds=emb, use_cache=True)
         past, logits = out.past_key_values, out.logits[:, -1]
         done = torch.zeros(n, dtype=torch.bool, device=device)
         seqs: list[list[int]] = [[] for _ in range(n)]
         for _ in range(g["max_new_tokens"]):
             logits = logits.float() / max(g["temperature"], 1e-5)
+            logits[:, banned] = float("-inf")  # a completion never invents vision pads
             if g["top_k"]:
                 kth = torch.topk(logits, g["top_k"]).values[:, -1:]
                 logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -359,7 +365,9 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         ref.eval()
     while step < end:
         t0 = time.perf_counter()
+        lr_now = sched.get_last_lr()[0]  # the rate this step's update uses
         losses, n_tok, ids, extra = [], 0, [], {}
+        n_vis = attn_sq = 0
         stop = False
         for _ in range(cfg.grad_accum):
             batch = None if exhausted else next(it, None)
@@ -377,13 +385,18 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
             engine.step()
             losses.append(float(loss.detach()) if not batch.get("dummy") else float("nan"))
             n_tok += batch["tokens"]
+            if "input_ids" in batch and not batch.get("dummy"):
+                ids_t = batch["input_ids"]
+                n_vis += int(((ids_t == objective.image_pad) | (ids_t == objective.video_pad)).sum())
+                attn_sq += sum(s["tokens"] ** 2 for s in batch["samples"])
             ids += [s["id"] for s in batch["samples"] if s["role"] != "rejected"]
             extra = st
         if stop:
             break
         step += 1
         mine = [x for x in losses if not math.isnan(x)]
-        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok)], dtype=torch.float64)
+        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq)],
+                             dtype=torch.float64)
         dist.all_reduce(stats)
         loss_mean = float(stats[0] / max(stats[1], 1))
         tokens_total += int(stats[2])
@@ -391,7 +404,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         seen_f.write(json.dumps({"step": step, "ids": ids}) + "\n")
         seen_f.flush()
         if metrics_f is not None:
-            rec = {"step": step, "loss": loss_mean, "lr": sched.get_last_lr()[0], "tokens": int(stats[2]),
+            rec = {"step": step, "loss": loss_mean, "lr": lr_now, "tokens": int(stats[2]),
+                   "visual_tokens": int(stats[3]), "attn_sq": int(stats[4]),
                    "seconds": dt, "tokens_per_s": float(stats[2]) / dt if dt > 0 else None, **extra}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
