@@ -69,11 +69,11 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
 def format_consistency(text: str) -> tuple[float, list[str]]:
     """1.0 when a reasoning turn is well formed and its answer agrees with the reasoning's conclusion.
 
-    Rules: one <think> block, both parts non-empty, no tags left in the answer; a short answer
-    (a choice letter, a number, a few words) must occur in the last third of the reasoning; a
-    choice the reasoning concludes with must be the answer's choice; the answer's numbers must
-    include the reasoning's last number when the answer is numeric. Text without reasoning is
-    judged on its form only."""
+    Rules: one <think> block, both parts non-empty, no tags left in the answer; a choice the
+    reasoning concludes with must be the answer's choice; a numeric answer must equal the
+    reasoning's last number; a yes/no answer must match the last yes/no in the reasoning's final
+    third. Text without reasoning is judged on its form only. A think-with-image sample is judged
+    on its assistant turns joined (its reasoning spans the sandbox turns)."""
     problems: list[str] = []
     if text.count("<think>") > 1 or text.count("</think>") > 1:
         problems.append("more than one think block")
@@ -100,12 +100,16 @@ def format_consistency(text: str) -> tuple[float, list[str]]:
             nums = _NUMBER.findall(reasoning)
             if nums and nums[-1].replace(",", "") != a.replace(" ", "").replace(",", ""):
                 problems.append(f"the reasoning ends with {nums[-1]} but the answer is {a}")
-        elif len(a.split()) <= 3 and a.lower() not in tail:
-            problems.append(f"the short answer {a!r} does not appear in the reasoning's conclusion")
+        elif a.lower() in ("yes", "no"):
+            said = re.findall(r"\b(yes|no)\b", tail)
+            if said and said[-1] != a.lower():
+                problems.append(f"the reasoning concludes {said[-1]!r} but the answer is {a!r}")
     return (0.0 if problems else 1.0), problems
 
 
 def _final_assistant(row: dict) -> str:
+    if row.get("mode") == "think_with_image":
+        return "".join(m["content"] for m in row.get("messages") or [] if m["role"] == "assistant")
     for m in reversed(row.get("messages") or []):
         if m["role"] == "assistant":
             return m["content"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 
 import pytest
 from PIL import Image
@@ -184,7 +185,8 @@ def test_alignment_scores_and_filters():
     assert format_consistency("<think>So the answer is B.</think><answer>C</answer>")[0] == 0.0
     assert format_consistency("<think>So the answer is B.</think><answer>B</answer>")[0] == 1.0
     assert format_consistency("<think>r</think><think>s</think><answer>A</answer>")[0] == 0.0
-    assert format_consistency("<think>It is a dog.</think><answer>a cat</answer>")[0] == 0.0
+    assert format_consistency("<think>It has whiskers, so yes.</think><answer>No</answer>")[0] == 0.0
+    assert format_consistency("<think>It has whiskers, so yes.</think><answer>Yes</answer>")[0] == 1.0
     assert format_consistency("Just an answer.")[0] == 1.0
     rows = [_conv(0, "q", "I think so. " * 30), _conv(1, "q", "<think>1+1=2</think><answer>3</answer>"),
             _conv(2, "q", "<think>1+1=2</think><answer>2</answer>")]
@@ -210,3 +212,65 @@ def test_modes_step_in_a_recipe(rows, tmp_path):
     out = step.process_rows([dict(r) for r in rows])
     assert out[0]["drop_reason"] == "mode_no_reasoning"
     assert all(r["mode"] == "thinking" and validate_sample(r) == [] for r in out[1:])
+
+
+def test_modes_end_to_end_in_a_run(spark, demo_corpus, tmp_path):
+    """The `modes` step inside a real run: every shard sample validates, the sandbox's images
+    are members of the shards, and a cold-start mixture plans and emits by mode."""
+    import glob
+    import tarfile
+
+    import yaml
+
+    from jobs.recipe import load_recipe
+    from jobs.run import run_recipe
+    from mixers.emit import emit_plan
+    from mixers.planner import plan_mixture
+    from mixers.spec import parse_mixture
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    lines = {"cot": [], "agent": [], "plain": []}
+    for i in range(6):
+        Image.new("RGB", (80 + i, 60), (10 * i, 100, 200)).save(root / f"i{i}.png")
+        lines["cot"].append({"image": f"i{i}.png", "reasoning": f"There are {i} dots and {i} more, so {2 * i}.",
+                             "conversations": [{"from": "human", "value": f"<image>\nHow many dots, case {i}?"},
+                                               {"from": "gpt", "value": str(2 * i)}]})
+        lines["plain"].append({"image": f"i{i}.png", "conversations": [
+            {"from": "human", "value": f"<image>\nWhat color is picture {i}?"}, {"from": "gpt", "value": "Blue."}]})
+        lines["agent"].append({"image": f"i{i}.png", "tool_steps": [
+            {"thought": "Zoom into the left half.", "code": "result = image.crop((0, 0, 40, 30)).resize((80, 60))"}],
+            "conversations": [{"from": "human", "value": f"<image>\nWhat is on the left of {i}?"},
+                              {"from": "gpt", "value": "A blue area."}]})
+    for name, rows in lines.items():
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = os.path.join(os.path.dirname(demo_corpus), "tokenizer")
+    recipe = {"name": "modes", "sources": [{"name": n, "format": "jsonl", "path": f"{n}.jsonl"} for n in lines],
+              "steps": [{"probe": {}},
+                        {"modes": {"sources": {"cot": "thinking", "agent": "think_with_image",
+                                               "plain": "non_thinking"}}},
+                        {"tokens": {"tokenizer": tok}}, {"format_consistency": {}}],
+              "output": {"path": str(tmp_path / "run"), "shards": {"max_samples": 8}}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    report = run_recipe(load_recipe(str(root / "recipe.yaml")), spark=spark, log=lambda *a: None)
+    out = report["paths"]["shards"]
+    seen = Counter()
+    for path in sorted(glob.glob(os.path.join(out, "*.tar"))):
+        with tarfile.open(path) as tf:
+            names = [m.name for m in tf]
+            for m in tf:
+                if m.name.endswith(".json"):
+                    js = json.loads(tf.extractfile(m).read())
+                    row = {"messages": js["messages"], "mode": js["mode"], "media": js.get("media", [])}
+                    assert validate_sample(row) == [], to_chat(js["messages"])
+                    seen[js["mode"]] += 1
+                    assert all(md["member"] in names for md in row["media"])
+                    if js["mode"] == "think_with_image":
+                        assert len(row["media"]) == 2
+    assert seen == {"thinking": 6, "think_with_image": 6, "non_thinking": 6}
+    mix = {"stages": [{"name": "cold_start", "target_samples": 12, "sources": [
+        {"name": m, "mode": m, "weight": w} for m, w in (("non_thinking", 330), ("thinking", 230),
+                                                          ("think_with_image", 100))]}]}
+    plan = plan_mixture(parse_mixture(mix), str(tmp_path / "run"))
+    idx = emit_plan(plan, str(tmp_path / "mix"), log=lambda *a: None)["cold_start"]
+    assert idx["samples"] == 12 and sum(v["samples"] for v in idx["entries"].values()) == 12
