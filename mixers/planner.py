@@ -162,11 +162,11 @@ def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
     share = base / base.sum()
     caps = np.array([(e.max_epochs or stage.max_epochs) * a[1] for e, a in zip(stage.entries, avail)], dtype=float)
     desired = np.zeros(len(share))
-    free = [j for j in range(len(share)) if share[j] > 0]
+    free = [j for j in range(len(share)) if share[j] > 0 and avail[j][0] > 0]
     fixed: dict[int, float] = {}
     while free:
         remaining = stage.target - sum(fixed.values())
-        wsum = share[free].sum()
+        wsum = share[free].sum()  # empty entries' shares go to the others through this sum
         for j in free:
             desired[j] = remaining * share[j] / wsum
         over = [j for j in free if desired[j] > caps[j]]
@@ -184,9 +184,11 @@ def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
             cap = e.max_epochs or stage.max_epochs
             warnings.append(f"{stage.name}/{e.name}: weight {share[j]:.3f} asks for {_fmt(asked)} {unit} = "
                             f"{asked / avail[j][1]:.2f} epochs, above its cap of {cap:g}; planned {cap:g} epochs "
-                            f"({_fmt(caps[j])} {unit}) and gave the other {_fmt(asked - caps[j])} to the uncapped "
-                            "entries in proportion to their weights.")
-    if not free and desired.sum() < stage.target * (1 - TOLERANCE):
+                            f"({_fmt(caps[j])} {unit}) and " + (
+                                f"gave the other {_fmt(asked - caps[j])} to the uncapped entries in proportion "
+                                "to their weights." if free else
+                                f"no uncapped entry was left to take the other {_fmt(asked - caps[j])}."))
+    if not free and desired.sum() < stage.target * (1 - TOLERANCE):  # every entry capped or empty
         warnings.append(f"{stage.name}: the target of {_fmt(stage.target)} {unit} cannot be met: every entry is at "
                         f"its epoch cap, so the stage has {_fmt(desired.sum())} {unit} "
                         f"({100 * desired.sum() / stage.target:.1f}% of target). Raise max_epochs or add data.")

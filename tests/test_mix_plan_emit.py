@@ -243,3 +243,26 @@ def test_cli_plan_and_mix(demo_run, tmp_path, capsys):
     assert os.path.exists(tmp_path / "o" / "mpo" / "index.json")
     assert main(["plan", str(tmp_path / "missing.yaml"), "--stats", demo_run["out"]]) == 2
     assert main(["mix", plan_path, "--out", str(tmp_path / "o"), "--stage", "nope"]) == 2
+
+
+def test_caps_move_the_shortfall_to_uncapped_entries(tmp_path):
+    """Water-filling on a synthetic table: B's weight asks for 5 epochs, the cap allows 2."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mixers.stats import STATS_SCHEMA
+
+    rows = [{"id": f"a{i:04d}", "source": "A", "kind": "text", "tokens": 10 + i % 7} for i in range(1000)]
+    rows += [{"id": f"b{i:04d}", "source": "B", "kind": "text", "tokens": 10} for i in range(100)]
+    os.makedirs(tmp_path / "samples")
+    pq.write_table(pa.Table.from_pylist(rows, schema=STATS_SCHEMA), tmp_path / "samples" / "p.parquet")
+    raw = {"stages": [{"name": "s", "target_tokens": 10000, "max_epochs": 2,
+                       "sources": [{"name": "A", "weight": 0.5}, {"name": "B", "weight": 0.5}]}]}
+    st = plan_mixture(parse_mixture(raw), str(tmp_path))["stages"][0]
+    a, b = st["entries"]
+    assert b["capped"] and b["tokens"] == 2000 and b["max_repeats"] == 2 and b["epochs"] == 2.0
+    assert not a["capped"] and abs(a["tokens"] - 8000) <= 0.005 * 8000
+    assert any("B" in w and "cap of 2" in w and "gave the other" in w for w in st["warnings"])
+    raw["stages"][0]["target_tokens"] = 100000  # more than both caps hold
+    st = plan_mixture(parse_mixture(raw), str(tmp_path))["stages"][0]
+    assert all(e["capped"] for e in st["entries"]) and any("cannot be met" in w for w in st["warnings"])
