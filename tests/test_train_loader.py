@@ -153,3 +153,24 @@ def test_resume_gives_the_same_order(tiny, shards, tmp_path):
     b = iter_ids(second, limit=31)
     assert a + b == straight
     assert len(set(straight)) < len(straight)  # the second epoch began inside the run
+
+
+def test_report_compares_with_a_planner_plan(tmp_path):
+    from types import SimpleNamespace
+
+    from training.report import write_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / "metrics.jsonl", "w") as f:
+        for s, loss in enumerate((3.0, 2.5, 2.0), 1):
+            f.write(json.dumps({"step": s, "loss": loss, "tokens": 100, "seconds": 0.5, "tokens_per_s": 200}) + "\n")
+    plan = {"version": 1, "stages": [{"name": "stage2", "entries": [{"name": "caps", "samples": 30},
+                                                                     {"name": "ocr", "samples": 10}]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = SimpleNamespace(name="stage2", objective="lm",
+                          report={"plan": str(tmp_path / "plan.json"), "plan_stage": None, "targets": None})
+    rep = write_report(str(out), cfg, {"laion": 9}, {"caps": 6, "ocr": 3})
+    assert rep["tokens_per_s"] == 200 and rep["loss_first"] == 3.0 and rep["loss_last"] == 2.0
+    assert rep["plan_comparison"]["caps"] == {"seen": 6, "planned": 30.0, "seen_share": 6 / 9, "planned_share": 0.75}
+    assert os.path.getsize(rep["loss_png"]) > 0

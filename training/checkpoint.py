@@ -132,3 +132,9 @@ def merge_checkpoints(paths: list[str], out_dir: str, weights: list[float] | Non
     with open(os.path.join(out_dir, "merge.json"), "w") as f:
         json.dump({"sources": [os.path.abspath(p) for p in paths], "weights": w}, f, indent=1)
     return out_dir
+
+
+if __name__ == "__main__":  # python -m training.checkpoint OUT [TOKENIZER_DIR]: tiny random models
+    import sys
+
+    print(json.dumps(build_tiny_models(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None), indent=1))

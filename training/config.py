@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "deepspeed": {"zero_stage": 2, "precision": "auto", "offload_optimizer": False, "extra": {}},
     "output": {"dir": None, "save_every": 0, "log_every": 1, "save_initial": False},
-    "report": {"plan": None, "targets": None},
+    "report": {"plan": None, "plan_stage": None, "targets": None},
 }
 
 

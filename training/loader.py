@@ -278,7 +278,7 @@ class Encoder:
         r = image_tokens(im.height, im.width, c)
         if (r["resized_height"], r["resized_width"]) != (im.height, im.width):
             im = im.resize((r["resized_width"], r["resized_height"]), Image.BICUBIC)
-        arr = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).contiguous()
+        arr = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a CHW view: a contiguous copy costs ~5 ms
         return arr, r["tokens"]
 
     def video(self, data: bytes, m: dict) -> tuple[list[torch.Tensor], int]:
@@ -295,7 +295,7 @@ class Encoder:
             f.flush()
             arr = decode_frames(f.name, idx, size=(v["resized_height"], v["resized_width"]), past_end="clamp",
                                 threads=1)
-        frames = [torch.from_numpy(a.copy()).permute(2, 0, 1).contiguous() for a in arr]
+        frames = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arr]
         return frames, v["tokens"]
 
     def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:

@@ -19,6 +19,16 @@ def _plan_targets(cfg) -> dict[str, float] | None:
         return None
     with open(rep["plan"]) as f:
         plan = json.load(f)
+    if isinstance(plan, dict) and isinstance(plan.get("stages"), list):  # the mixture planner's plan JSON
+        stages = plan["stages"]
+        want = rep.get("plan_stage") or cfg.name
+        st = next((x for x in stages if x.get("name") == want), stages[0] if len(stages) == 1 else None)
+        if st is None:
+            from jobs.recipe import RecipeError
+
+            raise RecipeError(f"stage field `report.plan_stage` must name one of the plan's stages "
+                              f"{[x.get('name') for x in stages]}, got {want!r}.")
+        return {e["name"]: float(e["samples"]) for e in st.get("entries", [])}
     node: Any = plan.get("sources", plan) if isinstance(plan, dict) else plan
     if isinstance(node, list):
         node = {s.get("name") or s.get("source"): s for s in node}
@@ -34,8 +44,12 @@ def _plan_targets(cfg) -> dict[str, float] | None:
     return out or None
 
 
-def write_report(out_dir: str, cfg, seen: dict[str, int]) -> dict:
-    """Writes report.json and loss.png under out_dir; returns the report."""
+def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, int] | None = None) -> dict:
+    """Writes report.json and loss.png under out_dir; returns the report.
+
+    `seen` counts samples by their provenance source, `seen_sets` by the stage's shard-set names;
+    the plan is compared with whichever shares more names with it (plan entries usually name sets).
+    """
     rows = []
     p = os.path.join(out_dir, "metrics.jsonl")
     if os.path.exists(p):
@@ -51,8 +65,12 @@ def write_report(out_dir: str, cfg, seen: dict[str, int]) -> dict:
         "tokens_per_s_median": sorted(tps)[len(tps) // 2] if tps else None,
         "samples_per_source": dict(sorted(seen.items())),
     }
+    if seen_sets:
+        report["samples_per_set"] = dict(sorted(seen_sets.items()))
     targets = _plan_targets(cfg)
     if targets:
+        if seen_sets and len(set(seen_sets) & set(targets)) > len(set(seen) & set(targets)):
+            seen = seen_sets
         total_seen, total_plan = sum(seen.values()) or 1, sum(targets.values()) or 1
         report["plan_comparison"] = {
             k: {"seen": seen.get(k, 0), "planned": targets.get(k, 0.0),

@@ -423,20 +423,31 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         save_checkpoint(engine, loader, objective, ckpt_dir, step, rank, world)
     if step >= cfg.steps or stop:
         export(engine, model, cfg, os.path.join(out_dir, "final"), rank, tok)
-    seen = _gather(loader.state_dict()["seen"], world)
+    st = loader.state_dict()
+    per_set: dict[str, int] = {}
+    for w in st["states"].values():
+        for k, v in w["samples"].items():
+            per_set[k] = per_set.get(k, 0) + v
+    seen = _gather(st["seen"], world)
+    sets = _gather(per_set, world)
     summary = {"stage": cfg.name, "step": step, "steps": cfg.steps, "wall_s": wall,
                "tokens_per_s": tokens_total / wall if wall > 0 else None, "world": world}
     if rank == 0:
-        totals: dict[str, int] = {}
-        for d in seen:
-            for k, v in d.items():
-                totals[k] = totals.get(k, 0) + v
+        totals, set_totals = _sum_dicts(seen), _sum_dicts(sets)
         summary["samples_per_source"] = totals
         from training.report import write_report
 
-        summary["report"] = write_report(out_dir, cfg, totals)
+        summary["report"] = write_report(out_dir, cfg, totals, set_totals)
     dist.barrier()
     return summary
+
+
+def _sum_dicts(ds: list[dict[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in ds:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def save_checkpoint(engine, loader: ShardLoader, objective: Objective, ckpt_dir: str, step: int, rank: int,
