@@ -98,15 +98,39 @@ class ReelVLM(nn.Module):
         return cls(v, proj, lm, tok.convert_tokens_to_ids("<|image_pad|>"), tok.convert_tokens_to_ids("<|video_pad|>"))
 
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Visual tokens of all images, concatenated in order: (sum of tokens, llm_dim)."""
+        """Visual tokens of all images, concatenated in order: (sum of tokens, llm_dim).
+
+        Same-size images go through the tower and projector together, one call per size. Under
+        ZeRO-3 with several ranks (`sync_calls`), every rank makes as many calls as the rank with
+        the most sizes (extra calls on a blank image, times zero): ZeRO-3 gathers parameters per
+        module call, and ranks that call a different number of times wait for each other forever.
+        """
         dtype = self.projector.fc1.weight.dtype
         device = self.projector.fc1.weight.device
-        outs = vision_by_size(self.vision, images, dtype, device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(tuple(im.shape[1:]), []).append(i)
+        extra = 0
+        if getattr(self, "sync_calls", False):
+            import torch.distributed as dist
+
+            n = torch.tensor([len(groups)], device=device)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            extra = int(n.item()) - len(groups)
         feats: list[torch.Tensor | None] = [None] * len(images)
-        for i, o in outs:
-            h, w = images[i].shape[1] // self.patch, images[i].shape[2] // self.patch
-            feats[i] = self.projector(o.unsqueeze(0), h, w)
-        return torch.cat(feats, 0)  # type: ignore[arg-type]
+        for (h, w), idx in groups.items():
+            px = torch.stack([pixels(images[i], dtype, device) for i in idx])
+            o = self.vision(pixel_values=px, interpolate_pos_encoding=True).last_hidden_state
+            proj = self.projector(o, h // self.patch, w // self.patch)
+            per = proj.shape[0] // len(idx)
+            for j, i in enumerate(idx):
+                feats[i] = proj[j * per:(j + 1) * per]
+        out = torch.cat(feats, 0)  # type: ignore[arg-type]
+        for _ in range(extra):
+            blank = pixels(torch.zeros(3, 2 * self.patch, 2 * self.patch, dtype=torch.uint8), dtype, device)
+            o = self.vision(pixel_values=blank.unsqueeze(0), interpolate_pos_encoding=True).last_hidden_state
+            out = out + 0.0 * self.projector(o, 2, 2).sum()
+        return out
 
     def embed(self, input_ids: torch.Tensor, images: list[torch.Tensor]) -> torch.Tensor:
         emb = self.llm.get_input_embeddings()(input_ids)

@@ -314,6 +314,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
 
     model = build_model(cfg)
     set_trainable(model, cfg)
+    model.sync_calls = cfg.deepspeed["zero_stage"] == 3 and world > 1
     ref = None
     if cfg.objective in ("mpo", "grpo"):
         ref = copy.deepcopy(model).eval().to(device)
