@@ -348,6 +348,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         step = int(client["step"])
         loader.load_state_dict(client["loader"][rank])
         torch.set_rng_state(client["rng"][rank])
+        if gpu and client.get("cuda_rng"):
+            torch.cuda.set_rng_state(client["cuda_rng"][rank])
         objective.bco = RunningMean(**client.get("bco", {}))
         log(f"[rank {rank}] resumed {cfg.name} from {tag} at step {step}")
         if rank == 0:
@@ -374,7 +376,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
             batch = None if exhausted else next(it, None)
             if batch is None:
                 exhausted = True
-            live = torch.tensor([0.0 if exhausted else 1.0])
+            live = torch.tensor([0.0 if exhausted else 1.0], device=device)  # NCCL reduces GPU tensors only
             dist.all_reduce(live)
             if live.item() == 0:
                 stop = True
@@ -397,8 +399,9 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         step += 1
         mine = [x for x in losses if not math.isnan(x)]
         stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq)],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=device)
         dist.all_reduce(stats)
+        stats = stats.cpu()
         loss_mean = float(stats[0] / max(stats[1], 1))
         tokens_total += int(stats[2])
         dt = time.perf_counter() - t0
@@ -457,6 +460,8 @@ def save_checkpoint(engine, loader: ShardLoader, objective: Objective, ckpt_dir:
     loaders = _gather(loader.state_dict(), world)
     rngs = _gather(torch.get_rng_state(), world)
     client = {"step": step, "loader": loaders, "rng": rngs, "bco": objective.bco.state_dict()}
+    if torch.cuda.is_available():  # GRPO samples on the GPU
+        client["cuda_rng"] = _gather(torch.cuda.get_rng_state(), world)
     engine.save_checkpoint(ckpt_dir, tag=f"step-{step}", client_state=client)
 
 
