@@ -174,3 +174,24 @@ def test_report_compares_with_a_planner_plan(tmp_path):
     assert rep["tokens_per_s"] == 200 and rep["loss_first"] == 3.0 and rep["loss_last"] == 2.0
     assert rep["plan_comparison"]["caps"] == {"seen": 6, "planned": 30.0, "seen_share": 6 / 9, "planned_share": 0.75}
     assert os.path.getsize(rep["loss_png"]) > 0
+
+
+def test_stage_mistakes_cost_one_sentence(tiny, tmp_path):
+    from jobs.cli import main
+    from jobs.recipe import RecipeError
+    from training.config import stage_from_dict
+    from training.loader import shard_sets_of
+
+    base = {"model": {"vision": tiny["vision"], "llm": tiny["llm"]}, "output": {"dir": str(tmp_path / "o")},
+            "data": {"sources": [{"name": "x", "path": str(tmp_path / "nowhere")}]}}
+    with pytest.raises(RecipeError, match=r"data.sources\[0\].path"):
+        shard_sets_of(stage_from_dict(base))
+    for bad, field in (({"optim": {"lr": "fast"}}, "optim.lr"), ({"trainable": ["eyes"]}, "trainable"),
+                       ({"objective": "rlhf"}, "objective"), ({"data": {"bogus": 1}}, "data.bogus"),
+                       ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage")):
+        from training.config import deep_update
+
+        with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
+            stage_from_dict(deep_update(base, bad))
+    (tmp_path / "bad.yaml").write_text("steps: -3\n")
+    assert main(["train", str(tmp_path / "bad.yaml")]) == 2
