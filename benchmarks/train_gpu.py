@@ -4,8 +4,8 @@ weights) for a few hundred bf16 steps from image-text shards, and report tokens/
 MFU = model FLOPs per second / the GPU's *measured* dense bf16 matmul rate (an 8192^3 matmul loop
 here, usually ~70-80% of the datasheet's 989 TFLOP/s on an H100). Model FLOPs count, per step:
   LLM      6 x non-embedding params x tokens + 6 x lm_head params x tokens
-           + 12 x layers x hidden x sum(sample_len^2) / 2 ... (causal attention inside each packed sample)
-  vision   6 x tower params x patches (4 patches per visual token) + attention 12 x L x d x patches^2/img
+           + 6 x layers x attention width x sum(sample_len^2) (causal attention inside each packed sample)
+  vision   6 x tower params x patches (4 patches per visual token) + 12 x L x d x sum(patches per image^2)
   projector 6 x params x visual tokens
 (forward + backward = 3 x forward, 2 FLOPs per multiply-add). Frozen parts would count 2x, not 6x;
 this benchmark trains everything (Stage 2).
@@ -82,7 +82,7 @@ def flops_per_step(rec: dict, vc, lc, proj_params: int, vit_params: int) -> floa
     attn_dim = lc.num_attention_heads * lc.head_dim
     llm = 6 * llm_params * tokens + 6 * L * attn_dim * rec["attn_sq"]  # causal: half of 12 x L x d x s^2
     patches = 4 * vis
-    vit = 6 * vit_params * patches + 12 * vc.num_hidden_layers * vc.hidden_size * patches * 64  # ~64-patch rows
+    vit = 6 * vit_params * patches + 12 * vc.num_hidden_layers * vc.hidden_size * rec["vision_attn_sq"]
     return llm + vit + 6 * proj_params * vis
 
 

@@ -370,7 +370,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]  # the rate this step's update uses
         losses, n_tok, ids, extra = [], 0, [], {}
-        n_vis = attn_sq = 0
+        n_vis = attn_sq = vis_sq = 0  # visual tokens, sum of sample lengths^2, of patches^2 per image
         stop = False
         for _ in range(cfg.grad_accum):
             batch = None if exhausted else next(it, None)
@@ -392,13 +392,14 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
                 ids_t = batch["input_ids"]
                 n_vis += int(((ids_t == objective.image_pad) | (ids_t == objective.video_pad)).sum())
                 attn_sq += sum(s["tokens"] ** 2 for s in batch["samples"])
+                vis_sq += sum((im.shape[1] * im.shape[2] // 196) ** 2 for im in batch.get("images") or [])
             ids += [s["id"] for s in batch["samples"] if s["role"] != "rejected"]
             extra = st
         if stop:
             break
         step += 1
         mine = [x for x in losses if not math.isnan(x)]
-        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq)],
+        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq), float(vis_sq)],
                              dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         stats = stats.cpu()
@@ -409,7 +410,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         seen_f.flush()
         if metrics_f is not None:
             rec = {"step": step, "loss": loss_mean, "lr": lr_now, "tokens": int(stats[2]),
-                   "visual_tokens": int(stats[3]), "attn_sq": int(stats[4]),
+                   "visual_tokens": int(stats[3]), "attn_sq": int(stats[4]), "vision_attn_sq": int(stats[5]),
                    "seconds": dt, "tokens_per_s": float(stats[2]) / dt if dt > 0 else None, **extra}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
