@@ -37,3 +37,17 @@ def demo_run(spark, demo_corpus, tmp_path_factory) -> dict:
     out = str(tmp_path_factory.mktemp("run-local"))
     report = run_recipe(load_recipe(demo_corpus, out=out), spark=spark, log=lambda *a: None)
     return {"out": out, "report": report, "recipe": demo_corpus}
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory, demo_corpus) -> dict:
+    """Tiny SigLIP + Qwen3 checkpoints saved to disk, for the training tests."""
+    from train_common import tiny_models
+
+    return tiny_models(str(tmp_path_factory.mktemp("tiny")), demo_corpus)
+
+
+@pytest.fixture(scope="session")
+def shards(demo_run) -> str:
+    """The demo run's shards, which the training tests read."""
+    return os.path.join(demo_run["out"], "shards")

@@ -10,19 +10,9 @@ from collections import Counter
 
 import pytest
 import torch
-from train_common import TINY_VISUAL, stage, tiny_models, write_stage
+from train_common import TINY_VISUAL, stage, write_stage
 
 from training.loader import IGNORE, Encoder, ShardLoader, iter_ids
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_corpus) -> dict:
-    return tiny_models(str(tmp_path_factory.mktemp("tiny")), demo_corpus)
-
-
-@pytest.fixture(scope="module")
-def shards(demo_run) -> str:
-    return os.path.join(demo_run["out"], "shards")
 
 
 def _all_ids(shards: str) -> list[str]:

@@ -11,17 +11,7 @@ from collections import Counter
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_common import run_cli, seen_ids, stage, tiny_models, write_stage
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, demo_corpus) -> dict:
-    return tiny_models(str(tmp_path_factory.mktemp("tiny")), demo_corpus)
-
-
-@pytest.fixture(scope="module")
-def shards(demo_run) -> str:
-    return os.path.join(demo_run["out"], "shards")
+from train_common import run_cli, seen_ids, stage, write_stage
 
 
 def _weights(folder: str) -> dict[str, torch.Tensor]:
