@@ -80,7 +80,7 @@ def test_lm_stages_loss_falls(tiny, shards, tmp_path, name, over):
 
 def test_resume_is_exact(tiny, shards, tmp_path):
     """2N steps straight == N steps, stop, resume, N steps: same samples in order, same weights."""
-    over = dict(steps=6, data={"num_workers": 2, "max_len": 192}, optim={"lr": 5e-3, "schedule": "cosine"},
+    over = dict(steps=6, data={"num_workers": 2, "max_len": 448}, optim={"lr": 5e-3, "schedule": "cosine"},
                 trainable=["vision", "projector", "llm"])
     a = write_stage(str(tmp_path / "a.yaml"), tiny, shards, str(tmp_path / "a"), **over)
     b = write_stage(str(tmp_path / "b.yaml"), tiny, shards, str(tmp_path / "b"), **over)
