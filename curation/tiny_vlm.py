@@ -25,8 +25,13 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2) -> str:
     `init_range` is larger than a real model's so that greedy captions depend on the pixels
     (a near-zero random model writes the same token whatever it sees)."""
     import torch
-    from transformers import (PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
-                              Qwen2_5_VLProcessor, Qwen2VLImageProcessor)
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from curation.tiny_models import build_tiny_tokenizer
