@@ -45,6 +45,9 @@ from mixers.planner import plan_mixture  # noqa: E402
 from mixers.spec import parse_mixture  # noqa: E402
 from mixers.stats import STATS_SCHEMA  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import alternate, tar_bytes  # noqa: E402
+
 TAR_OPTS = dict(user="reelforge", group="reelforge", mode=0o444, mtime=0)  # as ShardFile
 SOURCES = [("captions", "image_text", 0.4), ("ocr", "image_text", 0.1), ("docs", "text", 0.3),
            ("vqa", "conversation", 0.2)]
@@ -142,10 +145,6 @@ def run_project(plan: dict, out_dir: str, workers: int) -> float:
     return time.perf_counter() - t
 
 
-def tar_bytes(d: str) -> int:
-    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(d, "**", "*.tar"), recursive=True))
-
-
 def shas(d: str) -> list[str]:
     out = []
     for p in sorted(glob.glob(os.path.join(d, "**", "*.tar"), recursive=True)):
@@ -191,19 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(check)
         shutil.rmtree(peer_check)
 
-        times: dict[str, list[float]] = {"project": [], "peer": []}
-        out_bytes: dict[str, int] = {}
-        print(f"\n{'rep':>3} {'writer':<8} {'seconds':>8} {'samples/s':>10} {'MB/s':>8}")
-        for rep in range(args.repeats):
-            for w in (("project", "peer") if rep % 2 == 0 else ("peer", "project")):
-                d = os.path.join(work, f"out-{w}")
-                if os.path.exists(d):
-                    shutil.rmtree(d)
-                sec = run_project(plan, d, args.workers) if w == "project" else run_peer(samples, d, args.per_shard)
-                out_bytes[w] = tar_bytes(d)
-                times[w].append(sec)
-                print(f"{rep:>3} {w:<8} {sec:>8.3f} {n / sec:>10.0f} {out_bytes[w] / sec / 1e6:>8.1f}")
-                shutil.rmtree(d)
+        times, out_bytes = alternate(work, args.repeats, n, {
+            "project": lambda d: run_project(plan, d, args.workers),
+            "peer": lambda d: run_peer(samples, d, args.per_shard)})
         med = {w: statistics.median(v) for w, v in times.items()}
         sps = {w: n / med[w] for w in med}
         mbs = {w: out_bytes[w] / med[w] / 1e6 for w in med}

@@ -48,6 +48,9 @@ from curation.shards import (  # noqa: E402
     sample_json,
 )
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import alternate  # noqa: E402
+
 TAR_OPTS = dict(user="reelforge", group="reelforge", mode=0o444, mtime=0)  # as ShardFile
 
 
@@ -197,10 +200,6 @@ def time_hash_pass(out_dir: str) -> float:
     return time.perf_counter() - t
 
 
-def tar_bytes(out_dir: str) -> int:
-    return sum(os.path.getsize(os.path.join(out_dir, f)) for f in os.listdir(out_dir) if f.endswith(".tar"))
-
-
 def members(path: str) -> list[tuple[str, str]]:
     with tarfile.open(path) as tf:
         return [(m.name, hashlib.sha256(tf.extractfile(m).read()).hexdigest()) for m in tf if m.isfile()]
@@ -257,21 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         for d in check_dirs.values():
             shutil.rmtree(d)
 
-        times: dict[str, list[float]] = {"project": [], "peer": []}
-        out_bytes: dict[str, int] = {}
-        print()
-        print(f"{'rep':>3} {'writer':<8} {'seconds':>8} {'samples/s':>10} {'MB/s':>8}")
-        for rep in range(args.repeats):
-            order = ("project", "peer") if rep % 2 == 0 else ("peer", "project")
-            for w in order:
-                d = os.path.join(work, f"out-{w}")
-                if os.path.exists(d):
-                    shutil.rmtree(d)
-                sec = run_project(rows, d, args.per_shard) if w == "project" else run_peer(inputs, d, args.per_shard)
-                out_bytes[w] = tar_bytes(d)
-                times[w].append(sec)
-                print(f"{rep:>3} {w:<8} {sec:>8.3f} {len(rows) / sec:>10.0f} {out_bytes[w] / sec / 1e6:>8.1f}")
-                shutil.rmtree(d)
+        times, out_bytes = alternate(work, args.repeats, len(rows), {
+            "project": lambda d: run_project(rows, d, args.per_shard),
+            "peer": lambda d: run_peer(inputs, d, args.per_shard)})
 
         med = {w: statistics.median(v) for w, v in times.items()}
         sps = {w: len(rows) / med[w] for w in med}
