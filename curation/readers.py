@@ -38,9 +38,20 @@ def _bad_row(source: str, key: str, location: str, reason: str, detail: str) -> 
     return drop(row, "ingest", reason, detail)
 
 
+def _stable_ref(uri: str, location: str) -> str:
+    """A media path as the id sees it: relative to the file that referenced it when it lies
+    in that file's folder tree, so a corpus moved or copied whole keeps every id."""
+    if "://" in uri or not location:
+        return uri
+    base = os.path.dirname(os.path.abspath(location))
+    path = os.path.abspath(uri)
+    return os.path.relpath(path, base) if path == base or path.startswith(base + os.sep) else uri
+
+
 def _finish(row: dict) -> dict:
     content = {k: row[k] for k in ("kind", "text", "messages", "chosen", "rejected")}
-    content["media"] = [(m["uri"], m.get("member")) for m in row["media"] or []]
+    content["media"] = [(_stable_ref(m["uri"], row["source_location"]), m.get("member"))
+                        for m in row["media"] or []]
     row["id"] = make_id(row["source"], row["source_key"], content)
     return row
 

@@ -156,3 +156,24 @@ def test_video_folder_sidecars(tmp_path, sidecar):
     else:
         assert row["kind"] == "video_text" and row["text"] == "a dog runs" and row["drop_step"] is None
         assert row["source_key"] == "clip.mp4"
+
+
+def test_ids_survive_moving_the_corpus(tmp_path):
+    """Ids hash media paths relative to the manifest, so a corpus copied elsewhere keeps them."""
+    import shutil
+
+    from curation.readers import read_jsonl
+
+    a = tmp_path / "a"
+    (a / "img").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(a / "img" / "x.png")
+    (a / "m.jsonl").write_text('{"image": "img/x.png", "caption": "x"}\n')
+    b = tmp_path / "elsewhere" / "b"
+    shutil.copytree(a, b)
+    ids = [[r["id"] for r in read_jsonl(str(d / "m.jsonl"), "s", str(d), {})] for d in (a, b)]
+    assert ids[0] == ids[1] and len(ids[0]) == 1
+    (b / "img" / "x.png").rename(b / "img" / "y.png")  # another file is another sample
+    (b / "m.jsonl").write_text('{"image": "img/y.png", "caption": "x"}\n')
+    assert [r["id"] for r in read_jsonl(str(b / "m.jsonl"), "s", str(b), {})] != ids[0]
