@@ -644,6 +644,18 @@ _BLOCK = 512  # shingles hashed and permuted per step: bounded scratch, long vec
 
 
 @_jit
+def _nb_utf8(buf, i, c):
+    """The code point of the multi-byte UTF-8 sequence at buf[i] (lead byte c >= 0x80) and its length."""
+    if c < 0xE0:
+        return (np.int64(c & 0x1F) << 6) | np.int64(buf[i + 1] & 0x3F), 2
+    if c < 0xF0:
+        return ((np.int64(c & 0x0F) << 12) | (np.int64(buf[i + 1] & 0x3F) << 6)
+                | np.int64(buf[i + 2] & 0x3F)), 3
+    return ((np.int64(c & 0x07) << 18) | (np.int64(buf[i + 1] & 0x3F) << 12)
+            | (np.int64(buf[i + 2] & 0x3F) << 6) | np.int64(buf[i + 3] & 0x3F)), 4
+
+
+@_jit
 def _nb_word_tokens(buf, s, e, cls, tb, th, lo, hi, ln):
     """Hash every word of buf[s:e] into th (low 32 bits of xxh64 of its ASCII-lowercased bytes);
     returns the word count. Words are the maximal runs of non-separator code points.
@@ -660,17 +672,7 @@ def _nb_word_tokens(buf, s, e, cls, tb, th, lo, hi, ln):
             sp = np.int64(cls[c])
             L = 1
         else:
-            if c < 0xE0:
-                cp = (np.int64(c & 0x1F) << 6) | np.int64(buf[i + 1] & 0x3F)
-                L = 2
-            elif c < 0xF0:
-                cp = ((np.int64(c & 0x0F) << 12) | (np.int64(buf[i + 1] & 0x3F) << 6)
-                      | np.int64(buf[i + 2] & 0x3F))
-                L = 3
-            else:
-                cp = ((np.int64(c & 0x07) << 18) | (np.int64(buf[i + 1] & 0x3F) << 12)
-                      | (np.int64(buf[i + 2] & 0x3F) << 6) | np.int64(buf[i + 3] & 0x3F))
-                L = 4
+            cp, L = _nb_utf8(buf, i, c)
             sp = np.int64(cls[cp])
         tb[nb] = i
         nb += prev ^ sp
@@ -768,17 +770,7 @@ def _nb_char_tokens(buf, s, e, cls, norm, tstart):
             L = 1
             sp = cls[c]
         else:
-            if c < 0xE0:
-                cp = (np.int64(c & 0x1F) << 6) | np.int64(buf[i + 1] & 0x3F)
-                L = 2
-            elif c < 0xF0:
-                cp = ((np.int64(c & 0x0F) << 12) | (np.int64(buf[i + 1] & 0x3F) << 6)
-                      | np.int64(buf[i + 2] & 0x3F))
-                L = 3
-            else:
-                cp = ((np.int64(c & 0x07) << 18) | (np.int64(buf[i + 1] & 0x3F) << 12)
-                      | (np.int64(buf[i + 2] & 0x3F) << 6) | np.int64(buf[i + 3] & 0x3F))
-                L = 4
+            cp, L = _nb_utf8(buf, i, c)
             sp = cls[cp]
         if sp:
             pending = pos > 0
