@@ -10,7 +10,7 @@ from __future__ import annotations
 import traceback
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 
@@ -69,12 +69,43 @@ class RowStep(Step):
         return df.mapInArrow(run, df.schema)
 
 
+class _Failed(NamedTuple):
+    reason: str
+    detail: str
+
+
 class PrefetchRowStep(RowStep):
     """A row step split into `prepare` (decode, resize: CPU work that releases the GIL) and
     `compute` (the model). The next chunk is prepared in a background thread while the model
     works on the current one, so an accelerator never waits on JPEG or video decode."""
 
     prefetch = 2  # chunks prepared ahead of the model
+    decode_workers = 1  # threads decoding the rows of one chunk
+
+    def decode_rows(self, rows: list[dict], idx: list[int], fn: Callable[[dict], Any]
+                    ) -> tuple[list[tuple[int, Any]], list[tuple[int, tuple[str, str]]]]:
+        """fn(rows[i]) for each i in idx, in `decode_workers` threads. Returns the decoded
+        [(i, value)] and the failed [(i, (reason, detail))]: media that will not decode are
+        ledger lines, never a failed task."""
+        from curation.probe import ProbeError
+
+        def safe(i: int):
+            try:
+                return fn(rows[i])
+            except ProbeError as e:
+                return _Failed(e.reason, e.detail)
+            except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
+                return _Failed("decode_error", f"{type(e).__name__}: {e}"[:500])
+
+        if self.decode_workers > 1 and len(idx) > 1:
+            if getattr(self, "_pool", None) is None:
+                self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
+            values = list(self._pool.map(safe, idx))
+        else:
+            values = [safe(i) for i in idx]
+        done = [(i, v) for i, v in zip(idx, values) if not isinstance(v, _Failed)]
+        failed = [(i, (v.reason, v.detail)) for i, v in zip(idx, values) if isinstance(v, _Failed)]
+        return done, failed
 
     def prepare(self, rows: list[dict]) -> Any:  # pragma: no cover - interface
         raise NotImplementedError

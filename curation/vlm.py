@@ -243,18 +243,7 @@ class VLMStep(PrefetchRowStep):
                 out.append(("image", frames[0]))
         return out
 
-    def _decode(self, row: dict):
-        from curation.probe import ProbeError
-
-        try:
-            return self._visuals(row)
-        except ProbeError as e:
-            return (e.reason, e.detail)
-        except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
-            return ("decode_error", f"{type(e).__name__}: {e}"[:500])
-
     def prepare(self, rows: list[dict]):
-        items, failed = [], []
         todo = []
         for i, row in enumerate(rows):
             if row.get("drop_step") is not None or row.get("kind") not in self.kinds:
@@ -262,19 +251,9 @@ class VLMStep(PrefetchRowStep):
             tp = self.prompt_for(row)
             if tp is not None:
                 todo.append((i, *tp))
-        if self.decode_workers > 1 and len(todo) > 1:
-            if getattr(self, "_pool", None) is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
-            decoded = list(self._pool.map(lambda t: self._decode(rows[t[0]]), todo))
-        else:
-            decoded = [self._decode(rows[t[0]]) for t in todo]
-        for (i, task, prompt), vis in zip(todo, decoded):
-            if isinstance(vis, tuple):
-                failed.append((i, vis))
-            else:
-                items.append((i, task, prompt, vis))
+        done, failed = self.decode_rows(rows, [t[0] for t in todo], self._visuals)
+        visuals = dict(done)
+        items = [(i, task, prompt, visuals[i]) for i, task, prompt in todo if i in visuals]
         batches = []
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]

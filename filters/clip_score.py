@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 
 from curation.media_io import decode_visual
-from curation.probe import ProbeError
 from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop
 from curation.step import PrefetchRowStep
 from curation.vlm import halving_batches, resolve_device
@@ -162,33 +161,16 @@ class ClipScore(PrefetchRowStep):
                                    resolve_device(self.device))
 
     def _pixels_of(self, row: dict):
-        """All media of a row decoded and preprocessed, or the (reason, detail) of the failure."""
-        try:
-            imgs = [im for m in row["media"] for im in decode_visual(m, self.video_frames)]
-            return self._scorer.torch.stack([self._scorer.preprocess(im) for im in imgs])
-        except ProbeError as e:
-            return (e.reason, e.detail)
-        except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
-            return ("decode_error", f"{type(e).__name__}: {e}"[:500])
+        """All media of a row decoded and preprocessed into one tensor."""
+        imgs = [im for m in row["media"] for im in decode_visual(m, self.video_frames)]
+        return self._scorer.torch.stack([self._scorer.preprocess(im) for im in imgs])
 
     def prepare(self, rows: list[dict]):
         """Runs in the prefetch thread: decode + resize (+ tokenise) one chunk."""
         live = [i for i, row in enumerate(rows) if row.get("drop_step") is None and row.get("media")]
-        if self.decode_workers > 1 and len(live) > 1:
-            if getattr(self, "_pool", None) is None:
-                from concurrent.futures import ThreadPoolExecutor
-
-                self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="decode")
-            decoded = list(self._pool.map(lambda i: self._pixels_of(rows[i]), live))
-        else:
-            decoded = [self._pixels_of(rows[i]) for i in live]
-        items, failed, pixels = [], [], []
-        for i, d in zip(live, decoded):
-            if isinstance(d, tuple):
-                failed.append((i, d))
-            else:
-                items.append((i, len(d)))
-                pixels.append(d)
+        done, failed = self.decode_rows(rows, live, self._pixels_of)
+        items = [(i, len(d)) for i, d in done]
+        pixels = [d for _, d in done]
         if not items:
             return items, failed, None, None
         texts = self._scorer.tokenizer([caption_of(rows[i], self.conversation_text) for i, _ in items])
