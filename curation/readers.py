@@ -1,19 +1,40 @@
 """Readers for the formats data teams already have, each yielding rows of the sample schema.
 
-A reader never raises on bad input: a line that is not JSON, a tar cut short, a row with
-no usable content, each becomes a row already dropped at `ingest` with its reason, so
-it is counted in the ledger like every other sample.
+Every input record is its own failure domain: a reader never raises on bad input, and
+every record it finds yields exactly one row, kept or already dropped at `ingest` with its
+reason, so it is counted in the ledger like every other sample. A record that makes the
+reader raise anything (a RecursionError from JSON nested 100k deep, a TypeError from a field
+of an unexpected type, ...) becomes a `bad_record` row with the exception's one-line message;
+`count_records` counts, independently of the rows, how many records a file holds, so a
+reader that loses a tail fails the job's accounting instead of passing silently.
 
 Formats (the `format` of a source in the recipe):
 - ``webdataset``: img2dataset-style tars, members grouped by key (``key.jpg`` +
   ``key.txt`` + ``key.json``); media stay in the tar and are referenced by byte range.
+  The tar is read past damage: a header that does not match the bytes after it (a member
+  whose size understates its data, a garbled header) is skipped block by block to the next
+  valid header, and the samples on both sides of the damaged bytes are dropped
+  (`corrupt_tar`), so nothing damaged is kept and nothing after the damage is lost. A key
+  with a symlink, hard link, device, FIFO or sparse member is dropped whole
+  (`not_a_regular_file`), never kept as text only. A member name seen twice keeps its first
+  occurrence; the repeats cost one `duplicate_key` row per key (`<tar>/<key>#duplicate`).
 - ``jsonl`` / ``parquet``: manifests whose rows name images or videos by path
   (``image``/``images``/``video``/``videos``) and carry a caption (``caption``/``text``),
   a LLaVA/ShareGPT ``conversations`` list, OpenAI-style ``messages``, or a preference
-  pair (``prompt``/``chosen``/``rejected``). Relative paths resolve against the
-  manifest's folder (or the source's ``media_root``).
+  pair (``prompt``/``chosen``/``rejected``). Media paths resolve against the manifest's
+  folder (or the source's ``media_root``) and must stay inside the allowed roots
+  (`curation.containment`): a reference that leaves them, names a device or FIFO, or is a
+  URL drops its row at ingest with that reason; the row stores the canonical path. A path
+  to a file that does not exist is kept and dropped by probe (`missing_file`).
+  Parquet is read row group by row group and converted row by row where a batch will not
+  convert, so only the rows that cannot be read are lost, each with a ledger row.
 - ``text``: plain-text JSONL (the ``text_field``, default ``text``).
 - ``video_folder``: videos with sidecar ``.txt`` / ``.json`` captions beside them.
+
+Types: text fields (``content``, a text part's ``text``, ``value``, ``prompt``, ``chosen``,
+``rejected``) must be strings (``null`` reads as empty). A number or an object there means
+the record was exported wrongly, and guessing its text would change the training data
+silently, so such a record is dropped as `bad_record` with the field's path and type.
 """
 
 from __future__ import annotations
@@ -29,13 +50,33 @@ from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, empty_ro
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system", "model": "assistant", "bot": "assistant"}
 CAPTION_FIELDS = ("caption", "text", "txt", "description")
+# rows about a whole file rather than one record (not counted against `count_records`)
+FILE_REASONS = ("unreadable_source", "empty_source")
+MAX_SIDECAR_BYTES = 16 << 20  # a caption or metadata member / sidecar larger than this is not read
+
+
+class BadRecord(Exception):
+    """A record whose fields cannot be read as the dialect says (dropped as `bad_record`)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line: `Type: first line of its message`."""
+    msg = str(e).strip()
+    msg = msg.splitlines()[0] if msg else ""
+    return (f"{type(e).__name__}: {msg}" if msg else type(e).__name__)[:400]
+
+
+def _safe(s: str) -> str:
+    """A string that encodes as UTF-8 (lone surrogates from JSON escapes are spelled out)."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _bad_row(source: str, key: str, location: str, reason: str, detail: str) -> dict:
     row = empty_row()
+    key, location = _safe(key), _safe(location)
     row.update(id=make_id(source, key, {"bad": reason}), kind="unknown", source=source,
                source_key=key, source_location=location)
-    return drop(row, "ingest", reason, detail)
+    return drop(row, "ingest", reason, _safe(detail))
 
 
 def _stable_ref(uri: str, location: str) -> str:
@@ -45,7 +86,10 @@ def _stable_ref(uri: str, location: str) -> str:
         return uri
     base = os.path.dirname(os.path.abspath(location))
     path = os.path.abspath(uri)
-    return os.path.relpath(path, base) if path == base or path.startswith(base + os.sep) else uri
+    for b in (base, os.path.realpath(base)):  # stored paths are canonical; the manifest's may not be
+        if path == b or path.startswith(b.rstrip(os.sep) + os.sep):
+            return os.path.relpath(path, b)
+    return uri
 
 
 def _finish(row: dict) -> dict:
@@ -71,61 +115,227 @@ def _rel_key(path: str, root: str) -> str:
         return os.path.basename(path)
 
 
+def _guarded(reader):
+    """A reader that never raises: whatever escapes it (a read error halfway through a file)
+    becomes one `unreadable_source` row for the rest of the file; the job's record count
+    then shows what was lost."""
+
+    def read(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+        try:
+            yield from reader(path, source, root, opts)
+        except Exception as e:  # noqa: BLE001 - a broken file is a ledger line
+            yield _bad_row(source, f"{_rel_key(path, root)}#file", path, "unreadable_source",
+                           f"reading stopped: {one_line(e)}")
+
+    read.__name__ = reader.__name__
+    read.__doc__ = reader.__doc__
+    return read
+
+
+# --- media references: resolved inside the allowed roots -------------------------------
+
+class _Refs:
+    """Resolves the media paths one file names, against its base folder, inside its roots."""
+
+    def __init__(self, path: str, opts: dict, base: Optional[str] = None):
+        from curation.containment import allowed_roots
+
+        self.base = base or opts.get("media_root") or os.path.dirname(os.path.abspath(path))
+        self.roots = allowed_roots(path, opts.get("media_root"), opts.get("roots"))
+
+    def resolve(self, ref: Any, where: str) -> tuple[str, Optional[tuple[str, str]]]:
+        """(stored uri, None) or (uri as written, (reason, detail)) for a reference that must
+        not be read; a file that does not exist keeps its path (probe drops it)."""
+        from curation.containment import ContainmentError, file_uri_path, resolve_media_ref
+
+        if isinstance(ref, dict):  # {"path": ...} / {"url": ...} as some exporters write
+            ref = ref.get("path") or ref.get("url")
+        if not isinstance(ref, str):
+            raise BadRecord(f"{where} must be a path (text), got {type(ref).__name__}")
+        try:
+            return resolve_media_ref(ref, self.base, self.roots), None
+        except ContainmentError as e:
+            if e.reason != "missing_file":
+                return ref, (e.reason, f"{where}: {e.detail}")
+            if not ref or "\x00" in ref:
+                return ref, (e.reason, f"{where}: {e.detail}")
+            if ref[:5].lower() == "file:":
+                try:
+                    return file_uri_path(ref), None
+                except ContainmentError as e2:
+                    return ref, (e2.reason, f"{where}: {e2.detail}")
+            return os.path.normpath(os.path.join(self.base, ref)), None
+
+
 # --- webdataset tars -------------------------------------------------------------------
 
+def _member_type(info: tarfile.TarInfo) -> Optional[str]:
+    """None for a regular member; what it is otherwise."""
+    if info.issym():
+        return f"a symlink to {info.linkname!r}"
+    if info.islnk():
+        return f"a hard link to {info.linkname!r}"
+    if info.ischr():
+        return "a character device"
+    if info.isblk():
+        return "a block device"
+    if info.isfifo():
+        return "a FIFO"
+    if info.issparse():
+        return "a sparse file"
+    if info.isreg():
+        return None
+    return f"a member of type {info.type!r}"
+
+
+def _nonzero_block(f, offset: int) -> bool:
+    f.seek(offset)
+    block = f.read(512)
+    return bool(block) and block.count(0) != len(block)
+
+
+class _TarScan:
+    """A tar's members grouped by key, read past damage (see the module docstring)."""
+
+    def __init__(self, path: str, payloads: bool):
+        self.groups: dict[str, dict] = {}
+        self.order: list[str] = []
+        self.error: Optional[str] = None
+        self.damage: list[tuple[int, str]] = []  # damaged regions no sample could be blamed for
+        self.canonical = os.path.realpath(path)  # media are read at the tar's canonical path
+        prev: Optional[str] = None  # key of the member read last
+        next_at = 0  # where the next header should start
+        try:
+            with tarfile.open(path, "r:", ignore_zeros=True, errors="backslashreplace") as tf, \
+                    open(path, "rb") as raw:
+                for info in tf:
+                    key = self._key(info)
+                    if info.offset > next_at and _nonzero_block(raw, next_at):
+                        what = (f"tar bytes {next_at}..{info.offset} are not a member header (a member's "
+                                f"size understated, or a damaged header)")
+                        blamed = [k for k in (prev, key) if k is not None]
+                        for k in blamed:
+                            self._group(k).setdefault("bad", ("corrupt_tar", what))
+                        if not blamed:
+                            self.damage.append((next_at, what))
+                    next_at = tf.offset
+                    if key is None:
+                        continue
+                    prev = key
+                    self._add(tf, info, key, path, payloads)
+                # bytes after the last member that are not the end-of-archive zeros
+                size = os.fstat(raw.fileno()).st_size
+                if 0 < size - next_at < 512 and _nonzero_block(raw, next_at):
+                    self.error = f"the tar ends {size - next_at} bytes into a member header"
+                elif next_at < size and _nonzero_block(raw, next_at):
+                    what = f"tar bytes {next_at}..{size} after the last member are not a member header"
+                    if prev is not None:
+                        self._group(prev).setdefault("bad", ("corrupt_tar", what))
+                    else:
+                        self.damage.append((next_at, what))
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.error = one_line(e)
+
+    @staticmethod
+    def _key(info: tarfile.TarInfo) -> Optional[str]:
+        if info.isdir():
+            return None
+        base = os.path.basename(info.name)
+        if "." not in base:
+            return None
+        return os.path.join(os.path.dirname(info.name), base.split(".", 1)[0])
+
+    def _group(self, key: str) -> dict:
+        g = self.groups.get(key)
+        if g is None:
+            g = self.groups[key] = {"media": [], "txt": None, "json": None, "names": set(), "dups": []}
+            self.order.append(key)
+        return g
+
+    def _add(self, tf: tarfile.TarFile, info: tarfile.TarInfo, key: str, path: str, payloads: bool) -> None:
+        g = self._group(key)
+        base = os.path.basename(info.name)
+        if info.name in g["names"]:
+            g["dups"].append(f"{info.name} at byte {info.offset}")
+            return
+        g["names"].add(info.name)
+        odd = _member_type(info)
+        if odd is not None:
+            g.setdefault("bad", ("not_a_regular_file", f"member {info.name} is {odd}"))
+            return
+        ext_l = base.split(".", 1)[1].lower()
+        kind = media_kind_of(base)
+        if kind:
+            g["media"].append(_media(kind, self.canonical, member=info.name, offset=info.offset_data,
+                                     length=info.size))
+            return
+        if ext_l not in ("txt", "caption", "text", "json") or not payloads:
+            return
+        if info.size > MAX_SIDECAR_BYTES:
+            g.setdefault("bad", ("too_large", f"member {info.name} is {info.size} bytes (> {MAX_SIDECAR_BYTES})"))
+            return
+        try:
+            data = tf.extractfile(info).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            g.setdefault("bad", ("truncated_source", f"member {info.name}: {one_line(e)}"))
+            return
+        if ext_l == "json":
+            g["json"] = data
+        else:
+            g["txt"] = data.decode("utf-8", errors="replace")
+
+    def records(self) -> int:
+        """Rows reading this tar yields besides the file row: one per key, one per key with
+        repeated members, one per damaged region no sample was blamed for."""
+        if not self.order:
+            return 0
+        return len(self.order) + sum(1 for k in self.order if self.groups[k]["dups"]) + len(self.damage)
+
+
+@_guarded
 def read_webdataset(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
     rel = _rel_key(path, root)
-    groups: dict[str, dict] = {}
-    order: list[str] = []
-    error: Optional[str] = None
-    try:
-        with tarfile.open(path, "r:") as tf:
-            for info in tf:
-                if not info.isfile():
-                    continue
-                base = os.path.basename(info.name)
-                if "." not in base:
-                    continue
-                key_part, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(info.name), key_part)
-                if key not in groups:
-                    groups[key] = {"media": [], "txt": None, "json": None}
-                    order.append(key)
-                g = groups[key]
-                ext_l = ext.lower()
-                kind = media_kind_of(base)
-                if kind:
-                    g["media"].append(_media(kind, path, member=info.name, offset=info.offset_data,
-                                             length=info.size))
-                elif ext_l in ("txt", "caption", "text"):
-                    g["txt"] = tf.extractfile(info).read().decode("utf-8", errors="replace")
-                elif ext_l == "json":
-                    g["json"] = tf.extractfile(info).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"{type(e).__name__}: {e}"
+    scan = _TarScan(path, payloads=True)
     size = os.path.getsize(path)
-    for key in order:
-        row = _tar_sample(groups[key], source, f"{rel}/{key}", path)
-        cut = [m["member"] for m in groups[key]["media"] if m["offset"] + m["length"] > size]
-        if cut:
-            drop(row, "ingest", "truncated_source", f"{path} ends inside member {cut[0]}")
+    for key in scan.order:
+        g = scan.groups[key]
+        skey = f"{rel}/{key}"
+        try:
+            row = _tar_sample(g, source, skey, path)
+            cut = [m["member"] for m in g["media"] if m["offset"] + m["length"] > size]
+            fault = g.get("bad") or (("truncated_source", f"{path} ends inside member {cut[0]}") if cut else None)
+            if fault:  # what is wrong with the tar comes before what is wrong with the sample
+                row.update(drop_step="ingest", drop_reason=fault[0], drop_detail=_safe(fault[1])[:500], dup_of=None)
+        except Exception as e:  # noqa: BLE001 - one sample never fails the file
+            row = _bad_row(source, skey, path, "bad_record", one_line(e))
         yield row
-    if error is not None or not order:
-        yield _bad_row(source, f"{rel}#tar", path, "unreadable_source" if error else "empty_source",
-                       error or "tar holds no samples")
+        if g["dups"]:
+            yield _bad_row(source, f"{skey}#duplicate", path, "duplicate_key",
+                           f"members of key {key} appear again ({'; '.join(g['dups'][:3])}): "
+                           "the first of each was read, the repeats were not")
+    if not scan.order:
+        bad = scan.error or (scan.damage[0][1] if scan.damage else None)
+        yield _bad_row(source, f"{rel}#tar", path, "unreadable_source" if bad else "empty_source",
+                       bad or "tar holds no samples")
+        return
+    for at, what in scan.damage:
+        yield _bad_row(source, f"{rel}#damage@{at}", path, "corrupt_tar", what)
+    if scan.error is not None:
+        yield _bad_row(source, f"{rel}#tar", path, "unreadable_source", scan.error)
 
 
 def _tar_sample(g: dict, source: str, key: str, path: str) -> dict:
     row = empty_row()
-    row.update(source=source, source_key=key, source_location=path)
+    row.update(source=source, source_key=_safe(key), source_location=path)
     meta = None
     if g["json"] is not None:
         try:
             meta = json.loads(g["json"])
-        except ValueError as e:
-            row.update(id=make_id(source, key, {"bad": "json"}), kind="unknown", media=g["media"])
-            return drop(row, "ingest", "bad_json", f"{key}.json: {e}")
-        row["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+            row["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
+        except (ValueError, RecursionError) as e:
+            row.update(id=make_id(source, row["source_key"], {"bad": "json"}), kind="unknown", media=g["media"])
+            why = "nested too deeply to parse" if isinstance(e, RecursionError) else str(e)
+            return drop(row, "ingest", "bad_json", f"{key}.json: {why}")
     text = g["txt"]
     if text is None and isinstance(meta, dict):
         text = next((meta[f] for f in CAPTION_FIELDS if isinstance(meta.get(f), str)), None)
@@ -153,70 +363,101 @@ def _as_list(v: Any) -> list:
     return list(v) if isinstance(v, (list, tuple)) else [v]
 
 
-def _resolve(p: str, base: str) -> str:
-    if "://" in p or os.path.isabs(p):
-        return p
-    return os.path.normpath(os.path.join(base, p))
-
-
-def _openai_content(content: Any, media: list[dict], base: str) -> str:
-    """OpenAI content (a string or a list of typed parts) -> text with placeholders."""
-    if content is None:
+def _text(v: Any, where: str) -> str:
+    if v is None:
         return ""
-    if isinstance(content, str):
-        return content
+    if isinstance(v, str):
+        return v
+    raise BadRecord(f"{where} must be text, got {type(v).__name__} {str(v)[:40]!r}")
+
+
+class _Media(list):
+    """The media a record names, with the first containment violation among them."""
+
+    def __init__(self, refs: Optional[_Refs]):
+        super().__init__()
+        self.refs = refs
+        self.violation: Optional[tuple[str, str]] = None
+
+    def add(self, kind: str, ref: Any, where: str) -> None:
+        if self.refs is None:  # media of a preference answer: placeholders only
+            return
+        uri, bad = self.refs.resolve(ref, where)
+        if bad is not None and self.violation is None:
+            self.violation = bad
+        self.append(_media(kind, uri))
+
+
+def _openai_content(content: Any, media: _Media, where: str) -> str:
+    """OpenAI content (a string or a list of typed parts) -> text with placeholders."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if not isinstance(content, (list, tuple)):
+        raise BadRecord(f"{where} must be text or a list of parts, got {type(content).__name__} "
+                        f"{str(content)[:40]!r}")
     pieces = []
-    for part in content:
-        if not isinstance(part, dict):
-            pieces.append(str(part))
+    for j, part in enumerate(content):
+        pw = f"{where}[{j}]"
+        if isinstance(part, str):
+            pieces.append(part)
             continue
+        if not isinstance(part, dict):
+            raise BadRecord(f"{pw} must be text or an object, got {type(part).__name__}")
         t = part.get("type")
         if t == "text":
-            pieces.append(part.get("text") or "")
+            pieces.append(_text(part.get("text"), f"{pw}.text"))
         elif t in ("image", "image_url", "input_image"):
             ref = part.get("image") or part.get("image_url") or part.get("url")
-            if isinstance(ref, dict):
-                ref = ref.get("url")
-            media.append(_media("image", _resolve(str(ref), base)))
+            media.add("image", ref, f"{pw}.{t}")
             pieces.append(IMAGE_PLACEHOLDER)
         elif t in ("video", "video_url"):
             ref = part.get("video") or part.get("video_url") or part.get("url")
-            if isinstance(ref, dict):
-                ref = ref.get("url")
-            media.append(_media("video", _resolve(str(ref), base)))
+            media.add("video", ref, f"{pw}.{t}")
             pieces.append(VIDEO_PLACEHOLDER)
     return "".join(pieces)
 
 
-def manifest_record_to_row(rec: Any, source: str, key: str, location: str, base: str) -> dict:
-    """Normalise one manifest record (any supported dialect) into a sample row."""
+def manifest_record_to_row(rec: Any, source: str, key: str, location: str, refs: _Refs) -> dict:
+    """Normalise one manifest record (any supported dialect) into a sample row; never raises."""
     if not isinstance(rec, dict):
         return _bad_row(source, key, location, "bad_record", f"expected a JSON object, got {type(rec).__name__}")
+    skey = key if rec.get("id") is None else f"{key}#{rec['id']}"
+    try:
+        return _record_row(rec, source, skey, location, refs)
+    except BadRecord as e:
+        return _bad_row(source, skey, location, "bad_record", str(e))
+    except Exception as e:  # noqa: BLE001 - each record is its own failure domain
+        return _bad_row(source, skey, location, "bad_record", one_line(e))
+
+
+def _record_row(rec: dict, source: str, skey: str, location: str, refs: _Refs) -> dict:
     row = empty_row()
     # the file position keeps keys unique; the record's own id (if any) stays findable
-    row.update(source=source, source_location=location,
-               source_key=key if rec.get("id") is None else f"{key}#{rec['id']}")
-    media: list[dict] = []
-    for p in _as_list(rec.get("image")) + _as_list(rec.get("images")):
-        media.append(_media("image", _resolve(str(p), base)))
-    for p in _as_list(rec.get("video")) + _as_list(rec.get("videos")):
-        media.append(_media("video", _resolve(str(p), base)))
+    row.update(source=source, source_location=location, source_key=skey)
+    media = _Media(refs)
+    for f, kind in (("image", "image"), ("images", "image"), ("video", "video"), ("videos", "video")):
+        for j, p in enumerate(_as_list(rec.get(f))):
+            media.add(kind, p, f"{f}[{j}]" if isinstance(rec.get(f), (list, tuple)) else f)
     n_top_media = len(media)
     messages = None
     if rec.get("conversations") is not None or rec.get("messages") is not None:
-        raw = rec.get("conversations") if rec.get("conversations") is not None else rec.get("messages")
+        field_name = "conversations" if rec.get("conversations") is not None else "messages"
+        raw = rec[field_name]
         if not isinstance(raw, list):
-            return _bad_row(source, row["source_key"], location, "bad_record", "conversation is not a list")
+            raise BadRecord(f"{field_name} must be a list of turns, got {type(raw).__name__}")
         messages = []
-        for turn in raw:
+        for j, turn in enumerate(raw):
+            where = f"{field_name}[{j}]"
             if not isinstance(turn, dict):
-                return _bad_row(source, row["source_key"], location, "bad_record", "a turn is not an object")
+                raise BadRecord(f"{where} must be an object, got {type(turn).__name__}")
             role = ROLE_MAP.get(str(turn.get("from", turn.get("role", ""))).lower())
             if role is None:
-                return _bad_row(source, row["source_key"], location, "bad_record",
-                                f"unknown role {turn.get('from', turn.get('role'))!r}")
-            content = turn["value"] if "value" in turn else _openai_content(turn.get("content"), media, base)
-            messages.append({"role": role, "content": str(content)})
+                raise BadRecord(f"{where} has the unknown role {turn.get('from', turn.get('role'))!r}")
+            if "value" in turn:
+                content = _text(turn["value"], f"{where}.value")
+            else:
+                content = _openai_content(turn.get("content"), media, f"{where}.content")
+            messages.append({"role": role, "content": content})
         if n_top_media and not any(IMAGE_PLACEHOLDER in m["content"] or VIDEO_PLACEHOLDER in m["content"]
                                    for m in messages):
             # LLaVA convention: media named at top level belong before the first user turn
@@ -229,13 +470,14 @@ def manifest_record_to_row(rec: Any, source: str, key: str, location: str, base:
     if rec.get("chosen") is not None and rec.get("rejected") is not None:
         row["kind"] = "preference"
         if messages is None:
-            prompt = rec.get("prompt") or rec.get("question") or ""
+            pf = "prompt" if rec.get("prompt") not in (None, "") else "question"
+            prompt = _text(rec.get(pf), pf)
             if media and IMAGE_PLACEHOLDER not in prompt and VIDEO_PLACEHOLDER not in prompt:
                 prompt = "".join(IMAGE_PLACEHOLDER if m["kind"] == "image" else VIDEO_PLACEHOLDER
                                  for m in media) + "\n" + prompt
-            messages = [{"role": "user", "content": str(prompt)}]
-        row["chosen"] = _openai_content(rec["chosen"], [], base)
-        row["rejected"] = _openai_content(rec["rejected"], [], base)
+            messages = [{"role": "user", "content": prompt}]
+        row["chosen"] = _openai_content(rec["chosen"], _Media(None), "chosen")
+        row["rejected"] = _openai_content(rec["rejected"], _Media(None), "rejected")
     elif messages is not None:
         row["kind"] = "conversation"
     elif media and text is not None and (IMAGE_PLACEHOLDER in text or VIDEO_PLACEHOLDER in text or len(media) > 1):
@@ -246,13 +488,15 @@ def manifest_record_to_row(rec: Any, source: str, key: str, location: str, base:
         row["kind"] = "text"
     row["text"] = text
     row["messages"] = messages
-    row["media"] = media or None
+    row["media"] = list(media) or None
     extra = {k: v for k, v in rec.items() if k not in
              ("image", "images", "video", "videos", "conversations", "messages", "chosen", "rejected",
               "prompt", "id") + CAPTION_FIELDS}
     if extra:
         row["meta"] = json.dumps(extra, sort_keys=True, ensure_ascii=False, default=str)
     _finish(row)
+    if media.violation is not None:
+        return drop(row, "ingest", *media.violation)
     if text is None and messages is None and row["kind"] != "preference":
         return drop(row, "ingest", "no_content", "record has no caption, text or conversation")
     placeholders = sum(_count_placeholders(s) for s in
@@ -267,45 +511,112 @@ def _count_placeholders(s: str) -> int:
     return s.count(IMAGE_PLACEHOLDER) + s.count(VIDEO_PLACEHOLDER)
 
 
+def _parse_json(raw: bytes) -> Any:
+    """json.loads, with a nesting too deep for Python's parser as a ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to parse") from None
+
+
+@_guarded
 def read_jsonl(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
     rel = _rel_key(path, root)
-    base = opts.get("media_root") or os.path.dirname(path)
     text_field = opts.get("text_field")
     try:
         f = open(path, "rb")
     except OSError as e:
         yield _bad_row(source, f"{rel}#file", path, "unreadable_source", str(e))
         return
+    refs = _Refs(path, opts)
     with f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             key = f"{rel}:{lineno}"
             try:
-                rec = json.loads(raw)
+                rec = _parse_json(raw)
             except ValueError as e:
                 yield _bad_row(source, key, path, "bad_json", f"line {lineno}: {e}")
                 continue
             if text_field and isinstance(rec, dict) and text_field in rec and text_field != "text":
                 rec = {**rec, "text": rec.pop(text_field)}
-            yield manifest_record_to_row(rec, source, key, path, base)
+            yield manifest_record_to_row(rec, source, key, path, refs)
 
 
+def _batch_records(batch) -> list:
+    """A record batch as dicts; where a value will not convert to Python, that row is the
+    exception instead (naming its column) and the other rows still convert."""
+    try:
+        return batch.to_pylist()
+    except Exception:  # noqa: BLE001 - find the rows that fail, keep the rest
+        pass
+    out: list = []
+    for j in range(batch.num_rows):
+        try:
+            out.append(batch.slice(j, 1).to_pylist()[0])
+        except Exception as e:  # noqa: BLE001
+            col = next((name for name, c in zip(batch.schema.names, batch.columns)
+                        if not _converts(c.slice(j, 1))), "?")
+            out.append(BadRecord(f"column {col!r} will not convert: {one_line(e)}"))
+    return out
+
+
+def _converts(arr) -> bool:
+    try:
+        arr.to_pylist()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _unreadable_columns(pf, rg: int) -> str:
+    bad = []
+    for name in pf.schema_arrow.names:
+        try:
+            pf.read_row_group(rg, columns=[name])
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"{name!r} ({one_line(e)})")
+    return ", ".join(bad[:3]) or "?"
+
+
+@_guarded
 def read_parquet(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
     import pyarrow.parquet as pq
 
     rel = _rel_key(path, root)
-    base = opts.get("media_root") or os.path.dirname(path)
     try:
         pf = pq.ParquetFile(path)
-        i = 0
-        for batch in pf.iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                i += 1
-                rec = {k: v for k, v in rec.items() if v is not None}
-                yield manifest_record_to_row(rec, source, f"{rel}:{i}", path, base)
+        meta = pf.metadata
     except Exception as e:  # noqa: BLE001 - a broken file is a ledger line
-        yield _bad_row(source, f"{rel}#file", path, "unreadable_source", f"{type(e).__name__}: {e}")
+        yield _bad_row(source, f"{rel}#file", path, "unreadable_source", one_line(e))
+        return
+    refs = _Refs(path, opts)
+    i = 0
+    for rg in range(meta.num_row_groups):
+        n, done = meta.row_group(rg).num_rows, 0
+        batches = pf.iter_batches(batch_size=1024, row_groups=[rg])
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # noqa: BLE001 - the rest of this row group is lost, row by row
+                detail = (f"row group {rg} rows {i + 1}..{i + n - done} cannot be read: {one_line(e)}; "
+                          f"columns: {_unreadable_columns(pf, rg)}")
+                for _ in range(n - done):
+                    i += 1
+                    yield _bad_row(source, f"{rel}:{i}", path, "unreadable_row_group", detail)
+                done = n
+                break
+            for rec in _batch_records(batch):
+                i += 1
+                done += 1
+                if isinstance(rec, Exception):
+                    yield _bad_row(source, f"{rel}:{i}", path, "bad_record", str(rec))
+                    continue
+                rec = {k: v for k, v in rec.items() if v is not None}
+                yield manifest_record_to_row(rec, source, f"{rel}:{i}", path, refs)
 
 
 def read_text(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
@@ -314,20 +625,47 @@ def read_text(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
 
 # --- folders of videos with sidecars ---------------------------------------------------
 
+def _read_sidecar(canonical: str) -> bytes:
+    from curation.containment import open_regular
+
+    fd = open_regular(canonical)
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_SIDECAR_BYTES + 1)
+    if len(data) > MAX_SIDECAR_BYTES:
+        raise BadRecord(f"{canonical} is larger than {MAX_SIDECAR_BYTES} bytes")
+    return data
+
+
+@_guarded
 def read_video_file(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+    from curation.containment import ContainmentError, resolve_media_ref
+
     rel = _rel_key(path, root)
     stem = os.path.splitext(path)[0]
+    refs = _Refs(path, opts, base=os.path.dirname(os.path.abspath(path)))
     row = empty_row()
-    row.update(kind="video_text", source=source, source_key=rel, source_location=path,
-               media=[_media("video", path)])
+    row.update(kind="video_text", source=source, source_key=_safe(rel), source_location=path)
+    violation = None
+    try:
+        uri = resolve_media_ref(path, refs.base, refs.roots)
+    except ContainmentError as e:
+        uri, violation = path, (e.reason, e.detail)
+    row["media"] = [_media("video", uri)]
     text = None
-    if os.path.exists(stem + ".txt"):
-        with open(stem + ".txt", encoding="utf-8", errors="replace") as f:
-            text = f.read().strip()
-    if os.path.exists(stem + ".json"):
+    sidecars: dict[str, bytes] = {}
+    for ext in (".txt", ".json"):
+        if violation is None and os.path.lexists(stem + ext):
+            try:
+                sidecars[ext] = _read_sidecar(resolve_media_ref(stem + ext, refs.base, refs.roots))
+            except ContainmentError as e:
+                violation = (e.reason, f"sidecar {stem + ext}: {e.detail}")
+            except (BadRecord, OSError) as e:
+                violation = ("bad_record", f"sidecar {stem + ext}: {e}")
+    if ".txt" in sidecars:
+        text = sidecars[".txt"].decode("utf-8", errors="replace").strip()
+    if ".json" in sidecars:
         try:
-            with open(stem + ".json", "rb") as f:
-                meta = json.load(f)
+            meta = _parse_json(sidecars[".json"])
             row["meta"] = json.dumps(meta, sort_keys=True, ensure_ascii=False)
             if text is None and isinstance(meta, dict):
                 text = next((meta[k] for k in CAPTION_FIELDS if isinstance(meta.get(k), str)), None)
@@ -338,10 +676,41 @@ def read_video_file(path: str, source: str, root: str, opts: dict) -> Iterator[d
             return
     row["text"] = text
     _finish(row)
+    if violation is not None:
+        yield drop(row, "ingest", *violation)
+        return
     if text is None and not opts.get("allow_uncaptioned", False):
         yield drop(row, "ingest", "no_caption", "video has no sidecar .txt/.json caption")
         return
     yield row
+
+
+# --- counting records before reading them ----------------------------------------------
+
+def count_records(fmt: str, path: str, opts: dict) -> Optional[int]:
+    """How many record rows reading `path` must yield (rows about the whole file, with a
+    reason in FILE_REASONS, aside), or None when the file cannot be counted (then its
+    `unreadable_source` row accounts for it). Counted without the reader's per-record code:
+    non-blank lines, Parquet metadata, tar member keys."""
+    try:
+        if fmt in ("jsonl", "text"):
+            n = 0
+            with open(path, "rb") as f:
+                for raw in f:
+                    if raw.strip():
+                        n += 1
+            return n
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows
+        if fmt == "webdataset":
+            return _TarScan(path, payloads=False).records()
+        if fmt == "video_folder":
+            return 1
+    except Exception:  # noqa: BLE001 - an uncountable file is accounted by its reader's file row
+        return None
+    return None
 
 
 READERS = {
