@@ -4,7 +4,9 @@ transcode them to a normalised H.264 MP4.
 A video that becomes several clips leaves the pipeline as `split_into_clips` and each clip
 enters as a new sample whose `parent_id` names it, so the ledger still accounts for
 everything: inputs + derived = kept + dropped. Clip files are written under the run's
-`_work/media/` folder (a filesystem every executor can write, like the shards').
+`_work/media/` folder (a filesystem every executor can write, like the shards'), by their
+canonical path and under a name made from the row id only, never from anything in the media.
+The source video is opened once through `containment.open_regular` and ffmpeg reads that file.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import copy
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
-from curation.media_io import MediaReadError, read_media_bytes
+from curation.media_io import MediaReadError, media_path, open_media, stream_media_fd, video_source
 from curation.probe import ProbeError
 from curation.schema import drop, make_id
 from curation.step import RowStep
+
+_SAFE_ID = re.compile(r"[A-Za-z0-9_-]{2,64}")  # a row id usable as a file name as it is
 
 
 class VideoClips(RowStep):
@@ -56,18 +61,35 @@ class VideoClips(RowStep):
                 out.append(drop(row, self.name, "error", f"{type(e).__name__}: {e}"[:500]))
         return out
 
+    def _media_dir(self, row_id: str) -> tuple[str, str]:
+        """(the run's media folder, canonical; a file stem for this row that stays inside it)."""
+        root = os.path.join(os.path.realpath(self.workdir or tempfile.gettempdir()), "media")
+        stem = row_id if _SAFE_ID.fullmatch(row_id or "") else hashlib.sha1(str(row_id).encode()).hexdigest()[:24]
+        return root, stem
+
     def _clip(self, row: dict) -> list[dict]:
+        m = row["media"][0]
+        root, stem = self._media_dir(row["id"])
+        dest = os.path.join(root, stem[:2])
+        os.makedirs(dest, exist_ok=True)
+        if os.path.realpath(dest) != dest:
+            raise MediaReadError("outside_root", f"{dest} is not a plain folder of the run's work folder")
+        fd = open_media(m)  # checked once (containment.open_regular); ffmpeg reads this very file
+        try:
+            src = None if m.get("offset") is not None else video_source(fd, media_path(m["uri"]))
+            return self._clip_from(row, m, fd, src, dest, stem)
+        finally:
+            os.close(fd)
+
+    def _clip_from(self, row: dict, m: dict, fd: int, src: str | int | None, dest: str, stem: str) -> list[dict]:
         from curation import video
 
-        m = row["media"][0]
-        dest = os.path.join(self.workdir or tempfile.gettempdir(), "media", row["id"][:2])
-        os.makedirs(dest, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            src = m["uri"]
-            if m.get("offset") is not None:  # inside a tar: ffmpeg needs a seekable file
-                src = os.path.join(tmp, "in" + os.path.splitext(m.get("member") or ".mp4")[1])
-                with open(src, "wb") as f:
-                    f.write(read_media_bytes(m))
+            if src is None:  # inside a tar: ffmpeg needs a seekable file, copied in pieces
+                ext = os.path.splitext(m.get("member") or "")[1].lower()
+                src = os.path.join(tmp, "in" + (ext if re.fullmatch(r"\.[a-z0-9]{1,8}", ext) else ".mp4"))
+                with open(src, "xb") as f:
+                    stream_media_fd(fd, m, out=f)
             duration = float(m.get("duration") or 0.0)
             cuts = (video.detect_shots(src, threshold=self.scene_threshold, min_shot_s=self.min_clip_s,
                                        timeout_s=self.timeout_s) if self.split else [])
@@ -76,14 +98,14 @@ class VideoClips(RowStep):
                 return [row]
             tc = self.transcode or {}
             if len(spans) <= 1:  # one clip: transcode in place, same sample
-                path = os.path.join(dest, f"{row['id']}.mp4")
+                path = os.path.join(dest, f"{stem}.mp4")
                 video.transcode(src, path, max_side=tc.get("max_side"), fps=tc.get("fps"),
                                 crf=tc.get("crf", 23), timeout_s=self.timeout_s)
                 row["media"] = [self._probed(path, m)]
                 return [row]
             children = []
             for i, (start, end) in enumerate(spans):
-                path = os.path.join(dest, f"{row['id']}_{i:03d}.mp4")
+                path = os.path.join(dest, f"{stem}_{i:03d}.mp4")
                 video.cut_clip(src, start, end, path, timeout_s=self.timeout_s, max_side=tc.get("max_side"),
                                fps=tc.get("fps"), crf=tc.get("crf", 23))
                 child = copy.deepcopy(row)
@@ -101,11 +123,14 @@ class VideoClips(RowStep):
     def _probed(self, path: str, like: dict) -> dict:
         from curation.video import probe_video
 
-        info = probe_video(path, self.timeout_s)
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = open_media({"uri": path})  # our own output, read back through the same checks
+        try:
+            length, digest = stream_media_fd(fd, {"uri": path})
+            info = probe_video(video_source(fd, path), self.timeout_s)
+        finally:
+            os.close(fd)
         m = {k: None for k in like}
-        m.update(kind="video", uri=path, length=len(data), sha256=hashlib.sha256(data).hexdigest(),
+        m.update(kind="video", uri=path, length=length, sha256=digest,
                  format=info.get("format"), width=info["width"], height=info["height"],
                  duration=info["duration"], fps=info.get("fps"), frames=info.get("frames"), codec=info.get("codec"))
         return m

@@ -3,6 +3,10 @@
 Images are opened with Pillow; the pixel count is checked from the header *before*
 decoding, so a decompression bomb costs a ledger line, not the executor. Videos are
 probed with ffprobe (through ffmpeg-python) under a timeout.
+
+Each file is opened once through `containment.open_regular` (a regular file at the canonical
+path ingest stored: no device, FIFO or symlink swapped in since); images are read whole (at
+most `max_bytes`), videos are hashed in pieces and ffprobe reads that same open file.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import tempfile
 import warnings
 from typing import Any
 
-from curation.media_io import MediaReadError, read_media_bytes
+from curation.media_io import MediaReadError, media_path, open_media, read_media_fd, stream_media_fd, video_source
 from curation.schema import drop
 from curation.step import RowStep
 
@@ -56,7 +61,7 @@ def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[
     return out
 
 
-def probe_video_file(path: str, timeout_s: float) -> dict[str, Any]:
+def probe_video_file(path: str | int, timeout_s: float) -> dict[str, Any]:
     """format, width, height, duration, fps, frames, codec of a video (one ffprobe call,
     killed at the deadline); raises ProbeError with the ledger reason."""
     from curation.video import probe_video
@@ -85,32 +90,46 @@ class Probe(RowStep):
     def process(self, row: dict) -> dict:
         for i, m in enumerate(row.get("media") or []):
             try:
-                data = read_media_bytes(m, self.max_bytes)
+                # one checked open (containment.open_regular): the bytes hashed and the file
+                # ffprobe reads are the same file, at the canonical path ingest stored
+                fd = open_media(m)
             except MediaReadError as e:
                 return drop(row, self.name, e.reason, f"media {i}: {e.detail}")
-            if not data:
-                return drop(row, self.name, "empty_file", f"media {i}: {m.get('member') or m['uri']} has 0 bytes")
-            m["length"] = len(data)
-            m["sha256"] = hashlib.sha256(data).hexdigest()
             try:
                 if m["kind"] == "image":
+                    data = read_media_fd(fd, m, self.max_bytes)
+                    if not data:
+                        raise ProbeError("empty_file", f"{m.get('member') or m['uri']} has 0 bytes")
+                    m["length"] = len(data)
+                    m["sha256"] = hashlib.sha256(data).hexdigest()
                     m.update(probe_image(data, self.max_pixels, self.phash))
                 else:
-                    m.update(self._probe_video(m, data))
-            except ProbeError as e:
+                    m.update(self._probe_video(m, fd))
+            except (MediaReadError, ProbeError) as e:
                 return drop(row, self.name, e.reason, f"media {i}: {e.detail}")
+            finally:
+                os.close(fd)
         return row
 
-    def _probe_video(self, m: dict, data: bytes) -> dict:
+    def _probe_video(self, m: dict, fd: int) -> dict:
+        """Hash the video in pieces (it is never held in memory whole), then probe it: the
+        checked fd itself for a plain file, a temp copy for a tar member (ffprobe needs to seek)."""
         if m.get("offset") is None:
-            return self._probe_video_path(m["uri"])
-        suffix = os.path.splitext(m.get("member") or "")[1] or ".mp4"
-        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:  # ffprobe needs to seek
-            tmp.write(data)
-            tmp.flush()
-            return self._probe_video_path(tmp.name)
+            length, digest = stream_media_fd(fd, m, self.max_bytes)
+            if not length:
+                raise ProbeError("empty_file", f"{m['uri']} has 0 bytes")
+            info = self._probe_video_path(video_source(fd, media_path(m["uri"])))
+            return {"length": length, "sha256": digest, **info}
+        suffix = os.path.splitext(m.get("member") or "")[1].lower()
+        suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ".mp4"
+        with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+            length, digest = stream_media_fd(fd, m, self.max_bytes, out=tmp)
+            if not length:
+                raise ProbeError("empty_file", f"{m.get('member') or m['uri']} has 0 bytes")
+            info = self._probe_video_path(tmp.name)
+        return {"length": length, "sha256": digest, **info}
 
-    def _probe_video_path(self, path: str) -> dict:
+    def _probe_video_path(self, path: str | int) -> dict:
         info = probe_video_file(path, self.timeout_s)
         if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
             raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")

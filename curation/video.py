@@ -5,7 +5,8 @@ call covers the whole call, probe included) and turns every failure on bad media
 `ProbeError(reason, detail)`, the same exception the probe step uses, so a broken file costs
 a ledger line and never an executor. Reasons:
 
-    missing_file     the path does not exist or is not a regular file
+    missing_file     the path does not exist or is not a regular file (a folder, device, FIFO, socket)
+    unsupported_container  a demuxer outside DEMUXERS: an HLS playlist, an ffconcat list, ...
     empty_file       0 bytes
     corrupt_video    ffprobe cannot read it (truncated without its index, not media at all, ...)
     not_a_video      readable media without a video stream (audio only, no streams)
@@ -20,6 +21,14 @@ a ledger line and never an executor. Reasons:
 `detect_shots`, `cut_clip` and `transcode` probe first, or take `info=`, a `probe_video`
 result for the same path. ffmpeg comes from `tools.ffmpeg_path()` (REELFORGE_FFMPEG), ffprobe
 from `tools.ffprobe_path()`.
+
+Inputs: every function takes a path, or an fd open on a regular file (`containment.open_regular`).
+The file is checked (lstat, then opened O_NONBLOCK|O_NOFOLLOW and fstat'ed: a FIFO or a device
+never reaches ffmpeg, and nothing blocks) and held open; ffprobe/ffmpeg get it as
+`file:/proc/self/fd/N` (the fd is passed to the child), so they read exactly the checked file.
+Every input gets `-protocol_whitelist file` and `-format_whitelist DEMUXERS`: a playlist or
+concat list named .mp4 cannot make ffmpeg open any other file. Each child leads its own
+process group, killed whole at the deadline.
 
 Frame indices are presentation-order indices of the decoded frames, counted from 0, the way
 a decoder hands them out (PyAV's `container.decode(stream)` enumerates the same frames).
@@ -37,6 +46,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import signal
+import stat
 import subprocess
 import tempfile
 import threading
@@ -67,20 +79,86 @@ class _Deadline:
         return max(0.0, self.end - time.monotonic())
 
 
+# the demuxers ffprobe/ffmpeg may use on an input (ffmpeg's -format_whitelist): containers that
+# hold their media themselves. Playlists and lists of other files (hls, concat/ffconcat, dash,
+# image2 globs, tee, data, subfile, lavfi, ...) are refused as unsupported_container, so a file
+# in the corpus can never make ffmpeg open another one. REELFORGE_VIDEO_DEMUXERS overrides it.
+DEMUXERS = os.environ.get("REELFORGE_VIDEO_DEMUXERS", "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts")
+PROTOCOLS = "file"  # ffmpeg's -protocol_whitelist on every input: local files only
+
+
+def _in_opts() -> dict[str, str]:
+    """Input options every ffprobe/ffmpeg input gets (before its -i)."""
+    return {"protocol_whitelist": PROTOCOLS, "format_whitelist": DEMUXERS}
+
+
+def _in_args() -> list[str]:
+    return [a for k, v in _in_opts().items() for a in (f"-{k}", v)]
+
+
 def _url(path: str) -> str:
     """A local path as an ffmpeg URL: `file:` so names with ':' or a leading '-' stay names."""
     return "file:" + os.path.abspath(os.fspath(path))
 
 
-def _check_file(path: str) -> None:
+class _Src:
+    """An input checked and held open for ffmpeg: a regular file, non-empty, reopened by the
+    child through /proc/self/fd/N (the fd is passed to it), so the name is looked up once."""
+
+    def __init__(self, path: str | int):
+        from curation.containment import HAVE_PROC_FD, ContainmentError, open_regular
+
+        self.own = not isinstance(path, int)
+        if self.own:
+            self.name = os.fspath(path)
+            canon = os.path.realpath(os.path.abspath(self.name))
+            try:
+                self.fd = open_regular(canon)
+            except ContainmentError as e:
+                # video.py's contract: anything that is not a regular file is missing_file
+                raise ProbeError("outside_root" if e.reason == "outside_root" else "missing_file",
+                                 f"{self.name}: {e.detail}") from None
+        else:
+            self.fd = int(path)
+            canon = _fd_name(self.fd)
+            self.name = canon
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProbeError("missing_file", f"{self.name} is not a regular file")
+            if st.st_size == 0:
+                raise ProbeError("empty_file", f"{self.name} has 0 bytes")
+            if HAVE_PROC_FD:
+                self.url, self.fds = f"file:/proc/self/fd/{self.fd}", (self.fd,)
+            elif self.own:
+                self.url, self.fds = _url(canon), ()
+            else:
+                raise ValueError("a file descriptor as input needs /proc/self/fd; pass the path")
+        except BaseException:
+            self.close()
+            raise
+
+    def tidy(self, text: str) -> str:
+        """ffmpeg's message with the file's name in place of its /proc/self/fd URL."""
+        return text.replace(self.url, self.name).replace(self.url[5:], self.name)
+
+    def close(self) -> None:
+        if self.own and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "_Src":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _fd_name(fd: int) -> str:
     try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ProbeError("missing_file", f"{path}: {e.strerror or e}") from e
-    if not os.path.isfile(path):
-        raise ProbeError("missing_file", f"{path} is not a regular file")
-    if st.st_size == 0:
-        raise ProbeError("empty_file", f"{path} has 0 bytes")
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return f"fd {fd}"
 
 
 def _last_line(stderr: bytes | str | None, default: str) -> str:
@@ -90,18 +168,63 @@ def _last_line(stderr: bytes | str | None, default: str) -> str:
     return lines[-1][:300] if lines else default
 
 
+_NOT_ON_WHITELIST = re.compile(r"\[([\w,-]+) @ [^\]]*\] (Format|Protocol) '?([^']*?)'? ?not on whitelist")
+
+
+def _refused(stderr: bytes | str | None, src: _Src | None) -> ProbeError | None:
+    """unsupported_container when ffmpeg refused the input's format (a playlist, a concat list,
+    ...) or a protocol it tried to open; None otherwise."""
+    if isinstance(stderr, bytes):
+        stderr = stderr.decode("utf-8", "replace")
+    if not stderr or "not on whitelist" not in stderr:
+        return None
+    m = _NOT_ON_WHITELIST.search(stderr)
+    name = src.name if src is not None else "the input"
+    if m and m.group(2) == "Format":
+        return ProbeError("unsupported_container", f"{name} is a {m.group(1)} file, not one of the containers "
+                                                   f"read ({DEMUXERS}); it is never followed to other files")
+    return ProbeError("unsupported_container",
+                      f"{name}: {_last_line(src.tidy(stderr) if src else stderr, 'refused by the whitelists')}")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child's whole process group (it leads one: start_new_session), then the child."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.kill()
+
+
+def _spawn(cmd: list[str], src: _Src | None) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            pass_fds=src.fds if src is not None else (), start_new_session=True)
+
+
 def _run(cmd: list[str], timeout_s: float, timeout_reason: str, error_reason: str,
-         what: str) -> subprocess.CompletedProcess:
-    """subprocess.run under a timeout (the child is killed on expiry); failures are ProbeErrors."""
+         what: str, src: _Src | None = None) -> subprocess.CompletedProcess:
+    """Run under a timeout (the child's whole process group is killed on expiry); failures are ProbeErrors."""
     if timeout_s <= 0:
         raise ProbeError(timeout_reason, f"{what}: no time left of the deadline")
+    proc = _spawn(cmd, src)
     try:
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s)
+        out, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
+        _kill_group(proc)
+        proc.communicate()
         raise ProbeError(timeout_reason, f"{what} took longer than {timeout_s:.3g}s") from e
-    if res.returncode != 0:
-        raise ProbeError(error_reason, f"{what}: {_last_line(res.stderr, f'exit status {res.returncode}')}")
-    return res
+    except BaseException:
+        _kill_group(proc)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        refused = _refused(err, src)
+        if refused is not None:
+            raise refused
+        text = src.tidy(err.decode("utf-8", "replace")) if src is not None else err
+        raise ProbeError(error_reason, f"{what}: {_last_line(text, f'exit status {proc.returncode}')}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @lru_cache(maxsize=None)
@@ -161,12 +284,11 @@ def _display_size(info: dict, autorotate: bool = True) -> tuple[int, int]:
     return w, h
 
 
-def _probe_for(path: str, info: dict | None, deadline: _Deadline, timeout_reason: str) -> dict:
+def _probe_for(src: _Src, info: dict | None, deadline: _Deadline, timeout_reason: str) -> dict:
     if info is not None:
-        _check_file(path)
         return info
     try:
-        return probe_video(path, deadline.left())
+        return _probe(src, deadline.left())
     except ProbeError as e:
         if e.reason == "probe_timeout":  # the caller's deadline, spent in the probe
             raise ProbeError(timeout_reason, f"ran past {deadline.timeout_s:.3g}s while probing") from e
@@ -175,16 +297,24 @@ def _probe_for(path: str, info: dict | None, deadline: _Deadline, timeout_reason
 
 # ----------------------------------------------------------------------------- probe
 
-def probe_video(path: str, timeout_s: float = 30.0) -> dict[str, Any]:
+def probe_video(path: str | int, timeout_s: float = 30.0) -> dict[str, Any]:
     """One ffprobe call: what `probe.probe_video_file` returns, plus rotation and audio facts.
 
     Keys: format, width, height (stored frame size), duration (s), fps, frames, codec,
     rotation (clockwise degrees a player applies), display_width, display_height (after the
     rotation), has_audio, audio_codec.
+
+    `path` (as everywhere in this module) is a path, or an fd open on a regular file (from
+    `containment.open_regular`; ffmpeg then reads that very file, the name is not looked up again).
     """
-    _check_file(path)
-    cmd = [ffprobe_path(), "-v", "error", "-print_format", "json", "-show_format", "-show_streams", _url(path)]
-    res = _run(cmd, timeout_s, "probe_timeout", "corrupt_video", "ffprobe")
+    with _Src(path) as src:
+        return _probe(src, timeout_s)
+
+
+def _probe(src: _Src, timeout_s: float) -> dict[str, Any]:
+    cmd = [ffprobe_path(), "-v", "error", *_in_args(), "-print_format", "json", "-show_format", "-show_streams",
+           src.url]
+    res = _run(cmd, timeout_s, "probe_timeout", "corrupt_video", "ffprobe", src)
     try:
         info = json.loads(res.stdout.decode("utf-8", "replace") or "{}")
     except ValueError as e:
@@ -253,7 +383,7 @@ def _select_expr(sorted_unique: list[int]) -> str:
     return "select=" + "+".join(terms)
 
 
-def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | None = None,
+def decode_frames(path: str | int, indices: Sequence[int], size: tuple[int, int] | None = None,
                   timeout_s: float = 120.0, *, past_end: str = "error", autorotate: bool = True,
                   threads: int | None = None) -> np.ndarray:
     """Decode exactly the frames with these indices as an N x H x W x 3 uint8 RGB array.
@@ -282,27 +412,32 @@ def decode_frames(path: str, indices: Sequence[int], size: tuple[int, int] | Non
         raise ValueError("frame indices must be >= 0")
     if size is not None and (len(size) != 2 or int(size[0]) <= 0 or int(size[1]) <= 0):
         raise ValueError(f"size must be (height, width) > 0, got {size!r}")
-    _check_file(path)
+    with _Src(path) as src:
+        return _decode_frames(src, idx, size, deadline, past_end, autorotate, threads)
+
+
+def _decode_frames(src: _Src, idx: list[int], size: tuple[int, int] | None, deadline: _Deadline, past_end: str,
+                   autorotate: bool, threads: int | None) -> np.ndarray:
     if not idx:
-        info = _probe_for(path, None, deadline, "decode_timeout")
+        info = _probe_for(src, None, deadline, "decode_timeout")
         w, h = _display_size(info, autorotate)
         return np.empty((0, int(size[0]), int(size[1]), 3) if size else (0, h, w, 3), np.uint8)
     uniq = sorted(set(idx))
     try:
-        frames = _decode_selected(path, uniq, size, deadline, autorotate, threads)
+        frames = _decode_selected(src, uniq, size, deadline, autorotate, threads)
     except _EndedEarly as e:
         if e.errors or e.decoded == 0:
-            _probe_for(path, None, deadline, "decode_timeout")  # a precise reason for a bad file, if any
+            _probe_for(src, None, deadline, "decode_timeout")  # a precise reason for a bad file, if any
             raise ProbeError("decode_error", f"the stream ended after {e.decoded} frames, before frame "
                                              f"{uniq[e.got]}: {e.errors or 'no frame decoded'}") from None
         if past_end == "error":
             raise ProbeError("frame_out_of_range", f"frame {uniq[e.got]} requested, the video has "
                                                    f"{e.decoded} frames") from None
-        return decode_frames(path, [min(i, e.decoded - 1) for i in idx], size, deadline.left(),
-                             past_end="error", autorotate=autorotate, threads=threads)
+        return _decode_frames(src, [min(i, e.decoded - 1) for i in idx], size, deadline, "error", autorotate,
+                              threads)
     except ProbeError as e:
         if e.reason == "decode_error":
-            _probe_for(path, None, deadline, "decode_timeout")
+            _probe_for(src, None, deadline, "decode_timeout")
         raise
     if idx == uniq:
         return frames
@@ -316,7 +451,7 @@ class _EndedEarly(Exception):
         self.got, self.decoded, self.errors = got, decoded, errors
 
 
-def _decode_selected(path: str, uniq: list[int], size: tuple[int, int] | None, deadline: _Deadline,
+def _decode_selected(src: _Src, uniq: list[int], size: tuple[int, int] | None, deadline: _Deadline,
                      autorotate: bool, threads: int | None) -> np.ndarray:
     # the two metadata filters print one line per decoded frame to stderr, so when the stream
     # ends early we know how many frames it had; select keeps the wanted ones
@@ -341,8 +476,9 @@ def _decode_selected(path: str, uniq: list[int], size: tuple[int, int] | None, d
             out_kw["filter_script:v"] = script
         else:
             out_kw["vf"] = vf
-        cmd = ffmpeg.input(_url(path), **in_kw).output("pipe:", **out_kw).compile(cmd=_ffmpeg_cmd())
-        return _read_ppm_frames(cmd, len(uniq), deadline)
+        cmd = (ffmpeg.input(src.url, **in_kw, **_in_opts()).output("pipe:", **out_kw)
+               .compile(cmd=_ffmpeg_cmd()))
+        return _read_ppm_frames(cmd, len(uniq), deadline, src)
     finally:
         if script:
             os.unlink(script)
@@ -351,11 +487,11 @@ def _decode_selected(path: str, uniq: list[int], size: tuple[int, int] | None, d
 class _Ffmpeg:
     """An ffmpeg child whose stdout is read by the caller, killed at the deadline, stderr drained."""
 
-    def __init__(self, cmd: list[str], deadline: _Deadline, what: str):
+    def __init__(self, cmd: list[str], deadline: _Deadline, what: str, src: _Src | None = None):
         if deadline.left() <= 0:
             raise ProbeError("decode_timeout", f"no time left of {deadline.timeout_s:.3g}s for {what}")
-        self.deadline, self.what = deadline, what
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.deadline, self.what, self.src = deadline, what, src
+        self.proc = _spawn(cmd, src)
         self.timed_out = threading.Event()
         self._err: list[bytes] = []
         self._drain = threading.Thread(target=lambda: self._err.append(self.proc.stderr.read()), daemon=True)
@@ -366,7 +502,7 @@ class _Ffmpeg:
 
     def _kill(self) -> None:
         self.timed_out.set()
-        self.proc.kill()
+        _kill_group(self.proc)
 
     def readinto(self, buf: memoryview) -> int:
         """Fill buf from stdout; fewer bytes only at the end of the stream."""
@@ -389,20 +525,24 @@ class _Ffmpeg:
         if self.timed_out.is_set():
             raise ProbeError("decode_timeout", f"{self.what} took longer than {self.deadline.timeout_s:.3g}s")
         if rc != 0:
-            raise ProbeError("decode_error", f"{self.what}: {_last_line(err, f'ffmpeg exit status {rc}')}")
+            refused = _refused(err, self.src)
+            if refused is not None:
+                raise refused
+            text = self.src.tidy(err.decode("utf-8", "replace")) if self.src is not None else err
+            raise ProbeError("decode_error", f"{self.what}: {_last_line(text, f'ffmpeg exit status {rc}')}")
         return err
 
     def close(self) -> None:
         self._timer.cancel()
         if self.proc.poll() is None:
-            self.proc.kill()
+            _kill_group(self.proc)
             self.proc.wait()
         self._drain.join(5)
 
 
-def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
+def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline, src: _Src) -> np.ndarray:
     """Read n binary PPM frames (all one size) from ffmpeg's stdout into one array."""
-    ff = _Ffmpeg(cmd, deadline, "decoding")
+    ff = _Ffmpeg(cmd, deadline, "decoding", src)
     out: np.ndarray | None = None
     got = 0
     problem = None
@@ -441,11 +581,11 @@ def _read_ppm_frames(cmd: list[str], n: int, deadline: _Deadline) -> np.ndarray:
         lines = err.decode("utf-8", "replace").splitlines()
         decoded = sum(1 for ln in lines if ln.startswith("frame:"))
         errors = [ln.strip() for ln in lines if ln.strip() and not ln.startswith(("frame:", "rf="))]
-        raise _EndedEarly(got, decoded, errors[-1][:300] if errors else "")
+        raise _EndedEarly(got, decoded, src.tidy(errors[-1])[:300] if errors else "")
     return out
 
 
-def frame_phashes(path: str, indices: Sequence[int], timeout_s: float = 120.0, *,
+def frame_phashes(path: str | int, indices: Sequence[int], timeout_s: float = 120.0, *,
                   size: tuple[int, int] = (64, 64), past_end: str = "clamp") -> list[int]:
     """64-bit pHash (`phash.phash_rgb`) of each frame with these indices.
 
@@ -483,7 +623,7 @@ def _parse_times(text: str) -> list[float]:
     return times
 
 
-def _content_diffs(path: str, info: dict, deadline: _Deadline, threads: int | None, flash_frames: int,
+def _content_diffs(src: _Src, info: dict, deadline: _Deadline, threads: int | None, flash_frames: int,
                    cand_levels: float) -> tuple[np.ndarray, np.ndarray, dict[int, float]]:
     """Per frame k: time (s from the first frame), d_k = mean |thumb_k - thumb_{k-1}| (0..255),
     and for frames with d_k > cand_levels the smallest of |thumb_{k+j} - thumb_{k-1}| and
@@ -498,7 +638,7 @@ def _content_diffs(path: str, info: dict, deadline: _Deadline, threads: int | No
     # the two metadata filters only print each frame's pts_time (to stderr; stdout has the thumbnails)
     vf = (f"scale={t}:{t}:flags=area,format=yuv444p,metadata=add:key=rf:value=1,"
           "metadata=print:key=rf:file=pipe\\\\:2")
-    cmd = (ffmpeg.input(_url(path), **in_kw)
+    cmd = (ffmpeg.input(src.url, **in_kw, **_in_opts())
            .output("pipe:", vf=vf, format="rawvideo", pix_fmt="yuv444p", map="0:v:0", **_passthrough())
            .compile(cmd=_ffmpeg_cmd()))
     fsize = 3 * t * t
@@ -510,7 +650,7 @@ def _content_diffs(path: str, info: dict, deadline: _Deadline, threads: int | No
     hist_start = 0                  # global index of hist[0]
     pending: list[int] = []
     n = 0
-    ff = _Ffmpeg(cmd, deadline, "shot detection")
+    ff = _Ffmpeg(cmd, deadline, "shot detection", src)
     try:
         while True:
             got = ff.readinto(mv)
@@ -570,17 +710,18 @@ def _neighbour_mean(d: np.ndarray, w: int = _WINDOW) -> np.ndarray:
     return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0)
 
 
-def scene_scores(path: str, timeout_s: float = 300.0, *, threads: int | None = None,
+def scene_scores(path: str | int, timeout_s: float = 300.0, *, threads: int | None = None,
                  info: dict | None = None) -> list[tuple[float, float]]:
     """(time in s from the first frame, content score in [0, 1]) for every frame; see detect_shots."""
     deadline = _Deadline(timeout_s)
-    info = _probe_for(path, info, deadline, "decode_timeout")
-    tt, d, _ = _content_diffs(path, info, deadline, threads, 0, float("inf"))
+    with _Src(path) as src:
+        info = _probe_for(src, info, deadline, "decode_timeout")
+        tt, d, _ = _content_diffs(src, info, deadline, threads, 0, float("inf"))
     score = np.clip((d - _neighbour_mean(d)) / _SCORE_UNIT, 0.0, 1.0)
     return [(float(a), float(b)) for a, b in zip(tt, score)]
 
 
-def _ffmpeg_scene_scores(path: str, deadline: _Deadline, threads: int | None) -> list[tuple[float, float]]:
+def _ffmpeg_scene_scores(src: _Src, deadline: _Deadline, threads: int | None) -> list[tuple[float, float]]:
     """ffmpeg's own `scene` score of every full-size frame (select filter), for method="ffmpeg"."""
     import ffmpeg
 
@@ -588,10 +729,10 @@ def _ffmpeg_scene_scores(path: str, deadline: _Deadline, threads: int | None) ->
     if threads:
         in_kw["threads"] = int(threads)
     vf = r"select=gte(scene\,0),metadata=print:key=lavfi.scene_score:file=-"
-    cmd = (ffmpeg.input(_url(path), **in_kw)
+    cmd = (ffmpeg.input(src.url, **in_kw, **_in_opts())
            .output("-", vf=vf, format="null", map="0:v:0", **_passthrough())
            .compile(cmd=_ffmpeg_cmd()))
-    res = _run(cmd, deadline.left(), "decode_timeout", "decode_error", "ffmpeg scene detection")
+    res = _run(cmd, deadline.left(), "decode_timeout", "decode_error", "ffmpeg scene detection", src)
     times = _parse_times(res.stdout.decode("utf-8", "replace"))
     scores = [float(ln.split("=", 1)[1]) for ln in res.stdout.decode("utf-8", "replace").splitlines()
               if ln.startswith("lavfi.scene_score=")]
@@ -599,7 +740,7 @@ def _ffmpeg_scene_scores(path: str, deadline: _Deadline, threads: int | None) ->
     return [(t - pairs[0][0], s) for t, s in pairs] if pairs else []
 
 
-def detect_shots(path: str, threshold: float = 0.3, min_shot_s: float = 0.5, timeout_s: float = 300.0, *,
+def detect_shots(path: str | int, threshold: float = 0.3, min_shot_s: float = 0.5, timeout_s: float = 300.0, *,
                  method: str = "content", threads: int | None = None, info: dict | None = None) -> list[float]:
     """Cut times (s from the first frame, ascending): the time of the first frame of each new shot.
 
@@ -618,17 +759,25 @@ def detect_shots(path: str, threshold: float = 0.3, min_shot_s: float = 0.5, tim
     dropped, so no shot is shorter than `min_shot_s`. Gradual transitions (fades, dissolves)
     are not detected by either method.
     """
+    if method not in ("content", "ffmpeg"):
+        raise ValueError(f"method must be 'content' or 'ffmpeg', not {method!r}")
     deadline = _Deadline(timeout_s)
-    info = _probe_for(path, info, deadline, "decode_timeout")
+    with _Src(path) as src:
+        info = _probe_for(src, info, deadline, "decode_timeout")
+        return _detect_shots(src, info, deadline, threshold, min_shot_s, method, threads)
+
+
+def _detect_shots(src: _Src, info: dict, deadline: _Deadline, threshold: float, min_shot_s: float, method: str,
+                  threads: int | None) -> list[float]:
     fps = info.get("fps") or 25.0
     if method == "ffmpeg":
-        pairs = _ffmpeg_scene_scores(path, deadline, threads)
+        pairs = _ffmpeg_scene_scores(src, deadline, threads)
         tt = np.asarray([p[0] for p in pairs], np.float64)
         score = np.asarray([p[1] for p in pairs], np.float64)
         is_cut = score > threshold
     elif method == "content":
         flash = int(min(12, max(2, round(0.2 * fps))))
-        tt, d, back = _content_diffs(path, info, deadline, threads, flash, threshold * _SCORE_UNIT)
+        tt, d, back = _content_diffs(src, info, deadline, threads, flash, threshold * _SCORE_UNIT)
         m = _neighbour_mean(d)
         score = np.clip((d - m) / _SCORE_UNIT, 0.0, 1.0)
         is_cut = score > threshold
@@ -692,11 +841,18 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2.0)) * 2)
 
 
-def _encode(path: str, out_path: str, start: float | None, end: float | None, max_side: int | None,
+def _encode(path: str | int, out_path: str, start: float | None, end: float | None, max_side: int | None,
             fps: float | None, crf: float, preset: str, audio: bool, timeout_s: float,
             info: dict | None) -> dict[str, Any]:
     deadline = _Deadline(timeout_s)
-    info = _probe_for(path, info, deadline, "transcode_timeout")
+    with _Src(path) as src:
+        info = _probe_for(src, info, deadline, "transcode_timeout")
+        return _encode_src(src, out_path, start, end, max_side, fps, crf, preset, audio, deadline, info)
+
+
+def _encode_src(src: _Src, out_path: str, start: float | None, end: float | None, max_side: int | None,
+                fps: float | None, crf: float, preset: str, audio: bool, deadline: _Deadline,
+                info: dict) -> dict[str, Any]:
     w, h = _display_size(info)  # ffmpeg autorotates first; sizes below are upright sizes
     filters = []
     if max_side and max(w, h) > int(max_side):
@@ -720,7 +876,7 @@ def _encode(path: str, out_path: str, start: float | None, end: float | None, ma
                               "dn": None, "map_chapters": "-1"}
     if end is not None:
         out_kw["t"] = f"{max(0.0, end - (start or 0.0)):.6f}"
-    stream = ffmpeg.input(_url(path), **in_kw)
+    stream = ffmpeg.input(src.url, **in_kw, **_in_opts())
     if audio and info.get("has_audio"):
         out = ffmpeg.output(stream["v:0"], stream["a:0"], _url(out_path + ".part"),
                             **out_kw, **{"c:a": "aac", "b:a": "128k"})
@@ -728,20 +884,22 @@ def _encode(path: str, out_path: str, start: float | None, end: float | None, ma
         out = ffmpeg.output(stream["v:0"], _url(out_path + ".part"), **out_kw, an=None)
     cmd = out.compile(cmd=_ffmpeg_cmd(), overwrite_output=True)
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    if os.path.lexists(out_path + ".part"):  # never write through whatever a crashed run (or anyone) left
+        os.unlink(out_path + ".part")
     try:
-        _run(cmd, deadline.left(), "transcode_timeout", "transcode_error", "ffmpeg encode")
+        _run(cmd, deadline.left(), "transcode_timeout", "transcode_error", "ffmpeg encode", src)
         try:
             result = probe_video(out_path + ".part", max(deadline.left(), 1.0))
         except ProbeError as e:
             raise ProbeError("transcode_error", f"the output does not probe: {e}") from e
         os.replace(out_path + ".part", out_path)
     finally:
-        if os.path.exists(out_path + ".part"):
+        if os.path.lexists(out_path + ".part"):
             os.unlink(out_path + ".part")
     return result
 
 
-def cut_clip(path: str, start: float, end: float, out_path: str, timeout_s: float = 300.0, *,
+def cut_clip(path: str | int, start: float, end: float, out_path: str, timeout_s: float = 300.0, *,
              max_side: int | None = None, fps: float | None = None, crf: float = 23, preset: str = "veryfast",
              audio: bool = True, info: dict | None = None) -> dict[str, Any]:
     """Re-encode [start, end) seconds of `path` (frame-accurate) as a normalised H.264 MP4.
@@ -753,7 +911,7 @@ def cut_clip(path: str, start: float, end: float, out_path: str, timeout_s: floa
     return _encode(path, out_path, float(start), float(end), max_side, fps, crf, preset, audio, timeout_s, info)
 
 
-def transcode(path: str, out_path: str, max_side: int | None = None, fps: float | None = None, crf: float = 23,
+def transcode(path: str | int, out_path: str, max_side: int | None = None, fps: float | None = None, crf: float = 23,
               timeout_s: float = 300.0, *, preset: str = "veryfast", audio: bool = True,
               info: dict | None = None) -> dict[str, Any]:
     """Normalised H.264 MP4: yuv420p, even upright dimensions, `+faststart`, first video stream
