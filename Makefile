@@ -20,19 +20,21 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	@touch $(STAMP)
 
-# A Java runtime Spark 4 accepts (17 or 21) and ffmpeg/ffprobe: system packages when we are root.
+# A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, and bubblewrap (the think-with-image
+# sandbox's namespaces): system packages when we are root.
 system:
 	@java_ok=0; if command -v java >/dev/null 2>&1; then \
 	  v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
 	  [ -n "$$v" ] && [ "$$v" -ge 17 ] && java_ok=1; fi; \
 	need=""; [ $$java_ok = 1 ] || need="$$need openjdk-17-jre-headless"; \
 	command -v ffprobe >/dev/null 2>&1 && command -v ffmpeg >/dev/null 2>&1 || need="$$need ffmpeg"; \
+	command -v bwrap >/dev/null 2>&1 || need="$$need bubblewrap"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing system packages:$$need"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	  else \
-	    echo "reelforge needs:$$need (a Java 17/21 runtime for Spark and ffmpeg with ffprobe); install them with your package manager, e.g. 'sudo apt-get install$$need', then re-run make." >&2; exit 1; \
+	    echo "reelforge needs:$$need (a Java 17/21 runtime for Spark, ffmpeg with ffprobe, bubblewrap for the sandbox); install them with your package manager, e.g. 'sudo apt-get install$$need', then re-run make." >&2; exit 1; \
 	  fi; \
 	fi
 
