@@ -88,13 +88,92 @@ class Recipe:
     spark: dict
     raw: dict
     base_dir: str
+    digests: dict | None = field(default=None, repr=False)  # source file -> sha256 of its content
+
+    def source_digests(self, cache_path: str | None = None, hash_many=None) -> dict[str, str]:
+        """sha256 of every source file's content, computed once per Recipe (see content_digests)."""
+        if self.digests is None:
+            self.digests = content_digests(sorted({p for s in self.sources for p in s.paths}), cache_path, hash_many)
+        return self.digests
 
     def fingerprint(self, upto: int) -> str:
-        """Hash of what determines the output of steps[:upto] (sources and their files too)."""
-        files = [(s.name, s.format, s.options, [(p, os.path.getsize(p), int(os.path.getmtime(p)))
-                                                for p in s.paths]) for s in self.sources]
+        """Hash of what determines the output of steps[:upto]: the steps, the sources and the
+        content of their files (an edit that keeps a file's size and mtime still shows)."""
+        digests = self.source_digests()
+        files = [(s.name, s.format, s.options, [(p, digests[p]) for p in s.paths]) for s in self.sources]
         body = {"sources": files, "steps": [(s.name, s.params) for s in self.steps[:upto]]}
         return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_key(path: str) -> list[int]:
+    # ctime too: os.utime can put size and mtime back after an edit, but nothing resets ctime
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def content_digests(paths: list[str], cache_path: str | None = None, hash_many=None) -> dict[str, str]:
+    """{path: sha256 of its content}. Digests are cached in `cache_path` (JSON) under the file's
+    (size, mtime_ns, ctime_ns, inode, device): an unchanged file is not read again. Files to hash
+    go to `hash_many(paths) -> {path: digest}` when given (the job hashes in executors), else
+    are hashed here. A missing or corrupt cache is rebuilt; it is written atomically."""
+    cache: dict = {}
+    if cache_path and os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                loaded = json.load(f)
+            cache = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            cache = {}
+    keys = {p: _stat_key(p) for p in paths}
+    out: dict[str, str] = {}
+    todo = []
+    for p in paths:
+        hit = cache.get(p)
+        if isinstance(hit, dict) and hit.get("key") == keys[p] and isinstance(hit.get("sha256"), str):
+            out[p] = hit["sha256"]
+        else:
+            todo.append(p)
+    if todo:
+        new = hash_many(todo) if hash_many is not None else {p: sha256_file(p) for p in todo}
+        out.update({p: new[p] for p in todo})
+        if cache_path:
+            fresh = {p: {"key": keys[p], "sha256": out[p]} for p in paths}
+            tmp = f"{cache_path}.tmp-{os.getpid()}"
+            try:
+                with open(tmp, "w") as f:
+                    json.dump(fresh, f)
+                os.replace(tmp, cache_path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+    return out
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _folders(value, base: str, where: str) -> list[str]:
+    """A recipe list of existing folders, made absolute against the recipe's folder."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise RecipeError(f"recipe field `{where}` must be a list of folders media may be read from, got {value!r}.")
+    out = []
+    for j, v in enumerate(value):
+        p = os.path.join(base, v) if isinstance(v, str) and v else None
+        if p is None or not os.path.isdir(p):
+            raise RecipeError(f"recipe field `{where}[{j}]` must be an existing folder, got {v!r}.")
+        out.append(os.path.abspath(p))
+    return out
 
 
 def _expand(path: str, fmt: str, base: str, where: str) -> tuple[list[str], str]:
@@ -141,6 +220,21 @@ def _step_params(cls: type) -> dict[str, inspect.Parameter]:
     return params
 
 
+def _check_output_apart(out: str, sources: list[Source], scanned: list[tuple[str, str]]) -> None:
+    """The output folder must not hold a source's files, nor lie where a source searches:
+    a run would delete or re-read its own input."""
+    canon = os.path.realpath(out)
+    for i, s in enumerate(sources):
+        for p in s.paths:
+            if _inside(os.path.realpath(p), canon):
+                raise RecipeError(f"output folder {out} holds {p}, an input of source `sources[{i}]` "
+                                  f"({s.name}): pass --out with a folder outside the corpus.")
+    for root, where in scanned:
+        if _inside(canon, os.path.realpath(root)):
+            raise RecipeError(f"output folder {out} is inside {root}, which recipe field `{where}` searches "
+                              "for input: pass --out with a folder outside it.")
+
+
 def load_recipe(path: str, out: str | None = None) -> Recipe:
     if not os.path.exists(path):
         raise RecipeError(f"recipe file {path} does not exist: pass the path of a recipe YAML.")
@@ -150,7 +244,8 @@ def load_recipe(path: str, out: str | None = None) -> Recipe:
 def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError("a recipe must be a YAML mapping with `sources`, `steps` and `output`.")
-    _check_keys(raw, {"name", "seed", "sources", "steps", "output", "spark"}, "recipe")
+    _check_keys(raw, {"name", "seed", "sources", "steps", "output", "spark", "roots"}, "recipe")
+    top_roots = _folders(raw["roots"], base_dir, "roots") if raw.get("roots") is not None else []
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise RecipeError(f"recipe field `seed` must be an integer, got {seed!r}.")
@@ -160,6 +255,7 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
                           "(each with name, format and path).")
     sources: list[Source] = []
     names: set[str] = set()
+    scanned: list[tuple[str, str]] = []  # (folder a source searches recursively, its field)
     for i, s in enumerate(srcs):
         where = f"sources[{i}]"
         if not isinstance(s, dict):
@@ -185,11 +281,23 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         for p in plist:
             found, root = _expand(p, fmt, base_dir, f"{where}.path")
             files += found
-        opts = s.get("options") or {}
-        if not isinstance(opts, dict):
+            full = p if os.path.isabs(p) else os.path.join(base_dir, p)
+            if os.path.isdir(full) or "**" in p:
+                scanned.append((root, f"{where}.path"))
+        if not isinstance(s.get("options") or {}, dict):
             raise RecipeError(f"recipe field `{where}.options` must be a mapping.")
-        if "media_root" in opts and not os.path.isabs(opts["media_root"]):
-            opts["media_root"] = os.path.join(base_dir, opts["media_root"])
+        opts = dict(s.get("options") or {})
+        if "media_root" in opts:
+            mr = opts["media_root"]
+            if not isinstance(mr, str) or not mr:
+                raise RecipeError(f"recipe field `{where}.options.media_root` must be a folder path, got {mr!r}.")
+            if not os.path.isabs(mr):
+                opts["media_root"] = os.path.join(base_dir, mr)
+        own_roots = _folders(opts["roots"], base_dir, f"{where}.options.roots") if opts.get("roots") is not None else []
+        if top_roots or own_roots:
+            opts["roots"] = list(dict.fromkeys(top_roots + own_roots))
+        else:
+            opts.pop("roots", None)
         sources.append(Source(name, fmt, sorted(set(files)), opts, root))
 
     known = _steps()
@@ -244,6 +352,7 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         raise RecipeError("recipe field `output.path` is missing: name an output folder, or pass --out.")
     if not os.path.isabs(out_path) and out is None:
         out_path = os.path.join(base_dir, out_path)
+    _check_output_apart(os.path.abspath(out_path), sources, scanned)
     shards = dict(output.get("shards") or {})
     _check_keys(shards, {"max_samples", "max_bytes", "shuffle", "prefix"}, "output.shards")
     ms = shards.get("max_samples", 1000)

@@ -42,6 +42,12 @@ def test_good_recipe_parses_with_defaults(base):
     (good(output={"path": "o", "shards": {"max_samples": 0}}), "output.shards.max_samples"),
     (good(seed="x"), "seed"),
     (good(sources=[]), "sources"),
+    (good(roots=5), "roots"),
+    (good(roots=["data", "no-such-folder"]), "roots[1]"),
+    (good(sources=[{"name": "t", "format": "text", "path": "data/t.jsonl", "options": {"roots": [""]}}]),
+     "sources[0].options.roots[0]"),
+    (good(sources=[{"name": "t", "format": "text", "path": "data/t.jsonl", "options": {"media_root": 3}}]),
+     "sources[0].options.media_root"),
 ])
 def test_bad_fields_are_named(base, raw, field):
     with pytest.raises(RecipeError) as e:
@@ -88,3 +94,40 @@ def test_unwritable_output_is_one_sentence(base):
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "cannot be written" in res.stderr and "--out" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_roots_merge_into_each_source(base):
+    (base / "media").mkdir()
+    raw = good(roots=["media"])
+    raw["sources"][0]["options"] = {"roots": ["data"]}
+    r = parse_recipe(raw, str(base))
+    assert r.sources[0].options["roots"] == [str(base / "media"), str(base / "data")]
+    assert "roots" not in parse_recipe(good(), str(base)).sources[0].options
+
+
+def test_output_apart_from_the_sources(base):
+    for out, what in [(str(base / "data"), "holds"), (str(base), "holds"), (str(base / "data" / "sub"), "inside")]:
+        raw = good(sources=[{"name": "t", "format": "text", "path": "data/"}])
+        with pytest.raises(RecipeError, match=what) as e:
+            parse_recipe(raw, str(base), out=out)
+        assert "--out" in str(e.value) and "\n" not in str(e.value)
+    parse_recipe(good(), str(base), out=str(base / "data" / "sub"))  # a single file's folder is not searched
+
+
+def test_content_digests_see_a_same_size_same_mtime_edit(tmp_path):
+    import os
+
+    from jobs.recipe import content_digests
+
+    f, cache = tmp_path / "a.jsonl", str(tmp_path / "digests.json")
+    f.write_text('{"text": "aaaa"}\n')
+    st = f.stat()
+    first = content_digests([str(f)], cache)
+    hashed: list = []
+    assert content_digests([str(f)], cache, hash_many=lambda ps: hashed.extend(ps) or {}) == first
+    assert hashed == []  # unchanged: from the cache
+    f.write_text('{"text": "bbbb"}\n')
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert content_digests([str(f)], cache) != first
+    (tmp_path / "digests.json").write_text("")  # a corrupt cache is rebuilt
+    assert content_digests([str(f)], cache) != first
