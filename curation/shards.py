@@ -104,7 +104,10 @@ def encode_json(obj: dict) -> bytes:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
-def _media_payload(m: dict, ext: str) -> bytes:
+def _media_payload(m: dict, ext: str) -> tuple[bytes, dict]:
+    """The bytes that go into the shard for one medium, and the medium as the shard JSON must
+    describe them: a re-encoded image (GIF, BMP, TIFF -> PNG) gets the format, length and
+    sha256 of the PNG written, never those of the original file."""
     data = read_media_bytes(m)
     fmt = (m.get("format") or "").lower()
     if m["kind"] == "image" and fmt not in EXT_OF_FORMAT:
@@ -112,16 +115,24 @@ def _media_payload(m: dict, ext: str) -> bytes:
 
         buf = io.BytesIO()
         Image.open(io.BytesIO(data)).save(buf, format="PNG")
-        return buf.getvalue()
-    return data
+        png = buf.getvalue()
+        return png, {**m, "format": "png", "length": len(png), "sha256": hashlib.sha256(png).hexdigest()}
+    if m.get("sha256") is not None and hashlib.sha256(data).hexdigest() != m["sha256"]:
+        # the JSON would describe other bytes than the shard holds
+        raise MediaReadError("media_changed", f"{m['uri']} changed since probe (sha256 differs)")
+    return data, m
 
 
 def encode_sample(row: dict) -> dict:
     """Sample row -> {"__key__": id, "json": bytes, "<ext>": media bytes} (raises MediaReadError)."""
     members = media_members(row)
     obj: dict[str, Any] = {"__key__": row["id"]}
+    described = []
     for m, ext in zip(row.get("media") or [], members):
-        obj[ext] = _media_payload(m, ext)
+        obj[ext], d = _media_payload(m, ext)
+        described.append(d)
+    if described:
+        row = {**row, "media": described}
     obj["json"] = encode_json(sample_json(row, [f"{row['id']}.{e}" for e in members]))
     return obj
 
@@ -280,6 +291,15 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
     os.makedirs(stats_dir, exist_ok=True)
 
     def write(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        state: dict = {"current": None}
+        try:
+            yield from write_part(batches, state)
+        except BaseException:
+            if state["current"] is not None:  # a failed write (disk full, ...) leaves no temporary file
+                state["current"].abort()
+            raise
+
+    def write_part(batches: Iterable[pa.RecordBatch], state: dict) -> Iterator[pa.RecordBatch]:
         current: ShardFile | None = None
         current_name = None
         cols = [f.name for f in ARROW_SCHEMA]
@@ -290,7 +310,9 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
                 if name != current_name:
                     if current is not None:
                         _save_stats(stats_dir, current.close())
+                        state["current"] = current = None
                     current, current_name = ShardFile(os.path.join(out_dir, name)), name
+                    state["current"] = current
                 row = {c: r.get(c) for c in cols}
                 try:
                     obj = encode_sample(row)
@@ -308,6 +330,7 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
             yield pa.RecordBatch.from_pylist(results, schema=RESULT_SCHEMA)
         if current is not None:
             _save_stats(stats_dir, current.close())
+            state["current"] = None
 
     results = to_write.mapInArrow(write, out_schema_spark)
     return results, names, stats_dir, keyed

@@ -192,18 +192,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jobs.run import AccountingError, OutputWriteError, io_error_message
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except (RecipeError, SetupError) as e:
         print(f"reelforge: {e}", file=sys.stderr)
         return 2
+    except (OutputWriteError, AccountingError) as e:  # the run's own sentence; exit 1: not the recipe's fault
+        print(f"reelforge: {_one_line(e)}", file=sys.stderr)
+        return 1
     except Exception as e:  # noqa: BLE001 - a model a worker could not load: its sentence, not a JVM trace
         said = worker_user_error(e)
-        if said is None:
-            raise
-        print(f"reelforge: {said}", file=sys.stderr)
-        return 2
+        if said is not None:
+            print(f"reelforge: {said}", file=sys.stderr)
+            return 2
+        io = io_error_message(e)
+        if io is not None:  # disk full, read-only, I/O error in a command other than `run`
+            where = getattr(e, "filename", None)
+            print(f"reelforge: cannot write{f' to {where}' if where else ''}: {io}.", file=sys.stderr)
+            return 1
+        raise
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
 def worker_user_error(e: BaseException) -> str | None:

@@ -1,16 +1,34 @@
 """The curation job: ingest -> recipe steps -> shards, with the ledger and the run report.
 
 Each step's output is saved as Parquet under `<out>/_work/NN_step/` with a fingerprint
-of everything that produced it; a re-run skips the steps whose fingerprint still
-matches, so a crashed job continues instead of starting over.
+of everything that produced it (the steps, the sources and the sha256 of their content);
+a re-run skips the steps whose fingerprint still matches, so a crashed job continues
+instead of starting over. A step marker that cannot be read counts as "not done".
+
+The output folder is the run's own, and the run deletes nothing it did not write:
+- it must be missing, empty, or hold this recipe's run marker (`_reelforge_run.json`);
+  anything else is refused in one sentence before a file is touched (so is a folder that
+  holds, or lies where a source searches for, the inputs: see `jobs.recipe`);
+- one run at a time: `_reelforge.lock` is created atomically with the run's pid and host;
+  a second run is refused, a lock whose pid is dead on this host is taken over;
+- before any shard is written, the previous run's index, report, ledger and samples table
+  are removed (index first), then the shards that index (or an unfinished write) named:
+  a run killed halfway leaves either the old complete output or no index and no report,
+  never a report naming shards that are gone. The index and the report are written last,
+  each atomically (a temporary name, then os.replace);
+- a run that cannot write (disk full, read-only, I/O error) ends in one sentence
+  (`OutputWriteError`) and leaves no temporary files.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
+import re
 import shutil
+import socket
 import time
 from typing import Callable
 
@@ -18,30 +36,290 @@ from jobs.recipe import Recipe, RecipeError
 
 LEDGER_COLUMNS = ["id", "source", "source_key", "source_location", "kind", "fate", "shard",
                   "step", "reason", "detail", "dup_of", "parent_id"]
+RUN_MARKER = "_reelforge_run.json"
+LOCK = "_reelforge.lock"
+STEP_MARKER = "_REELFORGE"
+PENDING = "shards_pending.json"  # under _work: the shard names a write is about to make
+# what a run writes at the top of its output folder (a folder holding only these is a run's)
+OWNED = {"_work", "shards", "ledger", "samples", "report.json", "report.md", "funnel.png", RUN_MARKER, LOCK}
 
 
 class AccountingError(Exception):
     """Inputs != kept + dropped: something was lost, and the run must not pass silently."""
 
 
+class OutputWriteError(Exception):
+    """The output folder cannot take what the run writes (disk full, read-only, I/O error)."""
+
+
+# --- small atomic files ------------------------------------------------------------------
+
+def write_json_atomic(path: str, obj, **kw) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **kw)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_json(path: str):
+    """A JSON file's data, or None when it is missing, empty or corrupt."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _done(path: str, fingerprint: str) -> bool:
-    marker = os.path.join(path, "_REELFORGE")
-    if not os.path.exists(marker):
-        return False
-    with open(marker) as f:
-        return json.load(f).get("fingerprint") == fingerprint
+    marker = _read_json(os.path.join(path, STEP_MARKER))
+    return isinstance(marker, dict) and marker.get("fingerprint") == fingerprint
 
 
 def _mark(path: str, fingerprint: str, **extra) -> None:
-    with open(os.path.join(path, "_REELFORGE"), "w") as f:
-        json.dump({"fingerprint": fingerprint, **extra}, f)
+    write_json_atomic(os.path.join(path, STEP_MARKER), {"fingerprint": fingerprint, **extra})
 
+
+# --- the output folder: ownership and the lock ----------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _legacy_run(out: str, entries: list[str], name: str) -> bool:
+    """An output written before run markers existed: only the names a run writes, its step
+    work folder, and (if any) an index naming this recipe."""
+    if not set(entries) <= OWNED or "_work" not in entries:
+        return False
+    index = _read_json(os.path.join(out, "shards", "index.json"))
+    return index is None or (isinstance(index, dict) and index.get("recipe") == name)
+
+
+def _check_owned(out: str, name: str) -> None:
+    entries = sorted(e for e in os.listdir(out) if e != LOCK)
+    if not entries:
+        return
+    marker_path = os.path.join(out, RUN_MARKER)
+    marker = _read_json(marker_path)
+    if isinstance(marker, dict) and marker.get("recipe") == name:
+        return
+    if isinstance(marker, dict) and "recipe" in marker:
+        raise RecipeError(f"output folder {out} holds the run of recipe {marker['recipe']!r}, not {name!r}: "
+                          "pass --out with another folder (nothing was deleted).")
+    if os.path.lexists(marker_path):
+        raise RecipeError(f"output folder {out} has a run marker that cannot be read ({marker_path}): pass --out "
+                          "with another folder, or delete the marker if the folder is this recipe's output.")
+    if _legacy_run(out, entries, name):
+        return
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise RecipeError(f"output folder {out} already holds files reelforge did not write ({shown}): "
+                      "pass --out with a new or empty folder (nothing was deleted).")
+
+
+def _lock_holder(path: str) -> dict | None:
+    holder = _read_json(path)
+    return holder if isinstance(holder, dict) else None
+
+
+def acquire_lock(out: str, name: str) -> str:
+    """Create `out/_reelforge.lock` atomically (a complete file linked into place, so it is
+    never seen half written); refuse when another live run holds it, take over a lock whose
+    pid is dead on this host. Returns the lock path."""
+    path = os.path.join(out, LOCK)
+    host = socket.gethostname()
+    me = {"pid": os.getpid(), "host": host, "recipe": name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(5):
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(me, f)
+        try:
+            os.link(tmp, path)
+            return path
+        except FileExistsError:
+            pass
+        except OSError as e:  # a filesystem without hard links: O_CREAT|O_EXCL, then the content
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+                return path
+        finally:
+            os.remove(tmp)
+        holder = _lock_holder(path)
+        if holder is None and os.path.exists(path) and time.time() - os.path.getmtime(path) < 10:
+            time.sleep(0.5)  # a lock being written (O_EXCL fallback): look again
+            holder = _lock_holder(path)
+        if holder is not None and holder.get("host") == host and isinstance(holder.get("pid"), int) \
+                and not _pid_alive(holder["pid"]):
+            stale = f"{path}.stale-{os.getpid()}"
+            try:
+                os.rename(path, stale)
+            except FileNotFoundError:
+                continue
+            if _lock_holder(stale) != holder:  # another run took it over in between: give it back
+                try:
+                    os.link(stale, path)
+                except FileExistsError:
+                    pass
+            os.remove(stale)
+            continue
+        if holder is None and not os.path.exists(path):
+            continue
+        who = (f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')}"
+               if holder else "a process whose lock cannot be read")
+        raise RecipeError(f"output folder {out} is in use by another reelforge run ({who}): wait for it "
+                          f"to finish or pass another --out; if no run is alive, delete {path}.")
+    raise RecipeError(f"output folder {out}: could not take the lock {path}; try again.")
+
+
+def release_lock(path: str) -> None:
+    holder = _lock_holder(path)
+    if holder is not None and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+
+
+def claim_output(recipe: Recipe) -> str:
+    """Check the output folder is this run's to write, create it, take the lock and write the
+    run marker. Returns the lock path; raises RecipeError (nothing touched) otherwise."""
+    out = recipe.output
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise RecipeError(f"output folder {out} is a file: pass --out with a folder.")
+    try:
+        if os.path.isdir(out):
+            _check_owned(out, recipe.name)
+        os.makedirs(out, exist_ok=True)
+        lock = acquire_lock(out, recipe.name)
+    except OSError as e:
+        raise RecipeError(f"output folder {out} cannot be written ({e.strerror}): "
+                          "pass --out with a folder you can write.") from e
+    try:
+        _check_owned(out, recipe.name)  # again, now that no other run can be writing it
+        if not isinstance(_read_json(os.path.join(out, RUN_MARKER)), dict):
+            write_json_atomic(os.path.join(out, RUN_MARKER), {"recipe": recipe.name, "tool": "reelforge"})
+        os.makedirs(os.path.join(out, "_work"), exist_ok=True)
+    except OSError as e:
+        release_lock(lock)
+        raise RecipeError(f"output folder {out} cannot be written ({e.strerror}): "
+                          "pass --out with a folder you can write.") from e
+    except BaseException:
+        release_lock(lock)
+        raise
+    return lock
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _clear_previous_output(out: str, shard_dir: str, work: str) -> None:
+    """Remove what the previous run published, the parts that say "complete" first, then the
+    shards it wrote (by name: a file someone else put in shards/ stays)."""
+    index = _read_json(os.path.join(shard_dir, "index.json"))
+    pending = _read_json(os.path.join(work, PENDING))
+    names = set()
+    if isinstance(index, dict):
+        names |= {s.get("shard") for s in index.get("shards") or [] if isinstance(s, dict)}
+    if isinstance(pending, list):
+        names |= set(pending)
+    from mixers.stats import SAMPLES_DIR
+
+    for p in [os.path.join(shard_dir, "index.json"), os.path.join(out, "report.json"),
+              os.path.join(out, "report.md"), os.path.join(out, "funnel.png"),
+              os.path.join(out, "ledger"), os.path.join(out, SAMPLES_DIR)]:
+        _remove(p)
+    for name in names:
+        if isinstance(name, str) and name and os.path.basename(name) == name:
+            _remove(os.path.join(shard_dir, name))
+    _remove_temps(out)
+
+
+def _remove_temps(out: str) -> None:
+    for pattern in ("*.tmp-*", "_work/*.tmp-*", "shards/*.tmp-*", "shards/.stats", "_work/report-staging"):
+        for p in glob.glob(os.path.join(glob.escape(out), pattern)):
+            try:
+                _remove(p)
+            except OSError:
+                pass
+
+
+# --- I/O errors as one sentence ------------------------------------------------------------
+
+_IO_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EDQUOT: "Disk quota exceeded",
+              errno.EROFS: "Read-only file system", errno.EIO: "Input/output error",
+              errno.EFBIG: "File too large"}
+_IO_TEXT = re.compile("|".join(re.escape(t) for t in _IO_ERRNOS.values()), re.I)
+
+
+def io_error_message(e: BaseException) -> str | None:
+    """The strerror of a write failure (disk full, quota, read-only, I/O error) behind `e`,
+    also when Spark wrapped it (PythonException / Py4JJavaError text); None otherwise."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _IO_ERRNOS:
+            return _IO_ERRNOS[e.errno]
+        m = _IO_TEXT.search(str(e))
+        if m:
+            return next(t for t in _IO_ERRNOS.values() if t.lower() == m.group(0).lower())
+        e = e.__cause__ or e.__context__
+    return None
+
+
+# --- the job -------------------------------------------------------------------------------
 
 def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], None] = print,
                spark=None) -> dict:
+    lock = claim_output(recipe)
+    try:
+        return _run(recipe, master, log, spark)
+    except BaseException as e:
+        _remove_temps(recipe.output)
+        said = io_error_message(e) if isinstance(e, Exception) else None
+        if said is not None:
+            raise OutputWriteError(f"cannot write to {recipe.output}: {said}.") from e
+        raise
+    finally:
+        release_lock(lock)
+
+
+def _spark_hasher(spark):
+    from jobs.recipe import sha256_file
+
+    def hash_many(paths: list[str]) -> dict[str, str]:
+        total = sum(os.path.getsize(p) for p in paths)
+        if len(paths) < 2 or total < (256 << 20):
+            return {p: sha256_file(p) for p in paths}
+        sc = spark.sparkContext
+        rdd = sc.parallelize(paths, min(len(paths), sc.defaultParallelism * 4))
+        return dict(rdd.map(lambda p: (p, sha256_file(p))).collect())
+
+    return hash_many
+
+
+def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) -> dict:
     from pyspark.sql import functions as F
 
-    from curation.ingest import ingest
+    from curation.ingest import check_counts, ingest
     from curation.schema import spark_schema
     from curation.shards import read_stats, write_shards
     from jobs.report import build_report, write_report
@@ -50,38 +328,39 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     t_start = time.time()
     out = recipe.output
     work = os.path.join(out, "_work")
-    try:
-        os.makedirs(work, exist_ok=True)
-        with open(os.path.join(work, ".writable"), "w"):
-            pass
-    except OSError as e:
-        raise RecipeError(f"output folder {out} cannot be written ({e.strerror}): "
-                          "pass --out with a folder you can write.") from e
     if spark is None:
         spark = get_spark(master or recipe.spark.get("master"), recipe.spark.get("conf"))
     log(f"reelforge: recipe {recipe.name!r} on {spark.sparkContext.master}, output {out}")
+    recipe.digests = None  # hashed afresh for every run (unchanged files come from the cache)
+    recipe.source_digests(os.path.join(work, "digests.json"), _spark_hasher(spark))
     schema = spark_schema()
     timings: dict[str, float] = {}
 
-    def stage(idx: int, name: str, build) -> str:
+    def stage(idx: int, name: str, build, check=None) -> str:
         path = os.path.join(work, f"{idx:02d}_{name}")
         fp = recipe.fingerprint(idx)
         if _done(path, fp):
             log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name}: already done, reusing {path}")
-            with open(os.path.join(path, "_REELFORGE")) as f:
-                timings[name] = json.load(f).get("seconds", 0.0)
+            marker = _read_json(os.path.join(path, STEP_MARKER)) or {}
+            timings[name] = marker.get("seconds", 0.0)
             return path
         t = time.time()
         log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name} ...")
         build().write.mode("overwrite").parquet(path)
         timings[name] = time.time() - t
         df = spark.read.schema(schema).parquet(path)
+        if check is not None:
+            problems = check(df)
+            if problems:
+                raise AccountingError(f"{name} lost records: " + "; ".join(problems[:5])
+                                      + (f"; and {len(problems) - 5} more files" if len(problems) > 5 else ""))
         dropped = df.filter(F.col("drop_step") == name).count()
         _mark(path, fp, seconds=timings[name])
         log(f"      {name}: {dropped} dropped, {timings[name]:.1f}s")
         return path
 
-    prev = stage(0, "ingest", lambda: ingest(spark, recipe.sources))
+    prev = stage(0, "ingest", lambda: ingest(spark, recipe.sources),
+                 check=lambda df: check_counts(spark, df, recipe.sources))
     for i, spec in enumerate(recipe.steps, 1):
         step = spec.build()
         if hasattr(step, "workdir"):
@@ -94,19 +373,19 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     t = time.time()
     log(f"[{len(recipe.steps) + 2}/{len(recipe.steps) + 2}] write shards ...")
     shard_dir = os.path.join(out, "shards")
-    if os.path.isdir(shard_dir):
-        shutil.rmtree(shard_dir)  # shards are rebuilt whole: a re-run never mixes two runs
-    os.makedirs(shard_dir)
+    _clear_previous_output(out, shard_dir, work)
+    os.makedirs(shard_dir, exist_ok=True)
     sh = recipe.shards
     results, names, stats_dir, keyed = write_shards(
         final, shard_dir, max_samples=sh["max_samples"], max_bytes=sh["max_bytes"],
         shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"])
+    write_json_atomic(os.path.join(work, PENDING), sorted(names.values()))
     results_path = os.path.join(work, "write_results")
     results.write.mode("overwrite").parquet(results_path)
     keyed.unpersist()
     stats = read_stats(stats_dir, names)
     shutil.rmtree(stats_dir, ignore_errors=True)
-    for leftover in glob.glob(os.path.join(shard_dir, "*.tmp-*")):
+    for leftover in glob.glob(os.path.join(glob.escape(shard_dir), "*.tmp-*")):
         os.remove(leftover)
     timings["write"] = time.time() - t
     results = spark.read.parquet(results_path)
@@ -137,11 +416,6 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     kept, n_dropped = fates.get("kept", 0), fates.get("dropped", 0)
     kept_in_shards = sum(s["samples"] for s in stats)
 
-    index = {"recipe": recipe.name, "seed": recipe.seed, "shards": stats,
-             "samples": kept_in_shards, "bytes": sum(s["bytes"] for s in stats),
-             "sources": _sum_sources(stats)}
-    with open(os.path.join(shard_dir, "index.json"), "w") as f:
-        json.dump(index, f, indent=1, sort_keys=True)
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
     from mixers.stats import SAMPLES_DIR, write_sample_stats
 
@@ -153,7 +427,20 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),
                        "ledger": ledger_path, "samples": samples_path, "report": os.path.join(out, "report.md")}
-    write_report(report, out)
+
+    # the index and the report go last, each atomically: they are what says "complete"
+    index = {"recipe": recipe.name, "seed": recipe.seed, "shards": stats,
+             "samples": kept_in_shards, "bytes": sum(s["bytes"] for s in stats),
+             "sources": _sum_sources(stats)}
+    write_json_atomic(os.path.join(shard_dir, "index.json"), index, indent=1, sort_keys=True)
+    staging = os.path.join(work, "report-staging")
+    _remove(staging)
+    os.makedirs(staging)
+    write_report(report, staging)
+    for name in sorted(os.listdir(staging), key=lambda n: n == "report.json"):  # report.json last
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    _remove(staging)
+    _remove(os.path.join(work, PENDING))
     plus = f" + {derived} derived" if derived else ""
     log(f"done in {report['elapsed_s']:.1f}s: {inputs} inputs{plus} = {kept} kept + {n_dropped} dropped, "
         f"{len(stats)} shards")

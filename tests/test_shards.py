@@ -76,3 +76,27 @@ def test_member_naming():
     assert media_members({"media": [{"kind": "image", "format": "webp"}, {"kind": "video", "format": "mp4"}]}) \
         == ["0.webp", "1.mp4"]
     assert media_members({"media": None}) == []
+
+
+def test_reencoded_media_json_describes_the_written_bytes(tmp_path):
+    from curation.media_io import MediaReadError
+
+    p = tmp_path / "x.gif"
+    Image.new("P", (20, 10), 7).save(p)
+    original = p.read_bytes()
+    r = _row(tmp_path, 1)
+    r["media"] = [{**r["media"][0], "uri": str(p), "format": "gif", "length": len(original),
+                   "sha256": hashlib.sha256(original).hexdigest(), "width": 20, "height": 10}]
+    obj = encode_sample(r)
+    (m,) = json.loads(obj["json"])["media"]
+    assert m["member"] == "id001.png" and m["format"] == "png"
+    assert m["sha256"] == hashlib.sha256(obj["png"]).hexdigest() and m["length"] == len(obj["png"])
+    # bytes that changed since probe never go out under the probe's description
+    r2 = _row(tmp_path, 2)
+    r2["media"][0]["sha256"] = "0" * 64
+    try:
+        encode_sample(r2)
+    except MediaReadError as e:
+        assert e.reason == "media_changed"
+    else:
+        raise AssertionError("a changed file was written")
