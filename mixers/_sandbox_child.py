@@ -1,113 +1,129 @@
-"""Runs inside the sandbox process (see mixers/sandbox.py): argv = work folder, JSON list of inputs."""
+"""Runs inside the bubblewrap jail (see mixers/sandbox.py) as `python -I -S child.py CONFIG_JSON`.
+
+stdin carries the inputs and the code (b"RFIN", u32 count, count x (u64 length, bytes), u64 length,
+UTF-8 code); the result goes to the inherited pipe `result_fd` as b"RFSB1", u32 length, a JSON header
+{"status": "ok" | "error" | "memory", "error": str, "sizes": [...]} and the PNG bytes back to back.
+Nothing here is a security boundary: the code can rewrite all of it, and the parent trusts none of
+what comes back beyond "these bytes may be PNG images".
+"""
 
 import json
 import os
+import resource
+import struct
 import sys
-import traceback
 
-WORK = os.path.realpath(sys.argv[1])
-INPUTS = json.loads(sys.argv[2])
+CFG = json.loads(sys.argv[1])
+# first: at most this many processes/threads for the jail's user (the kernel counts them per user namespace)
+resource.setrlimit(resource.RLIMIT_NPROC, (int(CFG["nproc"]), int(CFG["nproc"])))
+RESULT_FD = int(CFG["result_fd"])
+for _p in reversed(CFG["site"]):
+    sys.path.insert(0, _p)
+for _fd in os.listdir("/proc/self/fd"):  # keep only stdio and the result pipe
+    if int(_fd) not in (0, 1, 2, RESULT_FD):
+        try:
+            os.close(int(_fd))
+        except OSError:
+            pass
 
 
-def _result(**kw) -> None:
-    with open(os.path.join(WORK, "_result.json"), "w") as f:
-        json.dump(kw, f)
+def _read_stdin() -> bytes:
+    chunks = []
+    while True:
+        b = os.read(0, 1 << 20)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(0)
+    return b"".join(chunks)
 
 
-# everything the code may use is imported before the hook goes in
+def _frame(status: str, error: str = "", sizes=()) -> bytes:
+    head = json.dumps({"status": status, "error": error[-1500:], "sizes": list(sizes)}).encode()
+    return b"RFSB1" + struct.pack("<I", len(head)) + head
+
+
+def _flush() -> None:
+    try:
+        sys.stdout.flush()
+    except BaseException:  # noqa: BLE001 - the code may have closed or replaced it
+        pass
+
+
+def _send(*parts: bytes) -> None:
+    for part in parts:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(RESULT_FD, view):]
+
+
+MEMORY = _frame("memory", "the code ran past its memory limit")  # built now: no memory to spare later
+
+_blob = _read_stdin()
+assert _blob[:4] == b"RFIN", "bad input stream"
+_pos = 4
+(_n,) = struct.unpack_from("<I", _blob, _pos)
+_pos += 4
+_inputs = []
+for _ in range(_n):
+    (_len,) = struct.unpack_from("<Q", _blob, _pos)
+    _pos += 8
+    _inputs.append(_blob[_pos:_pos + _len])
+    _pos += _len
+(_len,) = struct.unpack_from("<Q", _blob, _pos)
+_pos += 8
+CODE = _blob[_pos:_pos + _len].decode("utf-8", "surrogatepass")
+del _blob
+
+import io  # noqa: E402
+import traceback  # noqa: E402
+
 import numpy as np  # noqa: E402
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps  # noqa: E402
 
-for _fmt in ("PNG", "JPEG", "WEBP"):  # load PIL's codec plugins now
-    Image.init()
-
-READ_OK = tuple(os.path.realpath(p) + os.sep for p in {sys.prefix, sys.base_prefix, sys.exec_prefix,
-                                                       os.path.dirname(np.__file__),
-                                                       os.path.dirname(os.path.dirname(Image.__file__))})
-WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-
-REFUSED: list[str] = []  # every refusal, even one the code catches, fails the run
-
-
-class SandboxRefused(PermissionError):
-    def __init__(self, msg: str):
-        super().__init__(msg)
-        REFUSED.append(msg)
-
-
-def _inside(path, roots) -> bool:
-    try:
-        p = os.path.realpath(os.fsdecode(path))
-    except (TypeError, ValueError):
-        return False
-    return p == WORK or p.startswith(WORK + os.sep) or p.startswith(roots)
-
-
-def _hook(event: str, args: tuple) -> None:
-    if event.startswith("socket."):
-        raise SandboxRefused(f"network access is refused in the sandbox ({event})")
-    if event in ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork",
-                 "os.forkpty", "pty.spawn", "os.kill", "os.killpg") or event.startswith("ctypes."):
-        raise SandboxRefused(f"{event} is refused in the sandbox")
-    if event == "open":
-        path, mode, flags = args
-        if isinstance(path, int) or path is None:
-            return
-        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or bool((flags or 0) & WRITE_FLAGS)
-        if writing and not _inside(path, ()):
-            raise SandboxRefused(f"writing {path} is refused: only the work folder is writable")
-        if not writing and not _inside(path, READ_OK):
-            raise SandboxRefused(f"reading {path} is refused: only the inputs and the work folder are readable")
-    elif event in ("os.remove", "os.rename", "os.mkdir", "os.rmdir", "os.chmod", "os.chown", "os.symlink",
-                   "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move",
-                   "os.chdir"):
-        for a in args[:2]:
-            if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a, ()):
-                raise SandboxRefused(f"{event} on {a} is refused: only the work folder is open")
-    elif event in ("os.listdir", "os.scandir"):  # imports list the installation's folders
-        a = args[0] if args else "."
-        if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a, READ_OK):
-            raise SandboxRefused(f"listing {a} is refused: only the inputs and the work folder are readable")
-
-
-images = [Image.open(os.path.join(WORK, n)) for n in INPUTS]
-for im in images:
-    im.load()
-outputs: list[str] = []
+Image.init()
+images = []
+for _i, _data in enumerate(_inputs):
+    with open(f"input_{_i}", "wb") as _f:
+        _f.write(_data)
+    _im = Image.open(io.BytesIO(_data))
+    _im.load()
+    images.append(_im)
+del _inputs
+outputs: list[bytes] = []
 
 
 def save(img) -> None:
     """Hand an image back to the conversation."""
     if not isinstance(img, Image.Image):
         raise TypeError("save() takes a PIL image")
-    name = f"output_{len(outputs)}.png"
-    img.save(os.path.join(WORK, name), format="PNG")
-    outputs.append(name)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    outputs.append(buf.getvalue())
 
 
-with open(os.path.join(WORK, "_code.py")) as f:
-    code = f.read()
-sys.addaudithook(_hook)
 env = {"image": images[0] if images else None, "images": images, "Image": Image, "ImageOps": ImageOps,
        "ImageEnhance": ImageEnhance, "ImageFilter": ImageFilter, "np": np, "save": save,
        "__name__": "__sandbox__"}
 try:
-    exec(compile(code, "<sandbox>", "exec"), env)
+    exec(compile(CODE, "<sandbox>", "exec"), env)
     if isinstance(env.get("result"), Image.Image):
         save(env["result"])
     if not outputs:
         raise ValueError("the code produced no image: assign `result` or call save(img)")
 except MemoryError:
-    _result(status="memory", error="the code ran past its memory limit")
-    sys.exit(4)
+    outputs.clear()
+    _flush()
+    _send(MEMORY)
+    os._exit(4)
 except BaseException as e:  # noqa: BLE001 - the error goes back to the caller as text
-    if REFUSED:
-        _result(status="refused", error=REFUSED[0])
-        sys.exit(3)
-    _result(status="error", error="".join(traceback.format_exception_only(type(e), e)).strip()[-1500:])
-    sys.exit(5)
-if REFUSED:
-    _result(status="refused", error=REFUSED[0])
-    sys.exit(3)
-_result(status="ok", outputs=outputs)
+    try:
+        msg = "".join(traceback.format_exception_only(type(e), e)).strip()
+    except BaseException:  # noqa: BLE001
+        msg = type(e).__name__
+    _flush()
+    _send(_frame("error", msg))
+    os._exit(5)
+_flush()
+_send(_frame("ok", "", [len(b) for b in outputs]), *outputs)
+os._exit(0)
