@@ -265,6 +265,12 @@ class RenderModes(RowStep):
             raise ValueError(f"unknown modes {bad}: use {', '.join(MODES)}")
         if style not in STYLES:
             raise ValueError(f"`style` must be one of {', '.join(STYLES)}")
+        if "think_with_image" in sources.values():
+            from mixers.sandbox import sandbox_available
+
+            why = sandbox_available()  # refuse up front: there is no weaker fallback
+            if why is not None:
+                raise ValueError(why)
         self.sources, self.style = dict(sources), style
         self.timeout_s, self.memory_mb, self.video_think = float(timeout_s), int(memory_mb), video_think
         self.workdir: str | None = None
