@@ -194,6 +194,35 @@ def _nonzero_block(f, offset: int) -> bool:
     return bool(block) and block.count(0) != len(block)
 
 
+# headers tarfile reads as part of the next member (pax global/extended, GNU long names)
+_META_TYPES = {tarfile.XGLTYPE, tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+               tarfile.GNUTYPE_LONGLINK}
+
+
+def _damaged(f, start: int, end: int, stop_at_zeros: bool = False) -> bool:
+    """Whether tar bytes [start, end) hold something other than zero blocks and the metadata
+    headers tarfile folds into the next member (i.e. bytes tarfile skipped as not a header)."""
+    pos = start
+    while pos < end:
+        f.seek(pos)
+        block = f.read(512)
+        if not block:
+            return False
+        if block.count(0) == len(block):
+            if stop_at_zeros:
+                return False
+            pos += 512
+            continue
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            return True
+        if info.type not in _META_TYPES:
+            return True
+        pos += 512 + ((info.size + 511) // 512) * 512
+    return False
+
+
 class _TarScan:
     """A tar's members grouped by key, read past damage (see the module docstring)."""
 
@@ -210,7 +239,7 @@ class _TarScan:
                     open(path, "rb") as raw:
                 for info in tf:
                     key = self._key(info)
-                    if info.offset > next_at and _nonzero_block(raw, next_at):
+                    if info.offset > next_at and _damaged(raw, next_at, info.offset):
                         what = (f"tar bytes {next_at}..{info.offset} are not a member header (a member's "
                                 f"size understated, or a damaged header)")
                         blamed = [k for k in (prev, key) if k is not None]
@@ -227,7 +256,7 @@ class _TarScan:
                 size = os.fstat(raw.fileno()).st_size
                 if 0 < size - next_at < 512 and _nonzero_block(raw, next_at):
                     self.error = f"the tar ends {size - next_at} bytes into a member header"
-                elif next_at < size and _nonzero_block(raw, next_at):
+                elif next_at < size and _damaged(raw, next_at, size, stop_at_zeros=True):
                     what = f"tar bytes {next_at}..{size} after the last member are not a member header"
                     if prev is not None:
                         self._group(prev).setdefault("bad", ("corrupt_tar", what))

@@ -11,6 +11,7 @@ import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from curation.ingest import count_problems, rows_to_batches
@@ -258,3 +259,16 @@ def test_video_sidecar_fifo_does_not_block(tmp_path):
     os.mkfifo(tmp_path / "v.txt")
     (row,) = _read("video_folder", tmp_path / "v.mp4")
     assert row["drop_reason"] == "not_a_regular_file"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_extended_headers_are_not_damage(tmp_path, fmt):
+    """pax global/extended headers and GNU long names sit between members: not corrupt_tar."""
+    p = tmp_path / "x.tar"
+    long = "d" * 120 + "/000"
+    pax = {"comment": "c" * 700} if fmt == tarfile.PAX_FORMAT else None
+    with tarfile.open(p, "w", format=fmt, pax_headers=pax) as tf:
+        _add(tf, f"{long}.png", _png())
+        _add(tf, f"{long}.txt", "caption é".encode())
+    (row,) = _read("webdataset", p)
+    assert row["drop_reason"] is None and row["text"] == "caption é"
