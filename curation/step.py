@@ -87,12 +87,13 @@ class PrefetchRowStep(RowStep):
         """fn(rows[i]) for each i in idx, in `decode_workers` threads. Returns the decoded
         [(i, value)] and the failed [(i, (reason, detail))]: media that will not decode are
         ledger lines, never a failed task."""
+        from curation.media_io import MediaReadError
         from curation.probe import ProbeError
 
         def safe(i: int):
             try:
                 return fn(rows[i])
-            except ProbeError as e:
+            except (ProbeError, MediaReadError) as e:  # outside_root, not_a_regular_file, ... keep their code
                 return _Failed(e.reason, e.detail)
             except Exception as e:  # noqa: BLE001 - undecodable media is a ledger line
                 return _Failed("decode_error", f"{type(e).__name__}: {e}"[:500])
