@@ -665,11 +665,19 @@ def _read_sidecar(canonical: str) -> bytes:
     return data
 
 
-@_guarded
 def read_video_file(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+    """One row per video file; whatever goes wrong with it is that row's ledger reason."""
+    rel = _rel_key(path, root)
+    try:
+        row = _video_row(path, source, rel, opts)
+    except Exception as e:  # noqa: BLE001 - the video is the record: it fails alone
+        row = _bad_row(source, rel, path, "bad_record", one_line(e))
+    yield row
+
+
+def _video_row(path: str, source: str, rel: str, opts: dict) -> dict:
     from curation.containment import ContainmentError, resolve_media_ref
 
-    rel = _rel_key(path, root)
     stem = os.path.splitext(path)[0]
     refs = _Refs(path, opts, base=os.path.dirname(os.path.abspath(path)))
     row = empty_row()
@@ -701,17 +709,14 @@ def read_video_file(path: str, source: str, root: str, opts: dict) -> Iterator[d
         except ValueError as e:
             row["text"] = text
             _finish(row)
-            yield drop(row, "ingest", "bad_json", f"{stem}.json: {e}")
-            return
+            return drop(row, "ingest", "bad_json", f"{stem}.json: {e}")
     row["text"] = text
     _finish(row)
     if violation is not None:
-        yield drop(row, "ingest", *violation)
-        return
+        return drop(row, "ingest", *violation)
     if text is None and not opts.get("allow_uncaptioned", False):
-        yield drop(row, "ingest", "no_caption", "video has no sidecar .txt/.json caption")
-        return
-    yield row
+        return drop(row, "ingest", "no_caption", "video has no sidecar .txt/.json caption")
+    return row
 
 
 # --- counting records before reading them ----------------------------------------------

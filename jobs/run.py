@@ -105,7 +105,7 @@ def _legacy_run(out: str, entries: list[str], name: str) -> bool:
 
 
 def _check_owned(out: str, name: str) -> None:
-    entries = sorted(e for e in os.listdir(out) if e != LOCK)
+    entries = sorted(e for e in os.listdir(out) if not e.startswith(LOCK))  # the lock and its temporaries
     if not entries:
         return
     marker_path = os.path.join(out, RUN_MARKER)
