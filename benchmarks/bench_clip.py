@@ -21,8 +21,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
@@ -39,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from PIL import Image
 
-    from curation.probe import Probe
-    from curation.schema import empty_row
-    from filters.clip_score import ClipScore
+    from reelforge.curation.probe import Probe
+    from reelforge.curation.schema import empty_row
+    from reelforge.filters.clip_score import ClipScore
 
     work = tempfile.mkdtemp(prefix="bench-clip-")
     model = open_clip.create_model(args.model, pretrained=None)
@@ -77,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 (fi * ft).sum(-1).cpu().numpy()
         return time.perf_counter() - t
 
-    from curation.schema import ARROW_SCHEMA, spark_schema
-    from jobs.spark import get_spark
+    from reelforge.curation.schema import ARROW_SCHEMA, spark_schema
+    from reelforge.jobs.spark import get_spark
 
     spark = get_spark(args.master)
     import pyarrow as pa

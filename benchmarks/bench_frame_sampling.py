@@ -32,16 +32,13 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import numpy as np  # noqa: E402
 
-from curation import video  # noqa: E402
-from curation.tools import ffmpeg_path  # noqa: E402
+from reelforge.curation import video  # noqa: E402
+from reelforge.curation.tools import ffmpeg_path  # noqa: E402
 
 # lavfi sources with motion (and one with grain), drawn at the target size
 SOURCES = [

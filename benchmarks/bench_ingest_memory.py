@@ -50,8 +50,6 @@ import threading
 import time
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 N_TEXT_FILES = 20
 N_TARS = 20
 VOCAB = ("the a cat dog sits on mat red blue photo of image shows river city night light small "
@@ -249,9 +247,9 @@ def _mib(n: int) -> float:
 
 def run_once(args: argparse.Namespace, src: str, out: str, planted: int) -> dict:
     """One Spark session, one recipe run, sampled; prints its tables and returns its figures."""
-    from jobs.recipe import parse_recipe
-    from jobs.run import run_recipe
-    from jobs.spark import get_spark
+    from reelforge.jobs.recipe import parse_recipe
+    from reelforge.jobs.run import run_recipe
+    from reelforge.jobs.spark import get_spark
 
     raw = {"name": "bench_ingest_memory", "seed": args.seed,
            "sources": [{"name": "text", "format": "text", "path": "text"},

@@ -31,13 +31,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch  # noqa: E402
 
-from curation.schema import empty_row, make_id  # noqa: E402
-from curation.shards import ShardFile, encode_sample  # noqa: E402
-from curation.tokens import VisualTokenConfig, image_tokens  # noqa: E402
+from reelforge.curation.schema import empty_row, make_id  # noqa: E402
+from reelforge.curation.shards import ShardFile, encode_sample  # noqa: E402
+from reelforge.curation.tokens import VisualTokenConfig, image_tokens  # noqa: E402
 
 VOCAB = ("the a red blue green yellow circle square triangle line picture image shows small large "
          "old new river city night light tree road house sky cloud sun on of with and").split()
@@ -82,7 +80,7 @@ def make_shards(root: str, n: int, per_shard: int, seed: int) -> list[str]:
 
 
 def run_project(cfg, tokens: list[int]) -> tuple[float, int]:
-    from training.loader import ShardLoader
+    from reelforge.training.loader import ShardLoader
 
     t = time.perf_counter()
     n = 0
@@ -137,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args(argv)
 
-    from curation.tiny_models import build_tiny_tokenizer
-    from training.config import stage_from_dict
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
+    from reelforge.training.config import stage_from_dict
 
     work = args.workdir or tempfile.mkdtemp(prefix="bench_loader-")
     try:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 os.environ.setdefault("RAYON_NUM_THREADS", "1")  # before rensa is imported
@@ -51,9 +50,7 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from curation import minhash as mh  # noqa: E402
+from reelforge.curation import minhash as mh  # noqa: E402
 
 VOCAB_SIZE = 4000
 ZIPF_S = 1.1

@@ -34,16 +34,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from curation.shards import ShardFile, encode_json  # noqa: E402
-from mixers.emit import emit_plan  # noqa: E402
-from mixers.planner import plan_mixture  # noqa: E402
-from mixers.spec import parse_mixture  # noqa: E402
-from mixers.stats import STATS_SCHEMA  # noqa: E402
+from reelforge.curation.shards import ShardFile, encode_json  # noqa: E402
+from reelforge.mixers.emit import emit_plan  # noqa: E402
+from reelforge.mixers.planner import plan_mixture  # noqa: E402
+from reelforge.mixers.spec import parse_mixture  # noqa: E402
+from reelforge.mixers.stats import STATS_SCHEMA  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import alternate, tar_bytes  # noqa: E402

@@ -20,8 +20,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def make_docs(n: int, dup_rate: float, seed: int = 0) -> list[tuple[str, str]]:
     from pydoc_data.topics import topics
@@ -58,10 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyspark.sql import functions as F
 
-    from curation.components import connected_components
-    from curation.near_dedup import NearDedup
-    from curation.schema import ARROW_SCHEMA, empty_row
-    from jobs.spark import get_spark
+    from reelforge.curation.components import connected_components
+    from reelforge.curation.near_dedup import NearDedup
+    from reelforge.curation.schema import ARROW_SCHEMA, empty_row
+    from reelforge.jobs.spark import get_spark
 
     t0 = time.perf_counter()
     docs = make_docs(args.docs, args.dup_rate)
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     del rows
     gen_s = time.perf_counter() - t0
     spark = get_spark(args.master, {"spark.sql.shuffle.partitions": "16"})
-    from curation.schema import spark_schema
+    from reelforge.curation.schema import spark_schema
 
     df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "docs.parquet")).repartition(16).cache()
     df.count()

@@ -22,8 +22,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
@@ -43,10 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from curation.probe import Probe
-    from curation.recaption import DEFAULT_PROMPTS, Recaption
-    from curation.schema import ARROW_SCHEMA, empty_row, spark_schema
-    from curation.tiny_vlm import build_tiny_vlm
+    from reelforge.curation.probe import Probe
+    from reelforge.curation.recaption import DEFAULT_PROMPTS, Recaption
+    from reelforge.curation.schema import ARROW_SCHEMA, empty_row, spark_schema
+    from reelforge.curation.tiny_vlm import build_tiny_vlm
 
     if args.plain_threads:
         torch.set_num_threads(args.plain_threads)
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from jobs.spark import get_spark
+    from reelforge.jobs.spark import get_spark
 
     spark = get_spark(args.master)
     pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))

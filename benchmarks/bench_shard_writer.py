@@ -36,10 +36,8 @@ import tarfile
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from curation.schema import empty_row, make_id  # noqa: E402
-from curation.shards import (  # noqa: E402
+from reelforge.curation.schema import empty_row, make_id  # noqa: E402
+from reelforge.curation.shards import (  # noqa: E402
     ShardFile,
     _save_stats,
     encode_json,

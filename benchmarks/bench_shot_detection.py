@@ -30,14 +30,11 @@ import random
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from curation import video  # noqa: E402
-from curation.tools import ffmpeg_path  # noqa: E402
+from reelforge.curation import video  # noqa: E402
+from reelforge.curation.tools import ffmpeg_path  # noqa: E402
 
 SOURCES = {
     "testsrc2": "testsrc2=s={s}:r={r}",

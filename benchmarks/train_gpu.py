@@ -28,8 +28,6 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import torch  # noqa: E402
 
 H100_PEAK = 989e12
@@ -112,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from benchmarks.bench_loader import make_shards
-    from curation.tiny_models import build_tiny_tokenizer
-    from training.config import stage_from_dict
-    from training.train import train
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
+    from reelforge.training.config import stage_from_dict
+    from reelforge.training.train import train
 
     work = args.workdir or tempfile.mkdtemp(prefix="train_gpu-")
     try:

@@ -19,10 +19,10 @@ import re
 import tempfile
 from typing import Any
 
-from curation.media_io import MediaReadError, media_path, open_media, stream_media_fd, video_source
-from curation.probe import ProbeError
-from curation.schema import drop, make_id
-from curation.step import RowStep
+from reelforge.curation.media_io import MediaReadError, media_path, open_media, stream_media_fd, video_source
+from reelforge.curation.probe import ProbeError
+from reelforge.curation.schema import drop, make_id
+from reelforge.curation.step import RowStep
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{2,64}")  # a row id usable as a file name as it is
 
@@ -82,7 +82,7 @@ class VideoClips(RowStep):
             os.close(fd)
 
     def _clip_from(self, row: dict, m: dict, fd: int, src: str | int | None, dest: str, stem: str) -> list[dict]:
-        from curation import video
+        from reelforge.curation import video
 
         with tempfile.TemporaryDirectory() as tmp:
             if src is None:  # inside a tar: ffmpeg needs a seekable file, copied in pieces
@@ -121,7 +121,7 @@ class VideoClips(RowStep):
         return [row] + children
 
     def _probed(self, path: str, like: dict) -> dict:
-        from curation.video import probe_video
+        from reelforge.curation.video import probe_video
 
         fd = open_media({"uri": path})  # our own output, read back through the same checks
         try:

@@ -12,7 +12,7 @@ from typing import Any
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from curation.step import Step
+from reelforge.curation.step import Step
 
 MEDIA_ONLY_KINDS = ("image_text", "video_text")
 

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
-from curation.tools import ffmpeg_path
+from reelforge.curation.tools import ffmpeg_path
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (235, 210, 40),
@@ -539,7 +539,7 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
         f.write(json.dumps(planted, indent=1, sort_keys=True) + "\n")
     # a tiny tokenizer trained on the corpus itself, saved as a transformers tokenizer folder:
     # the `tokens` step loads it through the same code path as a real model's tokenizer
-    from curation.tiny_models import build_tiny_tokenizer
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
 
     build_tiny_tokenizer(os.path.join(root, "tokenizer"), texts=docs, vocab_size=800)
 

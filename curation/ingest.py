@@ -14,8 +14,8 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
-from curation.readers import FILE_REASONS, READERS, _bad_row, count_records, one_line
-from curation.schema import ARROW_SCHEMA, spark_schema
+from reelforge.curation.readers import FILE_REASONS, READERS, _bad_row, count_records, one_line
+from reelforge.curation.schema import ARROW_SCHEMA, spark_schema
 
 _FILES = "source string, format string, path string, root string, options string"
 _COUNTS = pa.schema([("source", pa.string()), ("path", pa.string()), ("expected", pa.int64())])

@@ -39,7 +39,7 @@ def media_path(uri: str) -> str:
     """The absolute local path a stored `uri` names (a path, or a file:// URI); other URI
     schemes raise unsupported_uri. Not resolved: the path is opened as it is written
     (`containment.open_regular`), so it must be the canonical path ingest stored."""
-    from curation.containment import ContainmentError, file_uri_path
+    from reelforge.curation.containment import ContainmentError, file_uri_path
 
     uri = os.fspath(uri)
     if uri[:5].lower() == "file:":
@@ -51,7 +51,7 @@ def media_path(uri: str) -> str:
 
 def open_media(media: dict) -> int:
     """A checked fd (`containment.open_regular`) on the file a media reference names."""
-    from curation.containment import open_regular
+    from reelforge.curation.containment import open_regular
 
     return open_regular(media_path(media["uri"]))
 
@@ -160,7 +160,7 @@ def decode_visual(media: dict, video_frames: int = 8) -> list:
         return [Image.open(io.BytesIO(read_media_bytes(media))).convert("RGB")]
     import tempfile
 
-    from curation.video import decode_frames, sample_indices
+    from reelforge.curation.video import decode_frames, sample_indices
 
     total = int(media.get("frames") or 0)
     n = max(1, min(video_frames, total))
@@ -186,6 +186,6 @@ def video_source(fd: int, path: str) -> int | str:
     """What to hand the ffmpeg helpers in curation.video for a file checked and opened as `fd`:
     the fd itself where ffmpeg can reopen it through /proc/self/fd (no second lookup of the
     name, so no window for a swap), else its canonical `path`."""
-    from curation.containment import HAVE_PROC_FD
+    from reelforge.curation.containment import HAVE_PROC_FD
 
     return fd if HAVE_PROC_FD else path

@@ -32,9 +32,9 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from curation.components import connected_components
-from curation.schema import all_text
-from curation.step import Step
+from reelforge.curation.components import connected_components
+from reelforge.curation.schema import all_text
+from reelforge.curation.step import Step
 
 _BITS_SEED = 20240701
 
@@ -104,7 +104,7 @@ class NearDedup(Step):
     # -- candidates ---------------------------------------------------------------------------
     def _keys(self, live: DataFrame, every_image: bool = False) -> DataFrame:
         """(id, key, payload) rows: one per band a sample falls in; payload verifies edges."""
-        from curation.minhash import band_hashes, is_empty, lsh_params, signatures
+        from reelforge.curation.minhash import band_hashes, is_empty, lsh_params, signatures
 
         bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
         step = self
@@ -189,7 +189,7 @@ class NearDedup(Step):
         return cand.mapInArrow(verify, "a string, b string")
 
     def exact_jaccard(self, a: str, b: str) -> float:
-        from curation.minhash import shingles
+        from reelforge.curation.minhash import shingles
 
         sa, sb = set(shingles(a, self.ngram, self.unit)), set(shingles(b, self.ngram, self.unit))
         return len(sa & sb) / len(sa | sb) if sa and sb else 0.0
@@ -251,8 +251,8 @@ class LeakageFilter(NearDedup):
         self.eval_sets = sets
 
     def _eval_rows(self, spark) -> DataFrame:
-        from curation.probe import Probe
-        from curation.readers import read_jsonl, read_parquet
+        from reelforge.curation.probe import Probe
+        from reelforge.curation.readers import read_jsonl, read_parquet
         rows = []
         for e in self.eval_sets:
             reader = read_parquet if e["path"].endswith(".parquet") else read_jsonl
@@ -269,7 +269,7 @@ class LeakageFilter(NearDedup):
         rows = [r for r in Probe().process_rows(rows) if r["drop_step"] is None]  # small: probe here, once
         if not rows:
             return None
-        from curation.schema import COLUMNS, spark_schema
+        from reelforge.curation.schema import COLUMNS, spark_schema
 
         return spark.createDataFrame([tuple(r[c] for c in COLUMNS) for r in rows], schema=spark_schema())
 

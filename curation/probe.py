@@ -19,9 +19,16 @@ import tempfile
 import warnings
 from typing import Any
 
-from curation.media_io import MediaReadError, media_path, open_media, read_media_fd, stream_media_fd, video_source
-from curation.schema import drop
-from curation.step import RowStep
+from reelforge.curation.media_io import (
+    MediaReadError,
+    media_path,
+    open_media,
+    read_media_fd,
+    stream_media_fd,
+    video_source,
+)
+from reelforge.curation.schema import drop
+from reelforge.curation.step import RowStep
 
 
 class ProbeError(Exception):
@@ -51,7 +58,7 @@ def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[
             img.load()
             out: dict[str, Any] = {"format": fmt or None, "width": w, "height": h}
             if with_phash:
-                from curation.phash import phash_image
+                from reelforge.curation.phash import phash_image
 
                 out["phash"] = [phash_image(img)]
     except ProbeError:
@@ -64,7 +71,7 @@ def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[
 def probe_video_file(path: str | int, timeout_s: float) -> dict[str, Any]:
     """format, width, height, duration, fps, frames, codec of a video (one ffprobe call,
     killed at the deadline); raises ProbeError with the ledger reason."""
-    from curation.video import probe_video
+    from reelforge.curation.video import probe_video
 
     info = probe_video(path, timeout_s)
     return {k: info.get(k) for k in ("format", "width", "height", "duration", "fps", "frames", "codec")}
@@ -139,8 +146,8 @@ class Probe(RowStep):
         if self.phash and info.get("frames"):
             # the frames the model will see (2 fps, as token accounting samples them), hashed;
             # decoding them also catches files whose header is fine but whose frames are not
-            from curation.tokens import TokenError, video_nframes
-            from curation.video import frame_phashes, sample_indices
+            from reelforge.curation.tokens import TokenError, video_nframes
+            from reelforge.curation.video import frame_phashes, sample_indices
 
             try:
                 n = video_nframes(info["duration"], info.get("fps"), total_frames=info["frames"])

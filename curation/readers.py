@@ -44,8 +44,8 @@ import os
 import tarfile
 from typing import Any, Iterator, Optional
 
-from curation.media_io import VIDEO_EXTS, media_kind_of
-from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, empty_row, make_id
+from reelforge.curation.media_io import VIDEO_EXTS, media_kind_of
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, empty_row, make_id
 
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
             "system": "system", "model": "assistant", "bot": "assistant"}
@@ -138,7 +138,7 @@ class _Refs:
     """Resolves the media paths one file names, against its base folder, inside its roots."""
 
     def __init__(self, path: str, opts: dict, base: Optional[str] = None):
-        from curation.containment import allowed_roots
+        from reelforge.curation.containment import allowed_roots
 
         self.base = base or opts.get("media_root") or os.path.dirname(os.path.abspath(path))
         self.roots = allowed_roots(path, opts.get("media_root"), opts.get("roots"))
@@ -146,7 +146,7 @@ class _Refs:
     def resolve(self, ref: Any, where: str) -> tuple[str, Optional[tuple[str, str]]]:
         """(stored uri, None) or (uri as written, (reason, detail)) for a reference that must
         not be read; a file that does not exist keeps its path (probe drops it)."""
-        from curation.containment import ContainmentError, file_uri_path, resolve_media_ref
+        from reelforge.curation.containment import ContainmentError, file_uri_path, resolve_media_ref
 
         if isinstance(ref, dict):  # {"path": ...} / {"url": ...} as some exporters write
             ref = ref.get("path") or ref.get("url")
@@ -655,7 +655,7 @@ def read_text(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
 # --- folders of videos with sidecars ---------------------------------------------------
 
 def _read_sidecar(canonical: str) -> bytes:
-    from curation.containment import open_regular
+    from reelforge.curation.containment import open_regular
 
     fd = open_regular(canonical)
     with os.fdopen(fd, "rb") as f:
@@ -676,7 +676,7 @@ def read_video_file(path: str, source: str, root: str, opts: dict) -> Iterator[d
 
 
 def _video_row(path: str, source: str, rel: str, opts: dict) -> dict:
-    from curation.containment import ContainmentError, resolve_media_ref
+    from reelforge.curation.containment import ContainmentError, resolve_media_ref
 
     stem = os.path.splitext(path)[0]
     refs = _Refs(path, opts, base=os.path.dirname(os.path.abspath(path)))

@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from curation.schema import drop
-from curation.vlm import VLMStep
+from reelforge.curation.schema import drop
+from reelforge.curation.vlm import VLMStep
 
 DEFAULT_PROMPTS = {
     "caption": "Describe this image in detail: the objects, their attributes and positions, the setting, "

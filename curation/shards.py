@@ -26,8 +26,8 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
-from curation.media_io import MediaReadError, read_media_bytes
-from curation.schema import ARROW_SCHEMA
+from reelforge.curation.media_io import MediaReadError, read_media_bytes
+from reelforge.curation.schema import ARROW_SCHEMA
 
 SHARD_JSON_VERSION = 1
 TAR_HEADER = 512

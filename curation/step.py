@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 
-from curation.schema import ARROW_SCHEMA, alive, drop
+from reelforge.curation.schema import ARROW_SCHEMA, alive, drop
 
 
 class Step:
@@ -87,8 +87,8 @@ class PrefetchRowStep(RowStep):
         """fn(rows[i]) for each i in idx, in `decode_workers` threads. Returns the decoded
         [(i, value)] and the failed [(i, (reason, detail))]: media that will not decode are
         ledger lines, never a failed task."""
-        from curation.media_io import MediaReadError
-        from curation.probe import ProbeError
+        from reelforge.curation.media_io import MediaReadError
+        from reelforge.curation.probe import ProbeError
 
         def safe(i: int):
             try:

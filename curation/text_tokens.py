@@ -19,7 +19,7 @@ import os
 from functools import lru_cache
 from typing import Any
 
-from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 
 VISION_TEXT = "<|vision_start|><|vision_end|>"
 KEYE_CHAT_TEMPLATE = (

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from typing import Iterable
 
-from curation.text_tokens import KEYE_CHAT_TEMPLATE
+from reelforge.curation.text_tokens import KEYE_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",

@@ -34,7 +34,7 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2) -> str:
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    from curation.tiny_models import build_tiny_tokenizer
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
 
     tok_dir = build_tiny_tokenizer(os.path.join(out_dir, "_tokenizer"))
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)

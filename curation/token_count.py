@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from curation.schema import drop
-from curation.step import RowStep
-from curation.tokens import TokenError, VisualTokenConfig, media_tokens
+from reelforge.curation.schema import drop
+from reelforge.curation.step import RowStep
+from reelforge.curation.tokens import TokenError, VisualTokenConfig, media_tokens
 
 
 class CountTokens(RowStep):
@@ -26,7 +26,7 @@ class CountTokens(RowStep):
         self.visual = VisualTokenConfig.from_dict(visual)
 
     def setup(self) -> None:
-        from curation.text_tokens import load_tokenizer
+        from reelforge.curation.text_tokens import load_tokenizer
 
         self._tok = load_tokenizer(self.tokenizer)
 

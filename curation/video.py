@@ -59,8 +59,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from curation.probe import ProbeError
-from curation.tools import ffmpeg_path, ffprobe_path
+from reelforge.curation.probe import ProbeError
+from reelforge.curation.tools import ffmpeg_path, ffprobe_path
 
 __all__ = ["probe_video", "sample_indices", "frame_timestamps", "decode_frames", "frame_phashes",
            "scene_scores", "detect_shots", "split_shots", "cut_clip", "transcode"]
@@ -106,7 +106,7 @@ class _Src:
     child through /proc/self/fd/N (the fd is passed to it), so the name is looked up once."""
 
     def __init__(self, path: str | int):
-        from curation.containment import HAVE_PROC_FD, ContainmentError, open_regular
+        from reelforge.curation.containment import HAVE_PROC_FD, ContainmentError, open_regular
 
         self.own = not isinstance(path, int)
         if self.own:
@@ -596,7 +596,7 @@ def frame_phashes(path: str | int, indices: Sequence[int], timeout_s: float = 12
     conversion and pipe traffic. Indices past a cleanly ending stream hash its last frame (`past_end`, see
     `decode_frames`), so indices from an overstated container frame count still work.
     """
-    from curation.phash import phash_rgb
+    from reelforge.curation.phash import phash_rgb
 
     frames = decode_frames(path, indices, size=size, timeout_s=timeout_s, past_end=past_end)
     return [phash_rgb(f) for f in frames]

@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from curation.schema import drop
-from curation.step import PrefetchRowStep
+from reelforge.curation.schema import drop
+from reelforge.curation.step import PrefetchRowStep
 
 _MODELS: dict[tuple, "VLM"] = {}
 
@@ -230,7 +230,7 @@ class VLMStep(PrefetchRowStep):
         self._model = load_vlm(self.model, self.device, self.dtype)
 
     def _visuals(self, row: dict) -> list[tuple[str, Any]]:
-        from curation.media_io import decode_visual
+        from reelforge.curation.media_io import decode_visual
 
         out = []
         for m in row.get("media") or []:

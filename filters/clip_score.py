@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from curation.media_io import decode_visual
-from curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop
-from curation.step import PrefetchRowStep
-from curation.vlm import halving_batches, resolve_device
+from reelforge.curation.media_io import decode_visual
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop
+from reelforge.curation.step import PrefetchRowStep
+from reelforge.curation.vlm import halving_batches, resolve_device
 
 _SCORERS: dict[tuple, "ClipScorer"] = {}
 

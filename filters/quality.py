@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from curation.schema import all_text, drop
-from curation.step import RowStep
+from reelforge.curation.schema import all_text, drop
+from reelforge.curation.step import RowStep
 
 
 class Quality(RowStep):

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from curation.schema import drop
-from curation.vlm import VLMStep
-from filters.clip_score import caption_of
+from reelforge.curation.schema import drop
+from reelforge.curation.vlm import VLMStep
+from reelforge.filters.clip_score import caption_of
 
 DEFAULT_QUESTION = ("Here is a caption for the {media}: \"{text}\"\n"
                     "Is the caption an accurate description of the {media}, and is the {media} clear and "

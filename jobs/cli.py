@@ -7,13 +7,13 @@ import json
 import os
 import sys
 
-from curation.tools import SetupError
-from jobs.recipe import RecipeError
+from reelforge.curation.tools import SetupError
+from reelforge.jobs.recipe import RecipeError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     recipe = load_recipe(args.recipe, out=args.out)
     report = run_recipe(recipe, master=args.master)
@@ -23,9 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from curation.demo_corpus import make_demo_corpus
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.curation.demo_corpus import make_demo_corpus
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     out = os.path.abspath(args.out)
     corpus = os.path.join(out, "corpus")
@@ -70,7 +70,7 @@ def _parse_hw(s: str, flag: str) -> tuple[int, int]:
 
 
 def _cmd_tokens(args: argparse.Namespace) -> int:
-    from curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
+    from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
 
     try:
         cfg = VisualTokenConfig.from_dict(json.loads(args.config) if args.config else None)
@@ -99,9 +99,9 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
 
 
 def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
-    from curation.media_io import media_kind_of
-    from curation.probe import ProbeError, probe_image, probe_video_file
-    from curation.tokens import TokenError, image_tokens, video_tokens
+    from reelforge.curation.media_io import media_kind_of
+    from reelforge.curation.probe import ProbeError, probe_image, probe_video_file
+    from reelforge.curation.tokens import TokenError, image_tokens, video_tokens
 
     kind = media_kind_of(path)
     try:
@@ -120,8 +120,8 @@ def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from mixers.planner import format_plan, plan_mixture, write_plan
-    from mixers.spec import load_mixture
+    from reelforge.mixers.planner import format_plan, plan_mixture, write_plan
+    from reelforge.mixers.spec import load_mixture
 
     mix = load_mixture(args.mixture)
     plan = plan_mixture(mix, args.stats)
@@ -133,7 +133,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_mix(args: argparse.Namespace) -> int:
-    from mixers.emit import emit_plan, load_plan
+    from reelforge.mixers.emit import emit_plan, load_plan
 
     indexes = emit_plan(load_plan(args.plan), args.out, seed=args.seed, stages=args.stage, workers=args.workers)
     for name, idx in indexes.items():
@@ -185,14 +185,14 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
     mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     mx.set_defaults(fn=_cmd_mix)
-    from training.cli import add_training_commands
+    from reelforge.training.cli import add_training_commands
 
     add_training_commands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from jobs.run import AccountingError, OutputWriteError, io_error_message
+    from reelforge.jobs.run import AccountingError, OutputWriteError, io_error_message
 
     args = build_parser().parse_args(argv)
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from curation.readers import DEFAULT_PATTERNS, READERS
+from reelforge.curation.readers import DEFAULT_PATTERNS, READERS
 
 
 class RecipeError(Exception):
@@ -21,17 +21,17 @@ class RecipeError(Exception):
 
 
 def _steps() -> dict[str, type]:
-    from curation.clips import VideoClips
-    from curation.dedup import ExactDedup
-    from curation.near_dedup import LeakageFilter, NearDedup
-    from curation.probe import Probe
-    from curation.recaption import Recaption
-    from curation.token_count import CountTokens
-    from filters.clip_score import ClipScore
-    from filters.quality import Quality
-    from filters.vlm_judge import VlmJudge
-    from mixers.alignment import FormatConsistencyFilter, RepetitionFilter
-    from mixers.modes import RenderModes
+    from reelforge.curation.clips import VideoClips
+    from reelforge.curation.dedup import ExactDedup
+    from reelforge.curation.near_dedup import LeakageFilter, NearDedup
+    from reelforge.curation.probe import Probe
+    from reelforge.curation.recaption import Recaption
+    from reelforge.curation.token_count import CountTokens
+    from reelforge.filters.clip_score import ClipScore
+    from reelforge.filters.quality import Quality
+    from reelforge.filters.vlm_judge import VlmJudge
+    from reelforge.mixers.alignment import FormatConsistencyFilter, RepetitionFilter
+    from reelforge.mixers.modes import RenderModes
 
     return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
             "clips": VideoClips, "dedup_near": NearDedup,

@@ -32,7 +32,7 @@ import socket
 import time
 from typing import Callable
 
-from jobs.recipe import Recipe, RecipeError
+from reelforge.jobs.recipe import Recipe, RecipeError
 
 LEDGER_COLUMNS = ["id", "source", "source_key", "source_location", "kind", "fate", "shard",
                   "step", "reason", "detail", "dup_of", "parent_id"]
@@ -241,7 +241,7 @@ def _clear_previous_output(out: str, shard_dir: str, work: str) -> None:
         names |= {s.get("shard") for s in index.get("shards") or [] if isinstance(s, dict)}
     if isinstance(pending, list):
         names |= set(pending)
-    from mixers.stats import SAMPLES_DIR
+    from reelforge.mixers.stats import SAMPLES_DIR
 
     for p in [os.path.join(shard_dir, "index.json"), os.path.join(out, "report.json"),
               os.path.join(out, "report.md"), os.path.join(out, "funnel.png"),
@@ -303,7 +303,7 @@ def run_recipe(recipe: Recipe, master: str | None = None, log: Callable[[str], N
 
 
 def _spark_hasher(spark):
-    from jobs.recipe import sha256_file
+    from reelforge.jobs.recipe import sha256_file
 
     def hash_many(paths: list[str]) -> dict[str, str]:
         total = sum(os.path.getsize(p) for p in paths)
@@ -319,11 +319,11 @@ def _spark_hasher(spark):
 def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) -> dict:
     from pyspark.sql import functions as F
 
-    from curation.ingest import check_counts, ingest
-    from curation.schema import spark_schema
-    from curation.shards import read_stats, write_shards
-    from jobs.report import build_report, write_report
-    from jobs.spark import get_spark
+    from reelforge.curation.ingest import check_counts, ingest
+    from reelforge.curation.schema import spark_schema
+    from reelforge.curation.shards import read_stats, write_shards
+    from reelforge.jobs.report import build_report, write_report
+    from reelforge.jobs.spark import get_spark
 
     t_start = time.time()
     out = recipe.output
@@ -417,7 +417,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     kept_in_shards = sum(s["samples"] for s in stats)
 
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
-    from mixers.stats import SAMPLES_DIR, write_sample_stats
+    from reelforge.mixers.stats import SAMPLES_DIR, write_sample_stats
 
     samples_path = os.path.join(out, SAMPLES_DIR)
     write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)

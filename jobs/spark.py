@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 import sys
 
-from curation.tools import check_java
+from reelforge.curation.tools import check_java
 
 DEFAULT_MASTER = "local[*]"
-
-
-def _repo_root() -> str:
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_spark(master: str | None = None, conf: dict | None = None, app: str = "reelforge"):
@@ -22,10 +18,8 @@ def get_spark(master: str | None = None, conf: dict | None = None, app: str = "r
     from pyspark.sql import SparkSession
 
     master = master or os.environ.get("REELFORGE_MASTER") or DEFAULT_MASTER
-    pythonpath = os.pathsep.join(p for p in [_repo_root(), os.environ.get("PYTHONPATH", "")] if p)
     b = (SparkSession.builder.master(master).appName(app)
          .config("spark.pyspark.python", sys.executable)
-         .config("spark.executorEnv.PYTHONPATH", pythonpath)
          .config("spark.sql.shuffle.partitions", "8" if master.startswith("local") else "200")
          .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
          .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")

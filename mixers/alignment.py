@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from curation.schema import drop
-from curation.step import RowStep
+from reelforge.curation.schema import drop
+from reelforge.curation.step import RowStep
 
 _WORD = re.compile(r"\w+", re.U)
 _THINK = re.compile(r"<think>(.*?)</think>\s*(?:<answer>(.*?)</answer>|(.*))$", re.S)

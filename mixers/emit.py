@@ -30,11 +30,11 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from curation.shards import ShardFile
-from jobs.recipe import RecipeError
-from mixers.planner import PLAN_VERSION, load_stats, select, selection_digest
-from mixers.spec import Entry, Stage
-from mixers.tarspan import split_members
+from reelforge.curation.shards import ShardFile
+from reelforge.jobs.recipe import RecipeError
+from reelforge.mixers.planner import PLAN_VERSION, load_stats, select, selection_digest
+from reelforge.mixers.spec import Entry, Stage
+from reelforge.mixers.tarspan import split_members
 
 EMIT_COLUMNS = ["id", "source", "kind", "mode", "shard", "offset", "length", "tokens", "text_tokens",
                 "visual_tokens", "quality_score", "clip_score"]

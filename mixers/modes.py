@@ -28,9 +28,9 @@ import os
 import re
 from typing import Any
 
-from curation.schema import drop
-from curation.step import RowStep
-from mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
+from reelforge.curation.schema import drop
+from reelforge.curation.step import RowStep
+from reelforge.mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
 
 STYLES = ("report", "template")
 _CUES = re.compile(r"\b(how many|why|calculate|compute|prove|solve|compare|explain|step|total|difference|"
@@ -186,8 +186,8 @@ def render_think_with_image(row: dict, workdir: str, timeout_s: float = 10.0, me
     """Runs each tool step's code in the sandbox; its image becomes the next turn and a new medium."""
     from PIL import Image
 
-    from curation.media_io import MediaReadError, read_media_bytes
-    from mixers.sandbox import run_code
+    from reelforge.curation.media_io import MediaReadError, read_media_bytes
+    from reelforge.mixers.sandbox import run_code
 
     media = list(row.get("media") or [])
     first = next((m for m in media if m["kind"] == "image"), None)
@@ -266,7 +266,7 @@ class RenderModes(RowStep):
         if style not in STYLES:
             raise ValueError(f"`style` must be one of {', '.join(STYLES)}")
         if "think_with_image" in sources.values():
-            from mixers.sandbox import sandbox_available
+            from reelforge.mixers.sandbox import sandbox_available
 
             why = sandbox_available()  # refuse up front: there is no weaker fallback
             if why is not None:

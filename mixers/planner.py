@@ -28,9 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.recipe import RecipeError
-from mixers.spec import Entry, Mixture, Stage
-from mixers.stats import SAMPLES_DIR, read_sample_stats
+from reelforge.jobs.recipe import RecipeError
+from reelforge.mixers.spec import Entry, Mixture, Stage
+from reelforge.mixers.stats import SAMPLES_DIR, read_sample_stats
 
 PLAN_VERSION = 1
 TOLERANCE = 0.005  # the plan warns when an entry lands further than this from its desired units

@@ -29,7 +29,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from jobs.recipe import RecipeError, parse_size, read_yaml
+from reelforge.jobs.recipe import RecipeError, parse_size, read_yaml
 
 SELECTORS = ("source", "kind", "mode")
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.I)

@@ -29,7 +29,7 @@ def write_sample_stats(spark, final, shard_dir: str, shard_names: list[str], out
     from pyspark.sql import functions as F
 
     def spans(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        from mixers.tarspan import scan_spans
+        from reelforge.mixers.tarspan import scan_spans
 
         for b in batches:
             for name in b.column("shard").to_pylist():

@@ -12,7 +12,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 
 @pytest.fixture(scope="session")
 def spark():
-    from jobs.spark import get_spark
+    from reelforge.jobs.spark import get_spark
 
     s = get_spark("local[2]")
     yield s
@@ -22,7 +22,7 @@ def spark():
 @pytest.fixture(scope="session")
 def demo_corpus(tmp_path_factory) -> str:
     """A small real corpus (images, H.264 videos, text, conversations, planted breakage)."""
-    from curation.demo_corpus import make_demo_corpus
+    from reelforge.curation.demo_corpus import make_demo_corpus
 
     root = tmp_path_factory.mktemp("corpus")
     return make_demo_corpus(str(root), n_images=48, n_videos=6, seed=0, log=lambda *a: None)
@@ -31,8 +31,8 @@ def demo_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_run(spark, demo_corpus, tmp_path_factory) -> dict:
     """The demo recipe run once under local[2]; tests read its outputs."""
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     out = str(tmp_path_factory.mktemp("run-local"))
     report = run_recipe(load_recipe(demo_corpus, out=out), spark=spark, log=lambda *a: None)

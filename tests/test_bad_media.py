@@ -77,8 +77,8 @@ def _hashes(out: str) -> dict:
 
 
 def test_bad_media_are_ledger_lines_and_good_output_is_unchanged(spark, tmp_path):
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     root = str(tmp_path / "corpus")
     recipe = _good(root)

@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import yaml
 from PIL import Image
 
-from curation.tiny_clip import build_tiny_clip
+from reelforge.curation.tiny_clip import build_tiny_clip
 
 
 def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     import open_clip
     import torch
 
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     cfg_dir, ckpt = build_tiny_clip(str(tmp_path / "model"))
     (tmp_path / "img").mkdir()
@@ -71,7 +71,7 @@ def test_local_cluster_scores_and_captions_equal_local(tmp_path):
     import subprocess
     import sys
 
-    from curation.tiny_vlm import build_tiny_vlm
+    from reelforge.curation.tiny_vlm import build_tiny_vlm
 
     build_tiny_clip(str(tmp_path / "model"))
     build_tiny_vlm(str(tmp_path / "vlm"))
@@ -91,8 +91,8 @@ def test_local_cluster_scores_and_captions_equal_local(tmp_path):
     scores, vlm = {}, {}
     for master in ("local[2]", "local-cluster[2,1,1024]"):
         out = str(tmp_path / master.split("[")[0])
-        res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(tmp_path / "recipe.yaml"), "--out", out,
-                              "--master", master], capture_output=True, text=True, timeout=900)
+        res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(tmp_path / "recipe.yaml"),
+                              "--out", out, "--master", master], capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
         scores[master] = {r["source_key"]: r["clip_score"]
                           for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}

@@ -41,8 +41,8 @@ def corpus(tmp_path_factory) -> str:
 
 
 def test_clips_are_derived_samples_and_the_ledger_balances(spark, corpus, tmp_path):
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     out = str(tmp_path / "out")
     rep = run_recipe(load_recipe(corpus, out=out), spark=spark, log=lambda *a: None)

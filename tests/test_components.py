@@ -2,7 +2,7 @@
 
 import random
 
-from curation.components import connected_components
+from reelforge.curation.components import connected_components
 
 
 def _union_find(edges):

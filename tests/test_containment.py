@@ -14,12 +14,12 @@ import time
 import pytest
 from PIL import Image
 
-from curation import video
-from curation.clips import VideoClips
-from curation.containment import ContainmentError, allowed_roots, open_regular, resolve_media_ref
-from curation.media_io import MediaReadError, decode_visual, read_media_bytes
-from curation.probe import Probe, ProbeError
-from curation.schema import empty_row
+from reelforge.curation import video
+from reelforge.curation.clips import VideoClips
+from reelforge.curation.containment import ContainmentError, allowed_roots, open_regular, resolve_media_ref
+from reelforge.curation.media_io import MediaReadError, decode_visual, read_media_bytes
+from reelforge.curation.probe import Probe, ProbeError
+from reelforge.curation.schema import empty_row
 
 
 def _ff(*args: str) -> None:
@@ -177,7 +177,7 @@ def test_dev_zero_never_allocates(tmp_path):
     code = textwrap.dedent("""
         import resource, sys, time
         resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
-        from curation.media_io import MediaReadError, read_media_bytes
+        from reelforge.curation.media_io import MediaReadError, read_media_bytes
         t = time.monotonic()
         out = []
         for m in ({"uri": "/dev/zero"}, {"uri": "/dev/urandom"},
@@ -218,7 +218,7 @@ def test_tar_byte_ranges_are_bounded(tmp_path):
 
 
 def test_max_bytes_default_is_a_module_setting(tmp_path, monkeypatch):
-    from curation import media_io
+    from reelforge.curation import media_io
 
     p = _jpeg(tmp_path / "a.jpg")
     monkeypatch.setattr(media_io, "MAX_MEDIA_BYTES", 10)
@@ -398,7 +398,7 @@ def test_videos_are_hashed_in_pieces(tmp_path, outside_video, monkeypatch):
     """Probe never holds a video whole: the bytes of a plain-file video are never read in one piece."""
     import hashlib
 
-    from curation import media_io
+    from reelforge.curation import media_io
 
     p = tmp_path / "v.mp4"
     data = open(outside_video["mp4"], "rb").read()

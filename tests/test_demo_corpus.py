@@ -19,8 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from curation.demo_corpus import PATTERNS, make_demo_corpus, video_plan
-from curation.readers import DEFAULT_PATTERNS, READERS
+from reelforge.curation.demo_corpus import PATTERNS, make_demo_corpus, video_plan
+from reelforge.curation.readers import DEFAULT_PATTERNS, READERS
 
 N_IMAGES, N_VIDEOS = 40, len(PATTERNS)  # every video pattern, so each is checked for determinism
 BROKEN = {"truncated_jpeg": "corrupt_image", "zero_byte_video": "empty_file", "bad_json_line": "bad_json",
@@ -84,8 +84,8 @@ def _read_all(root: str) -> dict[Key, dict]:
 @pytest.fixture(scope="module")
 def probed(corpus: str) -> dict[Key, dict]:
     """All rows after the recipe's probe and quality steps, run in-process."""
-    from curation.probe import Probe
-    from filters.quality import Quality
+    from reelforge.curation.probe import Probe
+    from reelforge.filters.quality import Quality
 
     with open(os.path.join(corpus, "recipe.yaml")) as f:
         steps = {k: v for s in yaml.safe_load(f)["steps"] for k, v in s.items()}
@@ -229,7 +229,7 @@ def test_videos_decode_with_their_planned_duration(corpus: str) -> None:
 
 
 def test_recipe_is_valid_and_names_every_source(corpus: str) -> None:
-    from jobs.recipe import load_recipe
+    from reelforge.jobs.recipe import load_recipe
 
     recipe = load_recipe(os.path.join(corpus, "recipe.yaml"))
     assert [(s.name, s.format) for s in recipe.sources] == [

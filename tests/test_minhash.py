@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from datasketch import MinHash, MinHashLSH
 
-from curation import minhash as mh
+from reelforge.curation import minhash as mh
 
 WORDS = ("the a of and to in is was for on that with as by at from his her it an be this which or are "
          "river city night light small large old new man woman child tree car road house sky cloud sun "

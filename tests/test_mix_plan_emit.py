@@ -15,12 +15,12 @@ from collections import Counter
 import pytest
 import yaml
 
-from jobs.recipe import RecipeError
-from mixers.emit import emit_plan
-from mixers.planner import plan_mixture
-from mixers.spec import load_mixture, parse_mixture, recipes_dir
-from mixers.stats import read_sample_stats
-from mixers.tarspan import key_of
+from reelforge.jobs.recipe import RecipeError
+from reelforge.mixers.emit import emit_plan
+from reelforge.mixers.planner import plan_mixture
+from reelforge.mixers.spec import load_mixture, parse_mixture, recipes_dir
+from reelforge.mixers.stats import read_sample_stats
+from reelforge.mixers.tarspan import key_of
 
 DEMO = os.path.join(recipes_dir(), "demo.yaml")
 
@@ -232,7 +232,7 @@ def test_shipped_recipes_parse():
 
 
 def test_cli_plan_and_mix(demo_run, tmp_path, capsys):
-    from jobs.cli import main
+    from reelforge.jobs.cli import main
 
     plan_path = str(tmp_path / "p" / "plan.json")
     assert main(["plan", DEMO, "--stats", demo_run["out"], "--out", plan_path]) == 0
@@ -250,7 +250,7 @@ def test_caps_move_the_shortfall_to_uncapped_entries(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mixers.stats import STATS_SCHEMA
+    from reelforge.mixers.stats import STATS_SCHEMA
 
     rows = [{"id": f"a{i:04d}", "source": "A", "kind": "text", "tokens": 10 + i % 7} for i in range(1000)]
     rows += [{"id": f"b{i:04d}", "source": "B", "kind": "text", "tokens": 10} for i in range(100)]

@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from curation.schema import empty_row
-from mixers.alignment import FormatConsistencyFilter, RepetitionFilter, format_consistency, repetition_score
-from mixers.chat import IMAGE, VIDEO, to_chat, validate_chat, validate_sample
-from mixers.modes import ModeError, RenderModes, needs_thinking, render
+from reelforge.curation.schema import empty_row
+from reelforge.mixers.alignment import FormatConsistencyFilter, RepetitionFilter, format_consistency, repetition_score
+from reelforge.mixers.chat import IMAGE, VIDEO, to_chat, validate_chat, validate_sample
+from reelforge.mixers.modes import ModeError, RenderModes, needs_thinking, render
 
 
 def _img(path: str, size=(96, 64)) -> dict:
@@ -197,7 +197,7 @@ def test_alignment_scores_and_filters():
 
 
 def test_modes_step_in_a_recipe(rows, tmp_path):
-    from jobs.recipe import RecipeError, parse_recipe
+    from reelforge.jobs.recipe import RecipeError, parse_recipe
 
     (tmp_path / "t.jsonl").write_text('{"text": "hello"}\n')
     raw = {"sources": [{"name": "t", "format": "text", "path": "t.jsonl"}], "output": "out",
@@ -222,11 +222,11 @@ def test_modes_end_to_end_in_a_run(spark, demo_corpus, tmp_path):
 
     import yaml
 
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
-    from mixers.emit import emit_plan
-    from mixers.planner import plan_mixture
-    from mixers.spec import parse_mixture
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
+    from reelforge.mixers.emit import emit_plan
+    from reelforge.mixers.planner import plan_mixture
+    from reelforge.mixers.spec import parse_mixture
 
     root = tmp_path / "corpus"
     root.mkdir()

@@ -12,7 +12,7 @@ import sys
 import pytest
 import yaml
 
-from curation.minhash import shingles
+from reelforge.curation.minhash import shingles
 
 THRESHOLD = 0.8
 
@@ -99,8 +99,8 @@ def _predicted(out: str) -> dict[str, str]:
 
 
 def test_text_near_dup_precision_and_recall(spark, text_corpus, tmp_path):
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     recipe, docs = text_corpus
     out = str(tmp_path / "local")
@@ -146,8 +146,8 @@ def _video(path: str, seed: int, seconds: float = 6.0, fps: int = 10, crf: int =
 
 def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
 
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     rng = random.Random(5)
     (tmp_path / "img").mkdir()
@@ -229,14 +229,14 @@ def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
 
 def test_local_cluster_decides_the_same(spark, text_corpus, tmp_path):
     """Separate executor processes give the same near-dup decisions as local[2]."""
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     recipe, _ = text_corpus
     local = str(tmp_path / "local")
     run_recipe(load_recipe(recipe, out=local), spark=spark, log=lambda *a: None)
     cluster = str(tmp_path / "cluster")
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", recipe, "--out", cluster,
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", recipe, "--out", cluster,
                           "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = _predicted(local), _predicted(cluster)

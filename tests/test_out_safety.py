@@ -18,8 +18,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from jobs.recipe import RecipeError, load_recipe
-from jobs.run import LOCK, RUN_MARKER, OutputWriteError, io_error_message, run_recipe
+from reelforge.jobs.recipe import RecipeError, load_recipe
+from reelforge.jobs.run import LOCK, RUN_MARKER, OutputWriteError, io_error_message, run_recipe
 
 
 def _quiet(*_a) -> None:
@@ -96,7 +96,7 @@ def test_refusals_leave_every_file_intact(corpus, tmp_path, spark):
             load_recipe(corpus, out=out)
     # through the command line: one sentence, exit 2, the input still there
     corpus_before = _tree(corpus_dir)
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", corpus, "--out", corpus_dir],
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", corpus, "--out", corpus_dir],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert _tree(corpus_dir) == corpus_before
@@ -134,7 +134,7 @@ def test_out_lifecycle(corpus, tmp_path, spark, monkeypatch):
 
     # 2. a re-run that fails while writing shards (the disk fills): one sentence, no temporary
     #    file, and no report or index naming shards that are gone
-    import curation.shards as shards
+    import reelforge.curation.shards as shards
 
     def full_disk(df, out_dir, **kw):
         open(os.path.join(out_dir, "shard-000000.tar.tmp-99999"), "wb").write(b"partial")
@@ -185,7 +185,7 @@ def test_out_lifecycle(corpus, tmp_path, spark, monkeypatch):
 
 
 def test_write_errors_are_one_sentence(corpus, tmp_path, monkeypatch, capsys):
-    from jobs import cli, run
+    from reelforge.jobs import cli, run
 
     wrapped = Exception("An error occurred while calling o123.parquet.\n: org.apache.spark.SparkException: "
                         "Job aborted ... pyspark.errors.exceptions.base.PySparkRuntimeError ... OSError: "

@@ -105,8 +105,8 @@ def test_shards_load_with_plain_webdataset_and_media_decode(demo_run, tmp_path):
 
 
 def test_rerun_reuses_steps_and_writes_identical_shards(spark, demo_run):
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     out = demo_run["out"]
     before = _shard_hashes(out)
@@ -119,7 +119,7 @@ def test_rerun_reuses_steps_and_writes_identical_shards(spark, demo_run):
 def test_local_cluster_writes_the_same_shards(demo_run, tmp_path):
     """Separate executor processes, nothing shared with the driver: same bytes as local[2]."""
     out = str(tmp_path / "cluster")
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", demo_run["recipe"], "--out", out,
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", demo_run["recipe"], "--out", out,
                           "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     local = _shard_hashes(demo_run["out"])

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from PIL import Image
 
-from curation.probe import Probe, ProbeError, probe_image, probe_video_file
-from curation.schema import empty_row
+from reelforge.curation.probe import Probe, ProbeError, probe_image, probe_video_file
+from reelforge.curation.schema import empty_row
 
 
 def _encode(img, fmt="JPEG") -> bytes:
@@ -82,8 +82,8 @@ def test_probe_step_reasons(tmp_path, mp4):
 def test_image_phash_survives_resize_and_reencode_but_separates_different_images():
     import random
 
-    from curation.demo_corpus import _draw
-    from curation.phash import hamming
+    from reelforge.curation.demo_corpus import _draw
+    from reelforge.curation.phash import hamming
 
     rng = random.Random(3)
     a, _ = _draw(rng, 400, 300)

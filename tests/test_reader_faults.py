@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.ingest import count_problems, rows_to_batches
-from curation.readers import FILE_REASONS, READERS, count_records
+from reelforge.curation.ingest import count_problems, rows_to_batches
+from reelforge.curation.readers import FILE_REASONS, READERS, count_records
 
 DEEP = "[" * 100_000 + "]" * 100_000
 
@@ -211,7 +211,7 @@ def test_lost_records_are_an_accounting_problem():
 
 def test_reader_that_fails_halfway_yields_a_file_row(tmp_path, monkeypatch):
     """An error escaping a reader is one `unreadable_source` row; the count then shows the loss."""
-    import curation.readers as readers
+    import reelforge.curation.readers as readers
 
     p = tmp_path / "m.jsonl"
     p.write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(5)))

@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation.readers import READERS
-from curation.schema import ARROW_SCHEMA
+from reelforge.curation.readers import READERS
+from reelforge.curation.schema import ARROW_SCHEMA
 
 
 def _jpeg(color=(200, 10, 10), size=(32, 24)) -> bytes:
@@ -162,7 +162,7 @@ def test_ids_survive_moving_the_corpus(tmp_path):
     """Ids hash media paths relative to the manifest, so a corpus copied elsewhere keeps them."""
     import shutil
 
-    from curation.readers import read_jsonl
+    from reelforge.curation.readers import read_jsonl
 
     a = tmp_path / "a"
     (a / "img").mkdir(parents=True)

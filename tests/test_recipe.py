@@ -6,7 +6,7 @@ import sys
 import pytest
 import yaml
 
-from jobs.recipe import RecipeError, load_recipe, parse_recipe, parse_size
+from reelforge.jobs.recipe import RecipeError, load_recipe, parse_recipe, parse_size
 
 
 @pytest.fixture()
@@ -76,11 +76,11 @@ def test_cli_prints_one_sentence_and_exits_2(base):
     raw = good()
     raw["sources"][0]["path"] = "missing/*.jsonl"
     p.write_text(yaml.safe_dump(raw))
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(p)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(p)], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.startswith("reelforge: recipe field `sources[0].path` matches no files")
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(base / "absent.yaml")],
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(base / "absent.yaml")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "does not exist" in res.stderr
 
@@ -90,7 +90,7 @@ def test_unwritable_output_is_one_sentence(base):
     p.write_text(yaml.safe_dump(good()))
     blocker = base / "file"
     blocker.write_text("x")  # a file where the output folder's parent should be
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "run", str(p), "--out", str(blocker / "out")],
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(p), "--out", str(blocker / "out")],
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert "cannot be written" in res.stderr and "--out" in res.stderr and "Traceback" not in res.stderr
@@ -117,7 +117,7 @@ def test_output_apart_from_the_sources(base):
 def test_content_digests_see_a_same_size_same_mtime_edit(tmp_path):
     import os
 
-    from jobs.recipe import content_digests
+    from reelforge.jobs.recipe import content_digests
 
     f, cache = tmp_path / "a.jsonl", str(tmp_path / "digests.json")
     f.write_text('{"text": "aaaa"}\n')

@@ -12,8 +12,8 @@ import time
 import pytest
 from PIL import Image
 
-from mixers import sandbox
-from mixers.sandbox import SandboxUnavailable, run_code, sandbox_available
+from reelforge.mixers import sandbox
+from reelforge.mixers.sandbox import SandboxUnavailable, run_code, sandbox_available
 
 WHY = sandbox_available()
 needs_jail = pytest.mark.skipif(WHY is not None, reason=f"sandbox unavailable here: {WHY}")

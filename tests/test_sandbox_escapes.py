@@ -17,8 +17,8 @@ import uuid
 import pytest
 from PIL import Image
 
-from mixers import sandbox
-from mixers.sandbox import run_code, sandbox_available
+from reelforge.mixers import sandbox
+from reelforge.mixers.sandbox import run_code, sandbox_available
 
 WHY = sandbox_available()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"sandbox unavailable here: {WHY}")

@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from curation.schema import (
+from reelforge.curation.schema import (
     ARROW_SCHEMA,
     COLUMNS,
     Media,

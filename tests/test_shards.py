@@ -8,8 +8,8 @@ import tarfile
 import webdataset as wds
 from PIL import Image
 
-from curation.schema import empty_row
-from curation.shards import ShardFile, encode_sample, media_members
+from reelforge.curation.schema import empty_row
+from reelforge.curation.shards import ShardFile, encode_sample, media_members
 
 
 def _row(tmp_path, i, fmt="JPEG", n_media=1):
@@ -79,7 +79,7 @@ def test_member_naming():
 
 
 def test_reencoded_media_json_describes_the_written_bytes(tmp_path):
-    from curation.media_io import MediaReadError
+    from reelforge.curation.media_io import MediaReadError
 
     p = tmp_path / "x.gif"
     Image.new("P", (20, 10), 7).save(p)

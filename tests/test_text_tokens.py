@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from curation.schema import empty_row
-from curation.text_tokens import VISION_TEXT, TextTokenizer
-from curation.tiny_models import build_tiny_tokenizer
-from curation.token_count import CountTokens
-from curation.tokens import image_tokens, video_tokens
+from reelforge.curation.schema import empty_row
+from reelforge.curation.text_tokens import VISION_TEXT, TextTokenizer
+from reelforge.curation.tiny_models import build_tiny_tokenizer
+from reelforge.curation.token_count import CountTokens
+from reelforge.curation.tokens import image_tokens, video_tokens
 
 CONVS = [
     [{"role": "user", "content": "<image>\nWhat colour is the circle?"}, {"role": "assistant", "content": "Red."}],
@@ -69,7 +69,7 @@ def test_count_tokens_step(tok_dir, tmp_path):
 
 
 def test_missing_tokenizer_is_a_recipe_error(tmp_path):
-    from jobs.recipe import RecipeError, parse_recipe
+    from reelforge.jobs.recipe import RecipeError, parse_recipe
 
     (tmp_path / "t.jsonl").write_text('{"text": "x"}\n')
     raw = {"sources": [{"name": "t", "format": "text", "path": "t.jsonl"}],

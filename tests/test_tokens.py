@@ -11,7 +11,14 @@ from fractions import Fraction
 
 import pytest
 
-from curation.tokens import TokenError, VisualTokenConfig, image_tokens, smart_resize, video_nframes, video_tokens
+from reelforge.curation.tokens import (
+    TokenError,
+    VisualTokenConfig,
+    image_tokens,
+    smart_resize,
+    video_nframes,
+    video_tokens,
+)
 
 F = 28
 
@@ -119,8 +126,8 @@ def test_smart_resize_never_returns_zero():
 
 
 def test_cli_prints_one_json_object_per_input(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "tokens", "--image", "3192x4004", "--video", "168x252",
-                          "--duration", "18", "--config", '{"video_min_pixels": 3136}'],
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "tokens", "--image", "3192x4004",
+                          "--video", "168x252", "--duration", "18", "--config", '{"video_min_pixels": 3136}'],
                          capture_output=True, text=True, check=True)
     a, b = (json.loads(line) for line in res.stdout.splitlines())
     assert a["tokens"] == 16302 and b["tokens"] == 1944 and b["frames"] == 36
@@ -134,7 +141,8 @@ def test_cli_probes_files(tmp_path):
     vid = tmp_path / "v.mp4"
     subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25",
                     "-t", "3", "-pix_fmt", "yuv420p", str(vid)], check=True, timeout=60)
-    res = subprocess.run([sys.executable, "-m", "jobs.cli", "tokens", str(img), str(vid), str(tmp_path / "no.jpg")],
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "tokens", str(img), str(vid),
+                          str(tmp_path / "no.jpg")],
                          capture_output=True, text=True)
     i, v, missing = (json.loads(line) for line in res.stdout.splitlines())
     assert i["tokens"] == image_tokens(480, 640)["tokens"] and i["probe"]["width"] == 640

@@ -12,7 +12,7 @@ import pytest
 import torch
 from train_common import TINY_VISUAL, stage, write_stage
 
-from training.loader import IGNORE, Encoder, ShardLoader, iter_ids
+from reelforge.training.loader import IGNORE, Encoder, ShardLoader, iter_ids
 
 
 def _all_ids(shards: str) -> list[str]:
@@ -39,7 +39,7 @@ def _raw_of(shards: str, kind: str, with_media: bool) -> dict:
 
 
 def test_assistant_only_labels_and_vision_pads(tiny, shards):
-    from curation.tokens import VisualTokenConfig, image_tokens
+    from reelforge.curation.tokens import VisualTokenConfig, image_tokens
 
     enc = Encoder(tiny["tokenizer"], TINY_VISUAL, 4096)
     raw = _raw_of(shards, "conversation", with_media=True)
@@ -62,7 +62,7 @@ def test_assistant_only_labels_and_vision_pads(tiny, shards):
 
 
 def test_video_frames_and_text_documents(tiny, shards):
-    from curation.tokens import VisualTokenConfig, video_tokens
+    from reelforge.curation.tokens import VisualTokenConfig, video_tokens
 
     enc = Encoder(tiny["tokenizer"], TINY_VISUAL, 4096)
     raw = _raw_of(shards, "video_text", with_media=True)
@@ -80,8 +80,8 @@ def test_video_frames_and_text_documents(tiny, shards):
 
 def test_packed_equals_unpacked(tiny, shards, tmp_path):
     """The same samples give the same logits and loss packed into one row or one per row."""
-    from training.loader import collate_packed
-    from training.model import ReelVLM
+    from reelforge.training.loader import collate_packed
+    from reelforge.training.model import ReelVLM
 
     torch.manual_seed(0)
     model = ReelVLM.from_paths(tiny["vision"], tiny["llm"], tiny["tokenizer"]).eval()
@@ -148,7 +148,7 @@ def test_resume_gives_the_same_order(tiny, shards, tmp_path):
 def test_report_compares_with_a_planner_plan(tmp_path):
     from types import SimpleNamespace
 
-    from training.report import write_report
+    from reelforge.training.report import write_report
 
     out = tmp_path / "run"
     out.mkdir()
@@ -167,10 +167,10 @@ def test_report_compares_with_a_planner_plan(tmp_path):
 
 
 def test_stage_mistakes_cost_one_sentence(tiny, tmp_path):
-    from jobs.cli import main
-    from jobs.recipe import RecipeError
-    from training.config import stage_from_dict
-    from training.loader import shard_sets_of
+    from reelforge.jobs.cli import main
+    from reelforge.jobs.recipe import RecipeError
+    from reelforge.training.config import stage_from_dict
+    from reelforge.training.loader import shard_sets_of
 
     base = {"model": {"vision": tiny["vision"], "llm": tiny["llm"]}, "output": {"dir": str(tmp_path / "o")},
             "data": {"sources": [{"name": "x", "path": str(tmp_path / "nowhere")}]}}
@@ -179,7 +179,7 @@ def test_stage_mistakes_cost_one_sentence(tiny, tmp_path):
     for bad, field in (({"optim": {"lr": "fast"}}, "optim.lr"), ({"trainable": ["eyes"]}, "trainable"),
                        ({"objective": "rlhf"}, "objective"), ({"data": {"bogus": 1}}, "data.bogus"),
                        ({"deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage")):
-        from training.config import deep_update
+        from reelforge.training.config import deep_update
 
         with pytest.raises(RecipeError, match=field.replace(".", r"\.")):
             stage_from_dict(deep_update(base, bad))

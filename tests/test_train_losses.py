@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from training.losses import (
+from reelforge.training.losses import (
     RunningMean,
     answer_reward,
     consistency_reward,

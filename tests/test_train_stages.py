@@ -28,7 +28,7 @@ def _metrics(out: str) -> list[dict]:
 
 
 def test_stage1_trains_only_the_projector_and_its_loss_falls(tiny, shards, tmp_path):
-    from training.train import eval_loss
+    from reelforge.training.train import eval_loss
 
     out = str(tmp_path / "s1")
     path = write_stage(str(tmp_path / "s1.yaml"), tiny, shards, out, trainable=["projector"], steps=8,
@@ -65,7 +65,7 @@ def test_stage1_trains_only_the_projector_and_its_loss_falls(tiny, shards, tmp_p
     ("sft", {"data": {"kinds": ["conversation"]}, "deepspeed": {"zero_stage": 2}}),
 ])
 def test_lm_stages_loss_falls(tiny, shards, tmp_path, name, over):
-    from training.train import eval_loss
+    from reelforge.training.train import eval_loss
 
     out = str(tmp_path / name)
     path = write_stage(str(tmp_path / f"{name}.yaml"), tiny, shards, out, steps=6, output={"save_initial": True},

@@ -1,4 +1,4 @@
-"""curation.video on real ffmpeg-encoded media made here: exact frame selection, probe extras,
+"""reelforge.curation.video on real ffmpeg-encoded media made here: exact frame selection, probe extras,
 shot detection accuracy, clip cutting/transcoding, and every kind of bad input."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from curation import video
-from curation.phash import hamming, phash_rgb
-from curation.probe import ProbeError, probe_video_file
-from curation.tools import ffmpeg_path, ffprobe_path
+from reelforge.curation import video
+from reelforge.curation.phash import hamming, phash_rgb
+from reelforge.curation.probe import ProbeError, probe_video_file
+from reelforge.curation.tools import ffmpeg_path, ffprobe_path
 
 W, H, FPS, NFRAMES = 64, 48, 25, 60
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from curation.tiny_vlm import build_tiny_vlm
+from reelforge.curation.tiny_vlm import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def tiny_vlm(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> str:
     """Eight noise images, one short H.264 video, one corrupt JPEG and one missing file."""
-    from curation.tools import ffmpeg_path
+    from reelforge.curation.tools import ffmpeg_path
 
     root = tmp_path_factory.mktemp("vlm-corpus")
     (root / "img").mkdir()
@@ -74,10 +74,10 @@ def test_judge_and_recaption_in_spark_equal_plain_transformers(spark, tiny_vlm, 
     the batched, prefetching Spark steps wrote."""
     import torch
 
-    from curation.recaption import DEFAULT_PROMPTS
-    from filters.vlm_judge import DEFAULT_QUESTION
-    from jobs.recipe import load_recipe
-    from jobs.run import run_recipe
+    from reelforge.curation.recaption import DEFAULT_PROMPTS
+    from reelforge.filters.vlm_judge import DEFAULT_QUESTION
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     steps = [{"vlm_judge": {"model": "MODEL", "batch_size": 3, "device": "cpu", "threshold": 0.02}},
              {"recaption": {"model": "MODEL", "batch_size": 4, "max_new_tokens": 6, "device": "cpu",
@@ -134,9 +134,9 @@ def test_judge_and_recaption_in_spark_equal_plain_transformers(spark, tiny_vlm, 
 
 
 def test_failures_are_ledger_lines_and_oom_halves_the_batch(tiny_vlm, corpus):
-    from curation.probe import Probe
-    from curation.recaption import Recaption
-    from curation.schema import empty_row
+    from reelforge.curation.probe import Probe
+    from reelforge.curation.recaption import Recaption
+    from reelforge.curation.schema import empty_row
 
     rows = []
     for i in range(6):
@@ -196,8 +196,8 @@ def test_failures_are_ledger_lines_and_oom_halves_the_batch(tiny_vlm, corpus):
 
 
 def test_clip_halves_its_batch_on_oom(tmp_path):
-    from curation.tiny_clip import build_tiny_clip
-    from filters.clip_score import ClipScore
+    from reelforge.curation.tiny_clip import build_tiny_clip
+    from reelforge.filters.clip_score import ClipScore
 
     cfg_dir, ckpt = build_tiny_clip(str(tmp_path))
     step = ClipScore(model="reelforge-tiny-clip", pretrained=ckpt, model_config=os.path.join(cfg_dir,
@@ -217,7 +217,7 @@ def test_clip_halves_its_batch_on_oom(tmp_path):
 
 def test_prefetch_prepares_the_next_chunk_while_the_model_runs():
     """compute(k) waits until prepare(k+1) has started: without prefetch this would time out."""
-    from curation.step import prefetched
+    from reelforge.curation.step import prefetched
 
     started = [threading.Event() for _ in range(5)]
     order = []
@@ -240,8 +240,8 @@ def test_prefetch_prepares_the_next_chunk_while_the_model_runs():
 def test_models_that_cannot_load_are_one_sentence(spark, tiny_vlm, corpus, tmp_path):
     import shutil
 
-    from jobs.cli import main, worker_user_error
-    from jobs.recipe import RecipeError, load_recipe
+    from reelforge.jobs.cli import main, worker_user_error
+    from reelforge.jobs.recipe import RecipeError, load_recipe
 
     for model, says in ((str(tmp_path / "nope"), "is not a folder"), (corpus, "has no config.json")):
         with pytest.raises(RecipeError, match=says):
@@ -263,7 +263,7 @@ def test_models_that_cannot_load_are_one_sentence(spark, tiny_vlm, corpus, tmp_p
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     recipe = load_recipe(_recipe(corpus, str(broken), [{"recaption": {"model": "MODEL", "device": "cpu"}}],
                                  "broken.yaml"), out=str(tmp_path / "o"))
-    from jobs.run import run_recipe
+    from reelforge.jobs.run import run_recipe
 
     with pytest.raises(Exception) as err:
         run_recipe(recipe, spark=spark, log=lambda *a: None)

@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from training.config import load_stage
+from reelforge.training.config import load_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VISUAL = {"max_pixels": 16 * 28 * 28, "video_min_pixels": 4 * 28 * 28, "video_max_pixels": 4 * 28 * 28,
@@ -16,7 +16,7 @@ TINY_VISUAL = {"max_pixels": 16 * 28 * 28, "video_min_pixels": 4 * 28 * 28, "vid
 
 
 def tiny_models(root: str, demo_corpus: str) -> dict[str, str]:
-    from training.checkpoint import build_tiny_models
+    from reelforge.training.checkpoint import build_tiny_models
 
     return build_tiny_models(root, tokenizer_dir=os.path.join(os.path.dirname(demo_corpus), "tokenizer"))
 
@@ -30,7 +30,7 @@ def write_stage(path: str, models: dict, shards: str, out: str, **over) -> str:
          "optim": {"lr": 3e-3, "schedule": "constant"},
          "deepspeed": {"zero_stage": 2},
          "output": {"dir": out}}
-    from training.config import deep_update
+    from reelforge.training.config import deep_update
 
     d = deep_update(d, over)
     with open(path, "w") as f:
@@ -59,7 +59,7 @@ def run_cli(*args: str, nproc: int = 1, timeout: int = 300) -> subprocess.Comple
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", "training", *args[1:]]  # args[0] is "train"
     else:
-        cmd = [sys.executable, "-m", "jobs.cli", *args]
+        cmd = [sys.executable, "-m", "reelforge.jobs.cli", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
     return p

@@ -2,7 +2,7 @@
 
 import sys
 
-from jobs.cli import main
+from reelforge.jobs.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -15,8 +15,8 @@ import shutil
 
 import torch
 
-from jobs.recipe import RecipeError
-from training.model import PROJECTOR_CONFIG, PROJECTOR_FILE
+from reelforge.jobs.recipe import RecipeError
+from reelforge.training.model import PROJECTOR_CONFIG, PROJECTOR_FILE
 
 
 def build_tiny_models(out_dir: str, tokenizer_dir: str | None = None, hidden: int = 32, layers: int = 2,
@@ -32,7 +32,7 @@ def build_tiny_models(out_dir: str, tokenizer_dir: str | None = None, hidden: in
         SiglipVisionModel,
     )
 
-    from curation.tiny_models import build_tiny_tokenizer
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
 
     torch.manual_seed(seed)
     tok_dir = tokenizer_dir or build_tiny_tokenizer(os.path.join(out_dir, "tokenizer"))
@@ -134,7 +134,7 @@ def merge_checkpoints(paths: list[str], out_dir: str, weights: list[float] | Non
     return out_dir
 
 
-if __name__ == "__main__":  # python -m training.checkpoint OUT [TOKENIZER_DIR]: tiny random models
+if __name__ == "__main__":  # python -m reelforge.training.checkpoint OUT [TOKENIZER_DIR]: tiny random models
     import sys
 
     print(json.dumps(build_tiny_models(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None), indent=1))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from jobs.recipe import RecipeError
+from reelforge.jobs.recipe import RecipeError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.config import load_stage, parse_override
-    from training.train import train
+    from reelforge.training.config import load_stage, parse_override
+    from reelforge.training.train import train
 
     over: dict = {}
-    from training.config import deep_update
+    from reelforge.training.config import deep_update
 
     for s in args.set or []:
         over = deep_update(over, parse_override(s))
@@ -27,7 +27,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from training.checkpoint import merge_checkpoints
+    from reelforge.training.checkpoint import merge_checkpoints
 
     weights = None
     if args.weights:

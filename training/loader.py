@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
-from jobs.recipe import RecipeError
+from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
+from reelforge.jobs.recipe import RecipeError
 
 IGNORE = -100
 _PLACEHOLDER = re.compile(r"(<image>|<video>)")
@@ -282,7 +282,7 @@ class Encoder:
         return arr, r["tokens"]
 
     def video(self, data: bytes, m: dict) -> tuple[list[torch.Tensor], int]:
-        from curation.video import decode_frames, sample_indices
+        from reelforge.curation.video import decode_frames, sample_indices
 
         c = self.vcfg
         v = video_tokens(m["height"], m["width"], m.get("duration") or 0.0, m.get("fps"), c,

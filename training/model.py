@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.loader import IGNORE
+from reelforge.training.loader import IGNORE
 
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_CONFIG = "projector.json"
@@ -183,7 +183,7 @@ class ContrastiveViT(nn.Module):
         return cls(SiglipVisionModel.from_pretrained(vision), SiglipTextModel.from_pretrained(text), **kw)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        from training.losses import siglip_loss
+        from reelforge.training.losses import siglip_loss
 
         device = self.logit_bias.device
         images = [it.images[0] for it in batch["items"]]

@@ -20,11 +20,11 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from jobs.recipe import RecipeError
-from training.config import StageConfig
-from training.loader import IGNORE, ShardLoader, collate_packed
-from training.losses import RunningMean, group_advantages, grpo_loss, mpo_loss, rewards_of
-from training.model import ContrastiveViT, ReelVLM, segment_sums
+from reelforge.jobs.recipe import RecipeError
+from reelforge.training.config import StageConfig
+from reelforge.training.loader import IGNORE, ShardLoader, collate_packed
+from reelforge.training.losses import RunningMean, group_advantages, grpo_loss, mpo_loss, rewards_of
+from reelforge.training.model import ContrastiveViT, ReelVLM, segment_sums
 
 # ----------------------------------------------------------------------------- setup
 
@@ -61,7 +61,7 @@ def deepspeed_config(cfg: StageConfig, world: int, gpu: bool) -> dict:
           "train_batch_size": world * cfg.grad_accum, "gradient_clipping": cfg.optim["grad_clip"],
           "zero_optimization": z, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False,
           "bf16": {"enabled": bf16}, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    from training.config import deep_update
+    from reelforge.training.config import deep_update
 
     return deep_update(ds, d.get("extra") or {})
 
@@ -137,7 +137,7 @@ def tokenizer_dir(cfg: StageConfig) -> str:
 def dummy_batch(objective: str, pad: int) -> dict:
     """What an exhausted rank feeds while others finish the epoch (loss x 0)."""
     if objective == "vit_contrastive":
-        from training.loader import Item
+        from reelforge.training.loader import Item
 
         blank = torch.zeros(3, 28, 28, dtype=torch.uint8)
         return {"items": [Item([pad], [], [blank], "", "", "", "dummy")] * 2, "samples": [], "tokens": 0,
@@ -236,7 +236,7 @@ class Objective:
         return seqs
 
     def grpo(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        from training.loader import Item
+        from reelforge.training.loader import Item
 
         g = self.cfg.loss["grpo"]
         G = g["group_size"]
@@ -440,7 +440,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
     if rank == 0:
         totals, set_totals = _sum_dicts(seen), _sum_dicts(sets)
         summary["samples_per_source"] = totals
-        from training.report import write_report
+        from reelforge.training.report import write_report
 
         summary["report"] = write_report(out_dir, cfg, totals, set_totals)
     dist.barrier()
@@ -467,7 +467,7 @@ def save_checkpoint(engine, loader: ShardLoader, objective: Objective, ckpt_dir:
 
 
 def export(engine, model: torch.nn.Module, cfg: StageConfig, out: str, rank: int, tok: str) -> None:
-    from training.checkpoint import export_model
+    from reelforge.training.checkpoint import export_model
 
     if cfg.deepspeed["zero_stage"] == 3:
         state = engine._zero3_consolidated_16bit_state_dict()
