@@ -170,6 +170,35 @@ def drop(row: dict, step: str, reason: str, detail: str = "", dup_of: Optional[s
     return row
 
 
+def _scores_dict(row: dict) -> dict:
+    """The row's `scores` as a dict, converting in place an Arrow map read as [(name, value)]."""
+    scores = row.get("scores")
+    if scores is None:
+        scores = row["scores"] = {}
+    elif not isinstance(scores, dict):
+        scores = row["scores"] = {k: v for k, v in scores}
+    return scores
+
+
+def set_score(row: dict, name: str, value: float) -> None:
+    """Record a step's score for the sample under `name` (clip, vlm, quality, ...).
+
+    Scores live in one map column, so a new scoring filter adds a name, not a column:
+    the shard JSON, the samples table and the mixture selectors (`min_scores`) carry it.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a score name must be a non-empty string, got {name!r}")
+    _scores_dict(row)[name] = None if value is None else float(value)
+
+
+def get_score(row: dict, name: str) -> float | None:
+    """The sample's score `name`, or None when no step set it."""
+    scores = row.get("scores")
+    if not scores:
+        return None
+    return _scores_dict(row).get(name)
+
+
 def all_text(row: dict) -> str:
     """Every piece of text of a sample, joined; used for length filters and text dedup."""
     parts: list[str] = []
@@ -185,6 +214,6 @@ def all_text(row: dict) -> str:
 
 __all__ = [
     "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "Media", "Message", "Sample",
-    "VIDEO_PLACEHOLDER", "all_text", "alive", "drop", "empty_row", "make_id",
-    "row_to_sample", "sample_to_row", "spark_schema",
+    "VIDEO_PLACEHOLDER", "all_text", "alive", "drop", "empty_row", "get_score", "make_id",
+    "row_to_sample", "sample_to_row", "set_score", "spark_schema",
 ]
