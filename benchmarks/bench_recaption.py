@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=96)
     ap.add_argument("--model", default="")
+    ap.add_argument("--vlm-size", default="tiny", choices=["tiny", "bench"],
+                    help="without --model: the random model's size (bench: ~0.9B, realistic GPU shapes)")
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=16)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.plain_threads)
 
     work = tempfile.mkdtemp(prefix="bench-recaption-")
-    model_dir = args.model or build_tiny_vlm(os.path.join(work, "tiny-vlm"))
+    model_dir = args.model or build_tiny_vlm(os.path.join(work, "tiny-vlm"), size=args.vlm_size)
     rng = np.random.default_rng(0)
     rows = []
     for i in range(args.images):

@@ -19,8 +19,21 @@ TINY_VLM_CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2) -> str:
-    """Write a ~1 MB Qwen2.5-VL checkpoint folder; returns its path.
+# `size`: "tiny" (~1 MB, tests) or "bench" (~0.9B, Qwen2.5-VL-3B's vision tower width and a
+# 12-layer 1536-wide LLM: a GPU benchmark's realistic shapes with random weights)
+SIZES = {
+    "tiny": ({"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64},
+             {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2}, [2, 3, 3], {"min_pixels": 56 * 56, "max_pixels": 112 * 112}),
+    "bench": ({"depth": 16, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+               "out_hidden_size": 1536},
+              {"hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 12, "num_attention_heads": 12,
+               "num_key_value_heads": 2}, [16, 24, 24], {"min_pixels": 56 * 56, "max_pixels": 448 * 448}),
+}
+
+
+def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2, size: str = "tiny") -> str:
+    """Write a random Qwen2.5-VL checkpoint folder (~1 MB at size "tiny"); returns its path.
 
     `init_range` is larger than a real model's so that greedy captions depend on the pixels
     (a near-zero random model writes the same token whatever it sees)."""
@@ -40,17 +53,16 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2) -> str:
     tok = PreTrainedTokenizerFast.from_pretrained(tok_dir)
     ids = {t: tok.convert_tokens_to_ids(t) for t in
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    pixels = {"min_pixels": 56 * 56, "max_pixels": 112 * 112}
+    vision, text, mrope, pixels = SIZES[size]
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
                                     video_processor=Qwen2VLVideoProcessor(**pixels),
                                     chat_template=TINY_VLM_CHAT_TEMPLATE)
     cfg = Qwen2_5_VLConfig(
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
-                           temporal_patch_size=2, initializer_range=init_range),
-        text_config=dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        vision_config=dict(**vision, fullatt_block_indexes=[vision["depth"] - 1], window_size=112 if size != "tiny"
+                           else 56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                           initializer_range=init_range),
+        text_config=dict(vocab_size=len(tok), **text, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], initializer_range=init_range),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -58,6 +70,8 @@ def build_tiny_vlm(out_dir: str, seed: int = 0, init_range: float = 0.2) -> str:
         tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg)
+    if size != "tiny":
+        model = model.to(torch.bfloat16)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir

@@ -52,12 +52,12 @@ def _free_port() -> int:
 
 def run_cli(*args: str, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     """`reelforge ARGS` in a fresh process (DeepSpeed + gloo), or under torchrun with nproc > 1."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(_free_port()), "-m", "training", *args[1:]]  # args[0] is "train"
+               "--master_port", str(_free_port()), "-m", "reelforge.training", *args[1:]]  # args[0] is "train"
     else:
         cmd = [sys.executable, "-m", "reelforge.jobs.cli", *args]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
