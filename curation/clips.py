@@ -19,8 +19,8 @@ import re
 import tempfile
 from typing import Any
 
+from reelforge.curation.errors import ProbeError
 from reelforge.curation.media_io import MediaReadError, media_path, open_media, stream_media_fd, video_source
-from reelforge.curation.probe import ProbeError
 from reelforge.curation.schema import drop, make_id
 from reelforge.curation.step import RowStep
 

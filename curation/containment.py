@@ -30,7 +30,7 @@ import re
 import stat
 from urllib.parse import unquote, urlsplit
 
-from reelforge.curation.media_io import MediaReadError
+from reelforge.curation.errors import MediaReadError
 
 __all__ = ["ContainmentError", "allowed_roots", "resolve_media_ref", "open_regular", "file_uri_path",
            "HAVE_PROC_FD"]

@@ -5,18 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from reelforge.curation.errors import MediaReadError  # raised here; importable from here as before
+
 IMAGE_EXTS = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp", "bmp": "bmp",
               "gif": "gif", "tif": "tiff", "tiff": "tiff"}
 VIDEO_EXTS = {"mp4", "webm", "mkv", "avi", "mov", "m4v"}
-
-
-class MediaReadError(Exception):
-    """A reference that cannot be read; `reason` is the ledger code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def media_kind_of(name: str) -> str | None:

@@ -19,8 +19,8 @@ import tempfile
 import warnings
 from typing import Any
 
+from reelforge.curation.errors import MediaReadError, ProbeError  # ProbeError: importable from here as before
 from reelforge.curation.media_io import (
-    MediaReadError,
     media_path,
     open_media,
     read_media_fd,
@@ -29,13 +29,6 @@ from reelforge.curation.media_io import (
 )
 from reelforge.curation.schema import drop
 from reelforge.curation.step import RowStep
-
-
-class ProbeError(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
 
+from reelforge.curation.errors import MediaReadError, ProbeError
 from reelforge.curation.schema import ARROW_SCHEMA, alive, drop
 
 
@@ -87,9 +88,6 @@ class PrefetchRowStep(RowStep):
         """fn(rows[i]) for each i in idx, in `decode_workers` threads. Returns the decoded
         [(i, value)] and the failed [(i, (reason, detail))]: media that will not decode are
         ledger lines, never a failed task."""
-        from reelforge.curation.media_io import MediaReadError
-        from reelforge.curation.probe import ProbeError
-
         def safe(i: int):
             try:
                 return fn(rows[i])

@@ -59,7 +59,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from reelforge.curation.probe import ProbeError
+from reelforge.curation.errors import ProbeError
 from reelforge.curation.tools import ffmpeg_path, ffprobe_path
 
 __all__ = ["probe_video", "sample_indices", "frame_timestamps", "decode_frames", "frame_phashes",

@@ -11,13 +11,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
+from reelforge.curation.config import parse_size, read_yaml
+from reelforge.curation.errors import RecipeError  # the same class, importable here as before
 from reelforge.curation.readers import DEFAULT_PATTERNS, READERS
-
-
-class RecipeError(Exception):
-    """A mistake in the recipe: the message names the field and the fix."""
 
 
 def _steps() -> dict[str, type]:
@@ -41,22 +37,6 @@ def _steps() -> dict[str, type]:
 
 PATH_PARAMS = ("tokenizer", "checkpoint", "model_config")
 MAYBE_PATH_PARAMS = ("pretrained", "model")  # a tag or name, or a path relative to the recipe
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.I)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
-          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
-
-
-def parse_size(value: Any, where: str) -> int:
-    if isinstance(value, bool):
-        raise RecipeError(f"recipe field `{where}` must be a size such as 512MB or 1GiB, got {value!r}.")
-    if isinstance(value, int) and value > 0:
-        return value
-    m = _SIZE.match(str(value))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise RecipeError(f"recipe field `{where}` must be a size such as 512MB or 1GiB, got {value!r}.")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass
@@ -198,17 +178,6 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
         if k not in allowed:
             raise RecipeError(f"recipe field `{where}.{k}` is not known: use one of "
                               f"{', '.join(sorted(allowed))}.")
-
-
-def read_yaml(path: str, what: str = "recipe") -> Any:
-    """A YAML file's data; a syntax error costs one sentence with its line."""
-    try:
-        with open(path) as f:
-            return yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{what} {path} is not valid YAML{line}: {getattr(e, 'problem', e)}.") from e
 
 
 def _step_params(cls: type) -> dict[str, inspect.Parameter]:

@@ -30,8 +30,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from reelforge.curation.errors import RecipeError
 from reelforge.curation.shards import ShardFile
-from reelforge.jobs.recipe import RecipeError
 from reelforge.mixers.planner import PLAN_VERSION, load_stats, select, selection_digest
 from reelforge.mixers.spec import Entry, Stage
 from reelforge.mixers.tarspan import split_members

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from reelforge.jobs.recipe import RecipeError
+from reelforge.curation.errors import RecipeError
 from reelforge.mixers.spec import Entry, Mixture, Stage
 from reelforge.mixers.stats import SAMPLES_DIR, read_sample_stats
 

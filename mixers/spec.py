@@ -29,7 +29,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from reelforge.jobs.recipe import RecipeError, parse_size, read_yaml
+from reelforge.curation.config import parse_size, read_yaml
+from reelforge.curation.errors import RecipeError
 
 SELECTORS = ("source", "kind", "mode")
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.I)

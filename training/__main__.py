@@ -1,8 +1,8 @@
-"""`python -m training STAGE.yaml [...]` = `reelforge train STAGE.yaml [...]` (for launchers)."""
+"""`python -m reelforge.training STAGE.yaml [...]` = `reelforge train STAGE.yaml [...]` (for launchers)."""
 
 import sys
 
-from reelforge.jobs.cli import main
+from reelforge.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -15,7 +15,7 @@ import shutil
 
 import torch
 
-from reelforge.jobs.recipe import RecipeError
+from reelforge.curation.errors import RecipeError
 from reelforge.training.model import PROJECTOR_CONFIG, PROJECTOR_FILE
 
 

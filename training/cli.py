@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from reelforge.jobs.recipe import RecipeError
+from reelforge.curation.errors import RecipeError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -55,3 +55,21 @@ def add_training_commands(sub) -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--weights", help="comma-separated weights, one per checkpoint (default: equal)")
     m.set_defaults(fn=_cmd_merge)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m reelforge.training STAGE.yaml` (what torchrun and deepspeed launch): `reelforge train`
+    without the curation commands, so training never imports the Spark side. A mistake in the
+    stage costs one sentence and exit code 2, as under `reelforge`."""
+    import sys
+
+    from reelforge.curation.tools import SetupError
+
+    p = argparse.ArgumentParser(prog="reelforge", description="Train from reelforge shards.")
+    add_training_commands(p.add_subparsers(dest="cmd", required=True))
+    args = p.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (RecipeError, SetupError) as e:
+        print(f"reelforge: {e}", file=sys.stderr)
+        return 2

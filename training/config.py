@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from reelforge.jobs.recipe import RecipeError
+from reelforge.curation.errors import RecipeError
 
 OBJECTIVES = ("lm", "vit_contrastive", "mpo", "grpo")
 PARTS = ("vision", "projector", "llm")

@@ -38,8 +38,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from reelforge.curation.errors import RecipeError
 from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
-from reelforge.jobs.recipe import RecipeError
 
 IGNORE = -100
 _PLACEHOLDER = re.compile(r"(<image>|<video>)")

@@ -24,7 +24,7 @@ def _plan_targets(cfg) -> dict[str, float] | None:
         want = rep.get("plan_stage") or cfg.name
         st = next((x for x in stages if x.get("name") == want), stages[0] if len(stages) == 1 else None)
         if st is None:
-            from reelforge.jobs.recipe import RecipeError
+            from reelforge.curation.errors import RecipeError
 
             raise RecipeError(f"stage field `report.plan_stage` must name one of the plan's stages "
                               f"{[x.get('name') for x in stages]}, got {want!r}.")

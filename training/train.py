@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from reelforge.jobs.recipe import RecipeError
+from reelforge.curation.errors import RecipeError
 from reelforge.training.config import StageConfig
 from reelforge.training.loader import IGNORE, ShardLoader, collate_packed
 from reelforge.training.losses import RunningMean, group_advantages, grpo_loss, mpo_loss, rewards_of
