@@ -37,7 +37,7 @@ import time
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from reelforge.curation.shards import ShardFile, encode_json  # noqa: E402
+from reelforge.curation.shards import SHARD_JSON_VERSION, ShardFile, encode_json  # noqa: E402
 from reelforge.mixers.emit import emit_plan  # noqa: E402
 from reelforge.mixers.planner import plan_mixture  # noqa: E402
 from reelforge.mixers.spec import parse_mixture  # noqa: E402
@@ -85,18 +85,18 @@ def build_run(run_dir: str, n: int, per_shard: int, seed: int) -> dict:
             media = [{"member": f"{sid}.jpg", "kind": "image", "format": "jpeg", "width": 64, "height": 64,
                       "length": len(data)}]
         tt, vt = len(text) // 4, (64 if media else 0)
-        js = {"version": 1, "id": sid, "kind": kind, "provenance": {"source": source, "key": f"{source}:{i}",
-              "location": "/bench"}, "text": text, "tokens": {"text_tokens": tt, "visual_tokens": vt,
-                                                              "tokens": tt + vt}}
+        js = {"version": SHARD_JSON_VERSION, "id": sid, "kind": kind,
+              "provenance": {"source": source, "key": f"{source}:{i}", "location": "/bench"}, "text": text,
+              "tokens": {"text_tokens": tt, "visual_tokens": vt, "tokens": tt + vt}}
         if media:
             js["media"] = media
         obj["json"] = encode_json(js)
         start = sf.tar.offset
         sf.write(obj, source)
-        for c, v in (("id", sid), ("source", source), ("kind", kind), ("mode", None), ("shard", shard),
-                     ("offset", start), ("length", sf.tar.offset - start), ("text_tokens", tt),
-                     ("visual_tokens", vt), ("tokens", tt + vt), ("quality_score", None), ("clip_score", None)):
-            cols[c].append(v)
+        have = {"id": sid, "source": source, "kind": kind, "shard": shard, "offset": start,
+                "length": sf.tar.offset - start, "text_tokens": tt, "visual_tokens": vt, "tokens": tt + vt}
+        for c in cols:  # the table's other columns (mode, scores, ...) stay null
+            cols[c].append(have.get(c))
         tokens_by_source[source] = tokens_by_source.get(source, 0) + tt + vt
     if sf is not None:
         sf.close()

@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import time
 
-from reelforge.curation.schema import empty_row, make_id  # noqa: E402
+from reelforge.curation.schema import empty_row, make_id, set_score  # noqa: E402
 from reelforge.curation.shards import (  # noqa: E402
     ShardFile,
     _save_stats,
@@ -103,7 +103,7 @@ def build_rows(n: int, media_dir: str, seed: int) -> list[dict]:
         row["text_tokens"] = len(row["text"]) // 4
         row["visual_tokens"] = 64 if kind == "image_text" else 0
         row["tokens"] = row["text_tokens"] + row["visual_tokens"]
-        row["quality_score"] = round(rng.random(), 4)
+        set_score(row, "quality", round(rng.random(), 4))
         row["id"] = make_id(row["source"], row["source_key"], row["text"])
         rows.append(row)
     return rows

@@ -16,7 +16,7 @@ Videos: the pHashes of their sampled frames; candidates share a band of any of t
 common subsequence of matching frames covers `video_match` of the shorter video).
 
 Clusters are the connected components of the edges (`curation.components`), and the sample
-kept is the best by a documented, deterministic rule: highest `quality_score`, then the
+kept is the best by a documented, deterministic rule: highest score `quality`, then the
 longest text, then the smallest id. Every other member is dropped as `near_duplicate` with
 `dup_of` naming the kept sample.
 """
@@ -198,7 +198,7 @@ class NearDedup(Step):
         live = df.filter(F.col("drop_step").isNull())
         edges = self._edges(self._keys(live), live)
         comp = connected_components(edges)
-        score = live.select("id", F.coalesce("quality_score", F.lit(float("-inf"))).alias("_q"),
+        score = live.select("id", F.coalesce(F.col("scores").getItem("quality"), F.lit(float("-inf"))).alias("_q"),
                             (F.coalesce(F.length("text"), F.lit(0))
                              + F.coalesce(F.aggregate(F.coalesce(F.col("messages"), F.array()), F.lit(0),
                                                       lambda acc, m: acc + F.length(m["content"])),

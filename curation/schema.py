@@ -28,71 +28,105 @@ VIDEO_PLACEHOLDER = "<video>"
 KINDS = ("image_text", "video_text", "interleaved", "text", "conversation", "preference")
 
 
+# --- where each field goes -------------------------------------------------------------
+#
+# Every field of the dataclasses below declares, in its metadata, where it travels after the
+# Spark job; the shard JSON (`to_shard_json`), its parser (`from_shard_json`, which the
+# training loader uses), the samples table's columns (`TABLE_FIELDS`) and the ledger are
+# generated from these declarations, so a field a step fills reaches training without a
+# second hand-written format:
+#
+#   shard   the field's path in the shard JSON ("tokens.text_tokens"); default: its name.
+#           None: not in the shard JSON (ledger-only fields, or media references the shard's
+#           own member replaces).
+#   table   also a column of the samples table (`RUN/samples/`, what the planner reads).
+#   ledger  the ledger column that carries it (fate fields live only there).
+#   codec   how the value is written: "json" (a JSON object string written as the object),
+#           "hex64" (64-bit ints as 16 hex digits).
+#   always  written even when null (the `tokens` block is always complete).
+#   rebased a media reference (where the bytes were read from); in the shard the medium is
+#           the shard's own member, so these come back pointing at the shard.
+
+
+def col(default: Any = None, *, shard: Optional[str] | bool = True, table: bool = False,
+        ledger: Optional[str] = None, codec: Optional[str] = None, always: bool = False,
+        rebased: bool = False, required: bool = False) -> Any:
+    """A schema field and its declaration (see above); `shard=True` means "under its own name"."""
+    meta = {"shard": shard, "table": table, "ledger": ledger, "codec": codec, "always": always,
+            "rebased": rebased}
+    if required:
+        return dataclasses.field(metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
 @dataclass
 class Media:
     """A reference to one image or video; bytes are read where a step needs them."""
 
-    kind: str  # "image" | "video"
-    uri: str  # path of the file itself, or of the tar that holds it
-    member: Optional[str] = None  # member name inside the tar (None for a plain file)
-    offset: Optional[int] = None  # byte offset of the member's data inside the tar
-    length: Optional[int] = None  # byte length of the media (probe fills it for files)
-    sha256: Optional[str] = None
-    format: Optional[str] = None  # jpeg, png, webp, mp4, ...
-    width: Optional[int] = None
-    height: Optional[int] = None
-    duration: Optional[float] = None  # seconds (video)
-    fps: Optional[float] = None
-    frames: Optional[int] = None
-    codec: Optional[str] = None
-    phash: Optional[list[int]] = None  # 64-bit perceptual hash per image / sampled frame
+    kind: str = col(required=True)  # "image" | "video"
+    # path of the file itself, or of the tar that holds it (from the shard: the shard's path)
+    uri: str = col(required=True, shard=None, rebased=True)
+    member: Optional[str] = col(rebased=True)  # member name inside the tar (None for a plain file)
+    offset: Optional[int] = col(shard=None, rebased=True)  # byte offset of the member's data inside the tar
+    length: Optional[int] = col()  # byte length of the media (probe fills it for files)
+    sha256: Optional[str] = col()
+    format: Optional[str] = col()  # jpeg, png, webp, mp4, ...
+    width: Optional[int] = col()
+    height: Optional[int] = col()
+    duration: Optional[float] = col()  # seconds (video)
+    fps: Optional[float] = col()
+    frames: Optional[int] = col()
+    codec: Optional[str] = col()
+    phash: Optional[list[int]] = col(codec="hex64")  # 64-bit perceptual hash per image / sampled frame
 
 
 @dataclass
 class Message:
-    role: str
-    content: str
+    role: str = col(required=True)
+    content: str = col(required=True)
 
 
 @dataclass
 class Caption:
     """A caption a model wrote for the sample, kept beside the original text, never over it."""
 
-    text: str
-    model: str  # the model folder or name that wrote it
-    prompt: str  # the exact instruction it was given
-    task: str  # caption | ocr | video (the recipe's prompt key)
+    text: str = col(required=True)
+    model: str = col(required=True)  # the model folder or name that wrote it
+    prompt: str = col(required=True)  # the exact instruction it was given
+    task: str = col(required=True)  # caption | ocr | video (the recipe's prompt key)
 
 
 @dataclass
 class Sample:
-    id: str
-    kind: str
-    source: str  # source name from the recipe
-    source_key: str  # original key: "file.tar/key", "manifest.jsonl:17", ...
-    source_location: str  # where it was read from (file path)
-    text: Optional[str] = None
-    messages: Optional[list[Message]] = None
-    chosen: Optional[str] = None  # preference pairs: prompt in messages
-    rejected: Optional[str] = None
-    media: Optional[list[Media]] = None
-    meta: Optional[str] = None  # the source's own metadata, as a JSON object string
+    id: str = col(required=True, table=True, ledger="id")
+    kind: str = col(required=True, table=True, ledger="kind")
+    source: str = col(required=True, shard="provenance.source", table=True, ledger="source")  # recipe source name
+    # original key: "file.tar/key", "manifest.jsonl:17", ...
+    source_key: str = col(required=True, shard="provenance.key", ledger="source_key")
+    source_location: str = col(required=True, shard="provenance.location",
+                               ledger="source_location")  # where it was read from (file path)
+    text: Optional[str] = col()
+    messages: Optional[list[Message]] = col()
+    chosen: Optional[str] = col()  # preference pairs: prompt in messages
+    rejected: Optional[str] = col()
+    media: Optional[list[Media]] = col()
+    meta: Optional[str] = col(codec="json")  # the source's own metadata, as a JSON object string
     # columns later steps fill
-    clip_score: Optional[float] = None
-    quality_score: Optional[float] = None
-    vlm_score: Optional[float] = None  # a VLM judge's P(yes) for the recipe's quality question
-    captions: Optional[list[Caption]] = None  # recaptions, each with its model and prompt
-    text_tokens: Optional[int] = None
-    visual_tokens: Optional[int] = None
-    tokens: Optional[int] = None
-    mode: Optional[str] = None
-    stage: Optional[str] = None
-    # fate: a sample with drop_step set leaves at that step and ends in the ledger
-    drop_step: Optional[str] = None
-    drop_reason: Optional[str] = None  # short code, counted in the report
-    drop_detail: Optional[str] = None  # free text for a human
-    dup_of: Optional[str] = None  # id of the sample this one duplicated
-    parent_id: Optional[str] = None  # set on samples a step derived from another (video clips)
+    # every step's score by name (clip, vlm, quality, ...): set_score / get_score
+    scores: Optional[dict[str, float]] = col(table=True)
+    captions: Optional[list[Caption]] = col()  # recaptions, each with its model and prompt
+    text_tokens: Optional[int] = col(shard="tokens.text_tokens", table=True, always=True)
+    visual_tokens: Optional[int] = col(shard="tokens.visual_tokens", table=True, always=True)
+    tokens: Optional[int] = col(shard="tokens.tokens", table=True, always=True)
+    mode: Optional[str] = col(table=True)
+    stage: Optional[str] = col(table=True)
+    # fate: a sample with drop_step set leaves at that step and ends in the ledger (only there)
+    drop_step: Optional[str] = col(shard=None, ledger="step")
+    drop_reason: Optional[str] = col(shard=None, ledger="reason")  # short code, counted in the report
+    drop_detail: Optional[str] = col(shard=None, ledger="detail")  # free text for a human
+    dup_of: Optional[str] = col(shard=None, ledger="dup_of")  # id of the sample this one duplicated
+    # set on samples a step derived from another (video clips)
+    parent_id: Optional[str] = col(table=True, ledger="parent_id")
 
 
 def _arrow_type(tp: Any) -> pa.DataType:
@@ -102,6 +136,9 @@ def _arrow_type(tp: Any) -> pa.DataType:
         return _arrow_type(inner)
     if origin is list:
         return pa.list_(_arrow_type(typing.get_args(tp)[0]))
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return pa.map_(_arrow_type(k), _arrow_type(v))
     if dataclasses.is_dataclass(tp):
         return pa.struct(_arrow_fields(tp))
     return {str: pa.string(), int: pa.int64(), float: pa.float64(), bytes: pa.binary(),
@@ -123,6 +160,139 @@ def spark_schema():
     from pyspark.sql.pandas.types import from_arrow_schema
 
     return from_arrow_schema(ARROW_SCHEMA)
+
+
+def rows_of(batch: "pa.RecordBatch | pa.Table") -> list[dict]:
+    """Arrow rows as the Python row view: structs and lists as dicts and lists, and the
+    `scores` map as a dict (Arrow's default turns a map into a list of pairs)."""
+    return batch.to_pylist(maps_as_pydicts="strict")
+
+
+# --- generated from the declarations: shard JSON, samples table, ledger ---------------------
+
+_HINTS = {cls: typing.get_type_hints(cls) for cls in (Sample, Media, Message, Caption)}
+_MASK64 = (1 << 64) - 1
+
+
+def _shard_path(f: dataclasses.Field) -> Optional[tuple[str, ...]]:
+    sh = f.metadata.get("shard", True)
+    if sh is None or sh is False:
+        return None
+    return tuple((f.name if sh is True else sh).split("."))
+
+
+def _base(tp: Any) -> Any:
+    """X for Optional[X]."""
+    if typing.get_origin(tp) is typing.Union:
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp
+
+
+def _list_of(tp: Any) -> Optional[type]:
+    """X for Optional[list[X]] where X is a dataclass, else None."""
+    tp = _base(tp)
+    if typing.get_origin(tp) is list:
+        (inner,) = typing.get_args(tp)
+        return inner if dataclasses.is_dataclass(inner) else None
+    return None
+
+
+def _has_rebased(cls: type) -> bool:
+    return any(f.metadata.get("rebased") for f in dataclasses.fields(cls))
+
+
+SHARD_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sample) if _shard_path(f))
+TABLE_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sample) if f.metadata.get("table"))
+LEDGER_FIELDS: dict[str, str] = {f.name: f.metadata["ledger"] for f in dataclasses.fields(Sample)
+                                 if f.metadata.get("ledger")}
+LEDGER_ONLY: tuple[str, ...] = tuple(n for n in LEDGER_FIELDS if n not in SHARD_FIELDS)
+
+
+def _encode(cls: type, d: dict, members: Optional[list[str]] = None) -> dict:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = _shard_path(f)
+        if path is None:
+            continue
+        if f.metadata.get("rebased"):  # the medium is now the shard's member
+            v = members.pop(0) if members else None
+        else:
+            v = _encode_value(f, _HINTS[cls][f.name], d.get(f.name), members)
+        if v is None and not f.metadata.get("always"):
+            continue
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def _encode_value(f: dataclasses.Field, tp: Any, v: Any, members: Optional[list[str]]) -> Any:
+    if v is None:
+        return None
+    codec = f.metadata.get("codec")
+    if codec == "json":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v  # not JSON: carried as the string it is
+    if codec == "hex64":
+        return [f"{h & _MASK64:016x}" for h in v]
+    inner = _list_of(tp)
+    if inner is not None:
+        if _has_rebased(inner):
+            names = list(members or [])
+            return [_encode(inner, x, [names[i]] if i < len(names) else None) for i, x in enumerate(v)]
+        return [_encode(inner, x) for x in v]
+    if typing.get_origin(_base(tp)) is dict and not isinstance(v, dict):
+        return dict(v)  # an Arrow map read as pairs
+    return v
+
+
+def to_shard_json(row: dict, members: list[str]) -> dict:
+    """Every field the declarations put in the shard, at its path; `members` are the shard member
+    names of the sample's media, in order (they replace the media references)."""
+    return _encode(Sample, row, list(members))
+
+
+def _decode(cls: type, obj: dict, shard: Optional[str]) -> dict:
+    row: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        path = _shard_path(f)
+        v: Any = obj
+        for k in path or ():
+            v = v.get(k) if isinstance(v, dict) else None
+        if path is None:
+            v = None
+        if f.metadata.get("rebased") and path is None:
+            v = shard if f.name == "uri" else None  # the medium is read from the shard now
+        row[f.name] = _decode_value(f, _HINTS[cls][f.name], v, shard)
+    return row
+
+
+def _decode_value(f: dataclasses.Field, tp: Any, v: Any, shard: Optional[str]) -> Any:
+    if v is None:
+        return None
+    codec = f.metadata.get("codec")
+    if codec == "json":
+        return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
+    if codec == "hex64":
+        return [(h - (1 << 64)) if h >= (1 << 63) else h for h in (int(x, 16) for x in v)]
+    inner = _list_of(tp)
+    if inner is not None:
+        return [_decode(inner, x, shard) for x in v]
+    base = _base(tp)
+    if typing.get_origin(base) is dict:
+        return {str(k): (None if x is None else float(x)) for k, x in v.items()}
+    if base is float and isinstance(v, int):
+        return float(v)
+    return v
+
+
+def from_shard_json(obj: dict, shard: Optional[str] = None) -> dict:
+    """The shard JSON back as the row view (every Sample field; ledger-only ones None, media
+    references pointing at `shard`, the tar that holds them). The inverse of to_shard_json."""
+    return _decode(Sample, obj, shard)
 
 
 def empty_row() -> dict:
@@ -153,7 +323,10 @@ def row_to_sample(row: dict) -> Sample:
     messages = ([Message(**m) for m in row["messages"]]
                 if row.get("messages") is not None else None)
     captions = [Caption(**c) for c in row["captions"]] if row.get("captions") is not None else None
-    return Sample(**{**row, "media": media, "messages": messages, "captions": captions})
+    scores = row.get("scores")
+    if scores is not None and not isinstance(scores, dict):
+        scores = dict(scores)
+    return Sample(**{**row, "media": media, "messages": messages, "captions": captions, "scores": scores})
 
 
 def alive(row: dict) -> bool:
@@ -213,7 +386,8 @@ def all_text(row: dict) -> str:
 
 
 __all__ = [
-    "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "Media", "Message", "Sample",
-    "VIDEO_PLACEHOLDER", "all_text", "alive", "drop", "empty_row", "get_score", "make_id",
-    "row_to_sample", "sample_to_row", "set_score", "spark_schema",
+    "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "LEDGER_FIELDS", "LEDGER_ONLY",
+    "Media", "Message", "SHARD_FIELDS", "Sample", "TABLE_FIELDS", "VIDEO_PLACEHOLDER", "all_text", "alive",
+    "col", "drop", "empty_row", "from_shard_json", "get_score", "make_id", "row_to_sample", "rows_of",
+    "sample_to_row", "set_score", "spark_schema", "to_shard_json",
 ]

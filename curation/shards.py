@@ -26,10 +26,12 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 
+from reelforge.curation.errors import RecipeError
 from reelforge.curation.media_io import MediaReadError, read_media_bytes
-from reelforge.curation.schema import ARROW_SCHEMA
+from reelforge.curation.schema import ARROW_SCHEMA, from_shard_json, rows_of, to_shard_json
 
-SHARD_JSON_VERSION = 1
+SHARD_JSON_VERSION = 2  # major: a reader refuses a newer one (2: every schema field, scores by name)
+READS_MAJOR = (1, 2)  # the shard JSON versions this reelforge reads
 TAR_HEADER = 512
 _ASSIGN_SCHEMA = pa.schema([("id", pa.string()), ("_bw", pa.int64()), ("_cw", pa.int64())])
 _SUMMARY_SCHEMA = pa.schema([("pid", pa.int64()), ("n", pa.int64()), ("bytes", pa.int64())])
@@ -61,43 +63,46 @@ def media_members(row: dict) -> list[str]:
 
 
 def sample_json(row: dict, members: list[str]) -> dict:
-    """The `.json` member of a sample: documented in README ("Shard format")."""
-    out: dict[str, Any] = {
-        "version": SHARD_JSON_VERSION,
-        "id": row["id"],
-        "kind": row["kind"],
-        "provenance": {"source": row["source"], "key": row["source_key"],
-                       "location": row["source_location"]},
-    }
-    for k in ("text", "chosen", "rejected"):
-        if row.get(k) is not None:
-            out[k] = row[k]
-    if row.get("messages") is not None:
-        out["messages"] = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    media = []
-    for m, member in zip(row.get("media") or [], members):
-        d = {"member": member, "kind": m["kind"]}
-        for k in ("format", "width", "height", "duration", "fps", "frames", "codec", "sha256", "length"):
-            if m.get(k) is not None:
-                d[k] = m[k]
-        if m.get("phash") is not None:
-            d["phash"] = [f"{h & 0xFFFFFFFFFFFFFFFF:016x}" for h in m["phash"]]
-        media.append(d)
-    if media:
-        out["media"] = media
-    out["tokens"] = {k: row.get(k) for k in ("text_tokens", "visual_tokens", "tokens")}
-    scores = {k: row[k] for k in ("clip_score", "quality_score") if row.get(k) is not None}
-    if scores:
-        out["scores"] = scores
-    for k in ("mode", "stage"):
-        if row.get(k) is not None:
-            out[k] = row[k]
-    if row.get("meta"):
-        try:
-            out["meta"] = json.loads(row["meta"])
-        except ValueError:
-            out["meta"] = row["meta"]
-    return out
+    """The `.json` member of a sample: every field `curation.schema` declares for the shard, at its
+    path (documented in README, "Shard format"); `members` are the media's member names."""
+    return {"version": SHARD_JSON_VERSION, **to_shard_json(row, members)}
+
+
+class ShardVersionError(RecipeError):
+    """A shard written by a newer reelforge, in a JSON layout this one cannot read."""
+
+
+def json_major(version: Any) -> int | None:
+    """The major number of a shard JSON `version` (2, "2", "2.1" -> 2); None when it is not one."""
+    if isinstance(version, bool):
+        return None
+    if isinstance(version, int):
+        return version
+    if isinstance(version, str) and version.split(".", 1)[0].isdigit():
+        return int(version.split(".", 1)[0])
+    return None
+
+
+# version 1 named the scores after their columns
+_V1_SCORES = {"clip_score": "clip", "quality_score": "quality", "vlm_score": "vlm"}
+
+
+def parse_sample_json(data: bytes | str | dict, shard: str | None = None) -> dict:
+    """A shard's `.json` member -> the sample's row view (`curation.schema.from_shard_json`).
+
+    Reads versions 1 to SHARD_JSON_VERSION; a newer major version is refused in one sentence
+    (ShardVersionError) rather than read wrongly."""
+    obj = json.loads(data) if isinstance(data, (bytes, bytearray, str)) else data
+    version = obj.get("version", 1)
+    major = json_major(version)
+    if major not in READS_MAJOR:
+        raise ShardVersionError(
+            f"shard {shard or '(unnamed)'} holds sample {obj.get('id', '?')} in shard JSON version {version!r}, "
+            f"and this reelforge reads versions {READS_MAJOR[0]} to {READS_MAJOR[-1]}: upgrade reelforge "
+            "or re-write the shards with this one.")
+    if major == 1 and isinstance(obj.get("scores"), dict):
+        obj = {**obj, "scores": {_V1_SCORES.get(k, k): v for k, v in obj["scores"].items()}}
+    return from_shard_json(obj, shard)
 
 
 def encode_json(obj: dict) -> bytes:
@@ -215,6 +220,7 @@ class ShardFile:
 def estimate_bytes(row: dict) -> int:
     text = sum(len(row.get(k) or "") for k in ("text", "chosen", "rejected", "meta"))
     text += sum(len(m["content"]) + 32 for m in row.get("messages") or [])
+    text += sum(len(c["text"]) + len(c["prompt"]) + len(c["model"]) + 64 for c in row.get("captions") or [])
     media = sum(_tar_size(int(m.get("length") or 0)) for m in row.get("media") or [])
     return _tar_size(text + 600) + media
 
@@ -237,7 +243,7 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
     order = F.sha2(F.concat(F.lit(f"{seed}:"), F.col("id")), 256) if shuffle else F.col("id")
     def estimate(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
-            rows = b.to_pylist()
+            rows = rows_of(b)
             yield pa.RecordBatch.from_pylist(
                 [{"id": r["id"], "_est": estimate_bytes(r)} for r in rows],
                 schema=pa.schema([("id", pa.string()), ("_est", pa.int64())]))
@@ -305,7 +311,7 @@ def write_shards(df, out_dir: str, max_samples: int = 1000, max_bytes: int = 1 <
         cols = [f.name for f in ARROW_SCHEMA]
         for b in batches:
             results = []
-            for r in b.to_pylist():
+            for r in rows_of(b):
                 name = r["_shard"]
                 if name != current_name:
                     if current is not None:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import pyarrow as pa
 
 from reelforge.curation.errors import MediaReadError, ProbeError
-from reelforge.curation.schema import ARROW_SCHEMA, alive, drop
+from reelforge.curation.schema import ARROW_SCHEMA, alive, drop, rows_of
 
 
 class Step:
@@ -120,7 +120,7 @@ class PrefetchRowStep(RowStep):
 
         def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             step.setup()
-            chunks = (rows[i:i + step.batch_rows] for b in batches for rows in (b.to_pylist(),)
+            chunks = (rows[i:i + step.batch_rows] for b in batches for rows in (rows_of(b),)
                       for i in range(0, len(rows), step.batch_rows))
             for chunk in prefetched(chunks, step.prepare, step.compute, step.prefetch):
                 if chunk:
@@ -152,7 +152,7 @@ def prefetched(chunks: Iterable[list[dict]], prepare: Callable[[list[dict]], Any
 def map_batches(batches: Iterable[pa.RecordBatch], fn: Callable[[list[dict]], list[dict]],
                 batch_rows: int = 256, schema: pa.Schema = ARROW_SCHEMA) -> Iterator[pa.RecordBatch]:
     for batch in batches:
-        rows = batch.to_pylist()
+        rows = rows_of(batch)
         for i in range(0, len(rows), batch_rows):
             chunk = fn(rows[i:i + batch_rows])
             if chunk:

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 
 from reelforge.curation.media_io import decode_visual
-from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, set_score
 from reelforge.curation.step import PrefetchRowStep
 from reelforge.curation.vlm import halving_batches, resolve_device
+
+SCORE = "clip"  # the name of this step's score in the sample's `scores`
 
 _SCORERS: dict[tuple, "ClipScorer"] = {}
 
@@ -144,11 +146,12 @@ class ClipScore(PrefetchRowStep):
             return scored
         from pyspark.sql import functions as F
 
-        live = scored.filter(F.col("drop_step").isNull() & F.col("clip_score").isNotNull())
+        clip = F.col("scores").getItem(SCORE)
+        live = scored.filter(F.col("drop_step").isNull() & clip.isNotNull())
         cut = live.groupBy("source").agg(
-            F.percentile_approx("clip_score", self.percentile / 100.0, 10000).alias("_cut"))
+            F.percentile_approx(clip, self.percentile / 100.0, 10000).alias("_cut"))
         out = scored.join(F.broadcast(cut), "source", "left")
-        low = F.col("drop_step").isNull() & F.col("clip_score").isNotNull() & (F.col("clip_score") < F.col("_cut"))
+        low = F.col("drop_step").isNull() & clip.isNotNull() & (clip < F.col("_cut"))
         out = (out.withColumn("drop_reason", F.when(low, F.lit("low_clip_percentile")).otherwise(F.col("drop_reason")))
                .withColumn("drop_detail", F.when(low, F.concat(F.lit(f"below the source's p{self.percentile:g} "),
                                                                  F.col("_cut").cast("string")))
@@ -190,7 +193,7 @@ class ClipScore(PrefetchRowStep):
             sims = img_emb[pos:pos + n] @ txt_emb[k]
             pos += n
             score = float(agg(sims))
-            rows[i]["clip_score"] = score
+            set_score(rows[i], SCORE, score)
             if self.threshold is not None and score < self.threshold:
                 drop(rows[i], self.name, "low_clip_score", f"clip score {score:.4f} < {self.threshold}")
         return rows

@@ -1,5 +1,5 @@
 """VLM judge: a vision-language model is asked a yes/no question about each sample (is the
-caption right, is the image worth training on) and the sample's `vlm_score` is P(yes), read
+caption right, is the image worth training on) and the sample's score `vlm` is P(yes), read
 from the logits of the next token; nothing is generated. Keye-VL uses such VLM
 discriminators beside CLIP scores when it cleans pre-training data.
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from reelforge.curation.schema import drop
+from reelforge.curation.schema import drop, set_score
 from reelforge.curation.vlm import VLMStep
 from reelforge.filters.clip_score import caption_of
 
@@ -56,6 +56,6 @@ class VlmJudge(VLMStep):
         return [float(p) for p in self._model.yes_prob(inputs, self._yes, self._no)]
 
     def take(self, row: dict, task: str, prompt: str, result: float) -> None:
-        row["vlm_score"] = result
+        set_score(row, "vlm", result)
         if self.threshold is not None and result < self.threshold:
             drop(row, self.name, "low_vlm_score", f"P(yes) {result:.4f} < {self.threshold}")

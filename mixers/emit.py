@@ -32,12 +32,11 @@ import pyarrow as pa
 
 from reelforge.curation.errors import RecipeError
 from reelforge.curation.shards import ShardFile
-from reelforge.mixers.planner import PLAN_VERSION, load_stats, select, selection_digest
+from reelforge.mixers.planner import PLAN_COLUMNS, PLAN_VERSION, load_stats, select, selection_digest
 from reelforge.mixers.spec import Entry, Stage
 from reelforge.mixers.tarspan import split_members
 
-EMIT_COLUMNS = ["id", "source", "kind", "mode", "shard", "offset", "length", "tokens", "text_tokens",
-                "visual_tokens", "quality_score", "clip_score"]
+EMIT_COLUMNS = [*PLAN_COLUMNS, "shard", "offset", "length", "text_tokens", "visual_tokens"]
 
 
 class SpanShard(ShardFile):
@@ -72,7 +71,7 @@ def rekeyed(span: bytes, sample_id: str, r: int) -> dict:
 
 
 def _stage_of(d: dict) -> Stage:
-    entries = [Entry(name=e["name"], **{k: v for k, v in e["selector"].items()}) for e in d["entries"]]
+    entries = [Entry.from_selector(e["name"], e["selector"]) for e in d["entries"]]
     return Stage(name=d["name"], unit=d["unit"], target=d["target"], max_epochs=d["max_epochs"],
                  temperature=d["temperature"], entries=entries, shards=d["shards"], note=d.get("note", ""))
 

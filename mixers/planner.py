@@ -34,7 +34,7 @@ from reelforge.mixers.stats import SAMPLES_DIR, read_sample_stats
 
 PLAN_VERSION = 1
 TOLERANCE = 0.005  # the plan warns when an entry lands further than this from its desired units
-PLAN_COLUMNS = ["id", "source", "kind", "mode", "tokens", "quality_score", "clip_score"]
+PLAN_COLUMNS = ["id", "source", "kind", "mode", "tokens", "scores"]  # the selectors' columns
 
 
 def load_stats(run_dir: str, columns: list[str] | None = None) -> pa.Table:
@@ -56,10 +56,8 @@ def entry_indices(table: pa.Table, e: Entry) -> np.ndarray:
         vals = getattr(e, col)
         if vals:
             conds.append(pc.is_in(table[col], value_set=pa.array(vals, pa.string())))
-    if e.min_quality_score is not None:
-        conds.append(pc.greater_equal(table["quality_score"], e.min_quality_score))
-    if e.min_clip_score is not None:
-        conds.append(pc.greater_equal(table["clip_score"], e.min_clip_score))
+    for name, lowest in sorted(e.min_scores.items()):  # any score by name; a sample without it is out
+        conds.append(pc.greater_equal(pc.map_lookup(table["scores"], pa.scalar(name), "first"), lowest))
     if not conds:
         return np.arange(table.num_rows, dtype=np.int64)
     for c in conds:

@@ -17,8 +17,11 @@ A mixture is plain YAML, checked up front so a mistake costs one sentence naming
           - {name: thinking, mode: thinking, weight: 230000}
 
 An entry selects samples of the run by `source`, `kind` and `mode` (each a name or a list;
-an entry with none of them selects the source named like the entry), optionally above
-`min_quality_score` / `min_clip_score`. Weights are shares of the stage's target (they are
+an entry with none of them selects the source named like the entry), optionally with every
+score named in `min_scores` at or above its value (`min_scores: {clip: 0.3, quality: 0.5}`:
+any score a step set, by name; a sample without that score is not selected);
+`min_quality_score` / `min_clip_score` are kept as aliases of `min_scores.quality` /
+`min_scores.clip`. Weights are shares of the stage's target (they are
 normalised); with no weights at all the shares follow the entries' sizes (to the power 1/T).
 """
 
@@ -36,6 +39,7 @@ SELECTORS = ("source", "kind", "mode")
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.I)
 _MULT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 MODES = ("thinking", "non_thinking", "auto_think", "think_with_image", "video")
+SCORE_ALIASES = {"min_quality_score": "quality", "min_clip_score": "clip"}  # older recipes' spelling
 
 
 @dataclass
@@ -48,12 +52,22 @@ class Entry:
     mode: list[str] = field(default_factory=list)
     weight: float | None = None
     max_epochs: float | None = None
-    min_quality_score: float | None = None
-    min_clip_score: float | None = None
+    min_scores: dict[str, float] = field(default_factory=dict)  # score name -> lowest value selected
 
     def selector(self) -> dict:
-        d = {k: getattr(self, k) for k in (*SELECTORS, "min_quality_score", "min_clip_score")}
-        return {k: v for k, v in d.items() if v not in (None, [])}
+        d = {k: getattr(self, k) for k in (*SELECTORS, "min_scores")}
+        return {k: v for k, v in d.items() if v not in (None, [], {})}
+
+    @classmethod
+    def from_selector(cls, name: str, selector: dict) -> "Entry":
+        """An entry back from a plan's `selector` (plans written before `min_scores` included)."""
+        sel = dict(selector)
+        scores = dict(sel.pop("min_scores", None) or {})
+        for old, score in SCORE_ALIASES.items():
+            if sel.get(old) is not None:
+                scores[score] = sel.pop(old)
+            sel.pop(old, None)
+        return cls(name=name, **sel, min_scores=scores)
 
 
 @dataclass
@@ -119,7 +133,7 @@ def _keys(d: dict, allowed: set[str], where: str) -> None:
 def _entry(raw: Any, where: str) -> Entry:
     if not isinstance(raw, dict):
         raise RecipeError(f"mixture field `{where}` must be a mapping such as {{name: ocr, weight: 0.1}}.")
-    _keys(raw, {"name", "weight", "max_epochs", "min_quality_score", "min_clip_score", *SELECTORS}, where)
+    _keys(raw, {"name", "weight", "max_epochs", "min_scores", *SCORE_ALIASES, *SELECTORS}, where)
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise RecipeError(f"mixture field `{where}.name` must be a word of letters, digits, '_', '.' or '-', "
@@ -132,8 +146,22 @@ def _entry(raw: Any, where: str) -> Entry:
         e.source = [name]
     e.weight = _number(raw, "weight", where, 0.0, strict=True)
     e.max_epochs = _number(raw, "max_epochs", where, 0.0, strict=True)
-    e.min_quality_score = _number(raw, "min_quality_score", where, float("-inf"))
-    e.min_clip_score = _number(raw, "min_clip_score", where, float("-inf"))
+    scores = raw.get("min_scores")
+    if scores is None:
+        scores = {}
+    if not isinstance(scores, dict) or not all(isinstance(k, str) and k for k in scores):
+        raise RecipeError(f"mixture field `{where}.min_scores` must map score names to numbers, "
+                          f"such as {{clip: 0.3, quality: 0.5}}, got {scores!r}.")
+    for k in scores:
+        e.min_scores[k] = _number(scores, k, f"{where}.min_scores", float("-inf"))
+    for old, score in SCORE_ALIASES.items():
+        v = _number(raw, old, where, float("-inf"))
+        if v is None:
+            continue
+        if score in e.min_scores and e.min_scores[score] != v:
+            raise RecipeError(f"mixture field `{where}.{old}` ({v:g}) disagrees with `{where}.min_scores.{score}` "
+                              f"({e.min_scores[score]:g}): give it once, as `min_scores: {{{score}: ...}}`.")
+        e.min_scores[score] = v
     return e
 
 

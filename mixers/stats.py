@@ -1,7 +1,9 @@
 """The per-sample statistics table of a curation run (`RUN/samples/*.parquet`).
 
-One row per sample in the shards: its id, source, kind, mode, tokens, scores, and where
-its bytes sit (shard, byte offset and length of its members in the tar). The planner
+One row per sample in the shards: the schema's fields declared `table=True` in
+`curation.schema` (id, source, kind, mode, stage, tokens, the scores map, parent_id: the
+planner's selectors), and where its bytes sit (shard, byte offset and length of its members
+in the tar). A new column is one declaration in the schema, not an edit here. The planner
 reads only this table (and the index), never the shards; the emitter copies each sample's
 span into the new shards with one read. Spark writes it; nothing is collected.
 """
@@ -13,13 +15,12 @@ from typing import Iterable, Iterator
 
 import pyarrow as pa
 
+from reelforge.curation.schema import ARROW_SCHEMA, TABLE_FIELDS
+
 SAMPLES_DIR = "samples"
-STATS_SCHEMA = pa.schema([
-    ("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("mode", pa.string()),
-    ("shard", pa.string()), ("offset", pa.int64()), ("length", pa.int64()),
-    ("text_tokens", pa.int64()), ("visual_tokens", pa.int64()), ("tokens", pa.int64()),
-    ("quality_score", pa.float64()), ("clip_score", pa.float64()),
-])
+SPAN_COLUMNS = ("shard", "offset", "length")
+STATS_SCHEMA = pa.schema([ARROW_SCHEMA.field(n) for n in TABLE_FIELDS]
+                         + [("shard", pa.string()), ("offset", pa.int64()), ("length", pa.int64())])
 _SPAN_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("offset", pa.int64()),
                           ("length", pa.int64())])
 
@@ -42,7 +43,7 @@ def write_sample_stats(spark, final, shard_dir: str, shard_names: list[str], out
         names = names.limit(0)
     n_parts = max(1, min(len(shard_names), spark.sparkContext.defaultParallelism * 4))
     span_df = names.repartition(n_parts).mapInArrow(spans, "id string, shard string, offset long, length long")
-    cols = [f.name for f in STATS_SCHEMA if f.name not in ("shard", "offset", "length")]
+    cols = list(TABLE_FIELDS)
     live = final.filter(F.col("drop_step").isNull()).select(*cols)
     (live.join(span_df, "id").select(*[f.name for f in STATS_SCHEMA])
      .repartition(max(1, len(shard_names) // 256 + 1)).sortWithinPartitions("shard", "offset")

@@ -7,9 +7,11 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 import yaml
 from PIL import Image
 
+from reelforge.curation.schema import get_score
 from reelforge.curation.tiny_clip import build_tiny_clip
 
 
@@ -39,7 +41,7 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     rep = run_recipe(load_recipe(str(tmp_path / "recipe.yaml"), out=out), spark=spark, log=lambda *a: None)
     assert rep["kept"] == 12
     scored = pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()
-    got = {r["source_key"]: r["clip_score"] for r in scored}
+    got = {r["source_key"]: get_score(r, "clip") for r in scored}
 
     model, _, pre = open_clip.create_model_and_transforms("reelforge-tiny-clip", pretrained=ckpt)
     model.eval()
@@ -65,6 +67,8 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
     assert rep["balanced"]
 
 
+@pytest.mark.cluster
+@pytest.mark.spark
 def test_local_cluster_scores_and_captions_equal_local(tmp_path):
     """Separate executor processes load the models themselves and write the same CLIP scores,
     VLM judge scores and recaptions as local[2]."""
@@ -94,9 +98,9 @@ def test_local_cluster_scores_and_captions_equal_local(tmp_path):
         res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(tmp_path / "recipe.yaml"),
                               "--out", out, "--master", master], capture_output=True, text=True, timeout=900)
         assert res.returncode == 0, res.stderr[-3000:]
-        scores[master] = {r["source_key"]: r["clip_score"]
+        scores[master] = {r["source_key"]: get_score(r, "clip")
                           for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}
-        vlm[master] = {r["source_key"]: (r["vlm_score"], r["captions"])
+        vlm[master] = {r["source_key"]: (get_score(r, "vlm"), r["captions"])
                        for r in pq.read_table(os.path.join(out, "_work", "04_recaption")).to_pylist()}
     a, b = scores.values()
     assert a.keys() == b.keys() and len(a) == 6

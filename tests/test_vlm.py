@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from reelforge.curation.schema import get_score
 from reelforge.curation.tiny_vlm import build_tiny_vlm
 
 
@@ -107,7 +108,7 @@ def test_judge_and_recaption_in_spark_equal_plain_transformers(spark, tiny_vlm, 
             logits = model(**inp).logits[0, -1].double()
         p = torch.softmax(logits, -1)
         want = float(p[yes].sum() / (p[yes].sum() + p[no].sum()))
-        assert abs(r["vlm_score"] - want) < 1e-5
+        assert abs(get_score(r, "vlm") - want) < 1e-5
         scores.append(want)
         if want < 0.02:
             low.append(i)
@@ -128,7 +129,7 @@ def test_judge_and_recaption_in_spark_equal_plain_transformers(spark, tiny_vlm, 
         assert rows["docs.jsonl:1"]["captions"][0]["task"] == "ocr"
         assert rows["docs.jsonl:1"]["captions"][0]["prompt"] == DEFAULT_PROMPTS["ocr"]
     v = rows["m.jsonl:9"]
-    assert v["vlm_score"] is not None
+    assert get_score(v, "vlm") is not None
     if v["drop_step"] is None:
         assert v["captions"][0]["task"] == "video"
 

@@ -161,11 +161,16 @@ def stage_from_dict(d: dict[str, Any], base_dir: str = ".", path: str | None = N
             s = {"path": s}
         if not isinstance(s, dict) or "path" not in s:
             raise RecipeError(f"stage field `data.sources[{i}]` needs a `path` to a folder (or glob) of shards.")
-        unknown = set(s) - {"name", "path", "weight"}
+        unknown = set(s) - {"name", "path", "weight", "caption"}
         if unknown:
             raise RecipeError(f"stage field `data.sources[{i}].{sorted(unknown)[0]}` is unknown; "
-                              "use name, path, weight.")
-        s = {"name": s.get("name") or f"set{i}", "path": s["path"], "weight": s.get("weight", 1.0)}
+                              "use name, path, weight, caption.")
+        cap = s.get("caption", "original")
+        if not isinstance(cap, str) or not (cap in ("original", "latest", "random")
+                                            or (cap.startswith("model:") and len(cap) > len("model:"))):
+            raise RecipeError(f"stage field `data.sources[{i}].caption` must be original, latest, random or "
+                              f"model:NAME (a recaptioning model's name), got {cap!r}.")
+        s = {"name": s.get("name") or f"set{i}", "path": s["path"], "weight": s.get("weight", 1.0), "caption": cap}
         w = s["weight"]
         if not isinstance(w, (int, float)) or isinstance(w, bool) or w <= 0:
             raise RecipeError(f"stage field `data.sources[{i}].weight` must be a number > 0, got {w!r}.")

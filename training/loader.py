@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from reelforge.curation.errors import RecipeError
+from reelforge.curation.shards import parse_sample_json
 from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
 
 IGNORE = -100
@@ -56,6 +57,7 @@ class ShardSet:
     weight: float
     urls: list[str]
     counts: list[int | None] = field(default_factory=list)
+    caption: str = "original"  # which text captions train on: original | latest | model:NAME | random
 
 
 def _index_counts(folder: str) -> dict[str, int]:
@@ -67,7 +69,8 @@ def _index_counts(folder: str) -> dict[str, int]:
     return {os.path.join(folder, s["shard"]): int(s["samples"]) for s in idx.get("shards", [])}
 
 
-def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: str = "data.sources") -> ShardSet:
+def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: str = "data.sources",
+                      caption: str = "original") -> ShardSet:
     """Folders (their *.tar, with counts from index.json), globs or tar paths -> a ShardSet."""
     urls: list[str] = []
     counts: dict[str, int] = {}
@@ -87,12 +90,55 @@ def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: s
             raise RecipeError(f"stage field `{where}` ({name}): no .tar shards at {p}; point `path` at the "
                               "shards folder of a run (OUT/shards), a glob, or tar files.")
         urls.extend(found)
-    return ShardSet(name=name, weight=float(weight), urls=urls, counts=[counts.get(u) for u in urls])
+    check_shard_version(urls[0])  # a newer layout is refused here, in one sentence, before any worker starts
+    return ShardSet(name=name, weight=float(weight), urls=urls, counts=[counts.get(u) for u in urls],
+                    caption=caption)
+
+
+def check_shard_version(url: str) -> None:
+    """Parse the first sample JSON of a shard: raises ShardVersionError for a layout this reelforge
+    cannot read (every sample is checked again as it is read)."""
+    import tarfile
+
+    try:
+        with tarfile.open(url, mode="r|") as tf:
+            for ti in tf:
+                if ti.isfile() and ti.name.endswith(".json"):
+                    parse_sample_json(tf.extractfile(ti).read(), url)
+                    return
+    except (tarfile.TarError, OSError, ValueError):
+        return  # unreadable shards are the reader's business (skipped and counted), not a version
 
 
 def shard_sets_of(cfg) -> list[ShardSet]:
-    return [resolve_shard_set(s["name"], s["path"], s["weight"], f"data.sources[{i}].path")
+    return [resolve_shard_set(s["name"], s["path"], s["weight"], f"data.sources[{i}].path",
+                              s.get("caption", "original"))
             for i, s in enumerate(cfg.data["sources"])]
+
+
+CAPTION_POLICIES = ("original", "latest", "random")  # or model:NAME
+
+
+def caption_text(sample: dict, policy: str, seed: int) -> str:
+    """The text a caption-type sample (image_text, video_text) trains on, by its shard set's policy:
+    `original` the source's own caption; `latest` the last recaption (the original when there is
+    none); `model:NAME` the last recaption written by model NAME (the original when it wrote none);
+    `random` one of the original and the recaptions, drawn from (loader seed, sample id), so it is
+    the same on every run and every resume."""
+    original = sample.get("text") or ""
+    caps = [c for c in sample.get("captions") or [] if c.get("text")]
+    if policy == "original" or not caps:
+        return original
+    if policy == "latest":
+        return caps[-1]["text"]
+    if policy.startswith("model:"):
+        name = policy[len("model:"):]
+        mine = [c for c in caps if c.get("model") == name]
+        return mine[-1]["text"] if mine else original
+    if policy == "random":
+        choices = [original] + [c["text"] for c in caps]
+        return random.Random(f"{seed}:{sample['id']}").choice(choices)
+    raise ValueError(f"unknown caption policy {policy!r}")
 
 
 # ----------------------------------------------------------------------------- one set, one slot
@@ -187,8 +233,10 @@ class Encoder:
     """Decodes media with the token rules of `curation.tokens` and tokenises with the model's template."""
 
     def __init__(self, tokenizer_path: str, visual: dict | None, max_len: int, objective: str = "lm",
-                 kinds: list[str] | None = None, max_text_len: int = 64):
+                 kinds: list[str] | None = None, max_text_len: int = 64, seed: int = 0):
         from transformers import AutoTokenizer
+
+        self.seed = seed
 
         self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
         self.vcfg = VisualTokenConfig.from_dict(visual)
@@ -299,6 +347,7 @@ class Encoder:
         return frames, v["tokens"]
 
     def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:
+        """Decode the media of a parsed sample (`meta`: the row view, media members in the shard)."""
         images: list[torch.Tensor] = []
         counts: list[tuple[str, int]] = []
         sid = meta["id"]
@@ -315,13 +364,20 @@ class Encoder:
         return images, counts
 
     # -- one sample
-    def encode(self, raw: dict) -> list[Item] | None:
-        """Raw shard sample -> items for this objective, or None when it does not serve it."""
-        meta = json.loads(raw["json"])
+    @staticmethod
+    def parse(raw: dict) -> dict:
+        """A raw webdataset sample's JSON -> the sample's row view (curation.schema's fields), through
+        the one parser generated from the schema; a newer shard JSON version is refused."""
+        return parse_sample_json(raw["json"], raw.get("__url__"))
+
+    def encode(self, raw: dict, caption: str = "original") -> list[Item] | None:
+        """Raw shard sample -> items for this objective, or None when it does not serve it;
+        `caption` is the shard set's caption policy (see caption_text)."""
+        meta = self.parse(raw)
         kind = meta["kind"]
         if self.kinds is not None and kind not in self.kinds:
             return None
-        src = meta.get("provenance", {}).get("source", "?")
+        src = meta.get("source") or "?"
         obj = self.objective
         if obj == "mpo" and kind != "preference":
             return None
@@ -333,7 +389,7 @@ class Encoder:
         images, media = self.media(raw, meta)
         mk = dict(id=meta["id"], source=src, kind=kind)
         if obj == "vit_contrastive":
-            t = self.ids(meta.get("text") or "")[: self.max_text_len]
+            t = self.ids(caption_text(meta, caption, self.seed))[: self.max_text_len]
             return [Item(input_ids=t, labels=[], images=images, **mk)]
         if obj == "grpo":
             msgs = meta["messages"]
@@ -349,7 +405,7 @@ class Encoder:
             if sum(len(i.input_ids) for i in out) > self.max_len:
                 return None
             return out
-        ids, train = self._sequence(meta, kind, media)
+        ids, train = self._sequence(meta, kind, media, caption)
         if len(ids) > self.max_len:
             if any(t in (self.image_pad, self.video_pad) for t in ids[self.max_len:]) or images and \
                     sum(n for _, n in media) + 2 * len(media) > self.max_len:
@@ -363,10 +419,12 @@ class Encoder:
         msgs = meta.get("messages") or []
         return meta["kind"] == "conversation" and len(msgs) >= 2 and msgs[-1]["role"] == "assistant"
 
-    def _sequence(self, meta: dict, kind: str, media: list[tuple[str, int]]) -> tuple[list[int], list[bool]]:
+    def _sequence(self, meta: dict, kind: str, media: list[tuple[str, int]], caption: str = "original"
+                  ) -> tuple[list[int], list[bool]]:
         if kind in ("image_text", "video_text"):
             tags = "".join("<image>" if k == "image" else "<video>" for k, _ in media)
-            msgs = [{"role": "user", "content": tags}, {"role": "assistant", "content": meta.get("text") or ""}]
+            text = caption_text(meta, caption, self.seed)
+            msgs = [{"role": "user", "content": tags}, {"role": "assistant", "content": text}]
             return self._tokens(self.chat_segments(msgs), media)
         if kind == "preference":
             msgs = list(meta.get("messages") or []) + [{"role": "assistant", "content": meta.get("chosen") or ""}]
@@ -417,7 +475,7 @@ class SlotReader:
                 self.state["done"].append(ss.name)
                 continue
             try:
-                items = self.enc.encode(raw)
+                items = self.enc.encode(raw, ss.caption)
             except (TokenError, ValueError, OSError, KeyError) as e:  # a sample the loader cannot use
                 items = None
                 self.state.setdefault("errors", {}).setdefault(ss.name, 0)
@@ -525,7 +583,8 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         v = (w + self.rotation) % k
         slot = self.spec["rank"] * k + v
         sp = self.spec
-        enc = Encoder(sp["tokenizer"], sp["visual"], sp["max_len"], sp["objective"], sp["kinds"], sp["max_text_len"])
+        enc = Encoder(sp["tokenizer"], sp["visual"], sp["max_len"], sp["objective"], sp["kinds"], sp["max_text_len"],
+                      sp["seed"])
         reader = SlotReader(self.sets, enc, sp["seed"], slot, sp["world"] * k, sp["split"], sp["blend"],
                             sp["epochs"], self.states.get(v))
         if sp["objective"] in ("lm", "mpo"):
