@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.reelforge-installed
 
-.PHONY: setup system demo test lint bench clean
+.PHONY: setup system demo test test-fast lint bench clean
 
 setup: system $(STAMP)
 
@@ -41,8 +41,13 @@ system:
 demo: setup
 	$(VENV)/bin/reelforge demo --out demo-out
 
+# everything (under 15 minutes on 2 cores); test-fast: no Spark, no training runs, nothing slow (under 2)
 test: setup
 	$(PY) -m pytest -q
+
+FAST := not spark and not cluster and not train and not slow
+test-fast: setup
+	$(PY) -m pytest -q -m "$(FAST)" --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -48,6 +48,23 @@ def tiny(tmp_path_factory, demo_corpus) -> dict:
 
 
 @pytest.fixture(scope="session")
-def shards(demo_run) -> str:
-    """The demo run's shards, which the training tests read."""
-    return os.path.join(demo_run["out"], "shards")
+def shards(demo_corpus, tmp_path_factory) -> str:
+    """The demo corpus's samples written by the shard writer directly (no Spark run to wait
+    for), which the training tests read."""
+    from local_shards import write_shards_locally
+
+    return write_shards_locally(demo_corpus, str(tmp_path_factory.mktemp("shards")))
+
+
+# Test tiers: `make test-fast` runs what carries none of these markers. A test that starts Spark
+# (directly or through a fixture) is `spark`; the DeepSpeed stage runs are `train`; `cluster` and
+# `slow` are set in the test files themselves.
+TRAIN_MODULES = ("test_train_stages",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if {"spark", "demo_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.spark)
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
+            item.add_marker(pytest.mark.train)

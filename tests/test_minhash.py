@@ -179,7 +179,7 @@ def test_batch_composition_and_repeat_calls(corpus):
 
 def test_same_signature_in_a_fresh_process():
     text = "The same text, in another process with another PYTHONHASHSEED."
-    code = ("import sys; from curation.minhash import signatures; "
+    code = ("import sys; from reelforge.curation.minhash import signatures; "
             "print(','.join(map(str, signatures([sys.argv[1]], 16)[0])))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code, text], capture_output=True, text=True, check=True, cwd=root,

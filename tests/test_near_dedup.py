@@ -227,6 +227,8 @@ def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
     assert leak_step["reasons"] == {"leak:bench": 2}
 
 
+@pytest.mark.cluster
+@pytest.mark.spark
 def test_local_cluster_decides_the_same(spark, text_corpus, tmp_path):
     """Separate executor processes give the same near-dup decisions as local[2]."""
     from reelforge.jobs.recipe import load_recipe

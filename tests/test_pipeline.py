@@ -12,6 +12,7 @@ import sys
 import tarfile
 
 import pyarrow.parquet as pq
+import pytest
 import webdataset as wds
 from PIL import Image
 
@@ -116,6 +117,8 @@ def test_rerun_reuses_steps_and_writes_identical_shards(spark, demo_run):
     assert _shard_hashes(out) == before and report["kept"] == demo_run["report"]["kept"]
 
 
+@pytest.mark.cluster
+@pytest.mark.spark
 def test_local_cluster_writes_the_same_shards(demo_run, tmp_path):
     """Separate executor processes, nothing shared with the driver: same bytes as local[2]."""
     out = str(tmp_path / "cluster")
