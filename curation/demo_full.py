@@ -18,6 +18,7 @@ per mode) so the whole run fits in a few minutes on two cores.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -324,8 +325,9 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
 
     build_tiny_tokenizer(os.path.join(root, "tokenizer"), texts=docs + bases, vocab_size=800)
     log(f"  building tiny random models in {models} ...")
-    build_tiny_clip(os.path.join(models, "clip"), name=CLIP_MODEL, seed=seed)
-    build_tiny_vlm(os.path.join(models, VLM_FOLDER), seed=seed)
+    with _quiet_builders():
+        build_tiny_clip(os.path.join(models, "clip"), name=CLIP_MODEL, seed=seed)
+        build_tiny_vlm(os.path.join(models, VLM_FOLDER), seed=seed)
 
     rel_models = os.path.relpath(models, root)
     clip_dir = os.path.join(rel_models, "clip")
@@ -364,6 +366,26 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
         yaml.safe_dump(recipe, f, sort_keys=False)
     log(f"  corpus ready in {time.monotonic() - t0:.1f}s: {path}")
     return path
+
+
+@contextlib.contextmanager
+def _quiet_builders():
+    """No progress bars or "initialized randomly" warnings while the tiny models are built:
+    random weights are the point here."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    root_level = logging.getLogger().level
+    bars = hf_logging.is_progress_bar_enabled()
+    logging.getLogger().setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.getLogger().setLevel(root_level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def without_steps(recipe_path: str, names: list[str] | tuple[str, ...]) -> None:
