@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t
 
     from reelforge.curation.schema import ARROW_SCHEMA, spark_schema
+    from reelforge.jobs.engine import run_step
     from reelforge.jobs.spark import get_spark
 
     spark = get_spark(args.master)
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def spark_run() -> float:
         t = time.perf_counter()
-        step.apply(df).filter("clip_score is not null").count()
+        run_step(step, df).filter("clip_score is not null").count()
         return time.perf_counter() - t
 
     spark_run()  # warm-up: each Python worker loads the model once

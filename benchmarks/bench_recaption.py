@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from reelforge.jobs.engine import run_step
     from reelforge.jobs.spark import get_spark
 
     spark = get_spark(args.master)
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def spark_run() -> tuple[float, dict]:
         t = time.perf_counter()
-        got = step.apply(df).select("id", "captions").collect()  # a few hundred short strings
+        got = run_step(step, df).select("id", "captions").collect()  # a few hundred short strings
         return time.perf_counter() - t, {r["id"]: r["captions"][0]["text"] for r in got if r["captions"]}
 
     spark_run()  # warm-up: each Python worker loads the model once

@@ -22,13 +22,13 @@ from typing import Any
 from reelforge.curation.errors import ProbeError
 from reelforge.curation.media_io import MediaReadError, media_path, open_media, stream_media_fd, video_source
 from reelforge.curation.schema import drop, make_id
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, register_step
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{2,64}")  # a row id usable as a file name as it is
 
 
+@register_step("clips")
 class VideoClips(RowStep):
-    name = "clips"
     batch_rows = 8
 
     def __init__(self, max_clip_s: float = 60.0, scene_threshold: float = 0.3, min_clip_s: float = 0.5,
@@ -44,11 +44,11 @@ class VideoClips(RowStep):
             if unknown:
                 raise ValueError(f"transcode takes max_side, fps and crf, not {sorted(unknown)}")
         self.timeout_s = float(timeout_s)
-        self.workdir: str | None = None  # set by the job runner
+        self.workdir: str | None = None  # setup() takes the run's work folder from its context
 
-    def process_rows(self, rows: list[dict]) -> list[dict]:
+    def process(self, batch: list[dict]) -> list[dict]:
         out: list[dict] = []
-        for row in rows:
+        for row in batch:
             media = row.get("media") or []
             if row.get("drop_step") is not None or len(media) != 1 or media[0]["kind"] != "video":
                 out.append(row)

@@ -12,7 +12,7 @@ from typing import Any
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from reelforge.curation.step import Step
+from reelforge.curation.step import Step, register_step
 
 MEDIA_ONLY_KINDS = ("image_text", "video_text")
 
@@ -31,11 +31,10 @@ def media_key_col() -> F.Column:
     return F.when(F.size(shas) > 0, F.concat_ws(",", shas))
 
 
+@register_step("dedup_exact")
 class ExactDedup(Step):
     """Caption pairs are duplicates when their media bytes match; every other kind when
     both media and normalised text match (two questions about one image are not dups)."""
-
-    name = "dedup_exact"
 
     def __init__(self, media_only_kinds: list[str] | tuple[str, ...] = MEDIA_ONLY_KINDS, **kw: Any):
         super().__init__(**kw)

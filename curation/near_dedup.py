@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 
 from reelforge.curation.components import connected_components
 from reelforge.curation.schema import all_text
-from reelforge.curation.step import Step
+from reelforge.curation.step import Step, register_step
 
 _BITS_SEED = 20240701
 
@@ -75,9 +75,8 @@ def ordered_match(a: list[int], b: list[int], max_dist: int) -> float:
     return prev[m] / min(n, m)
 
 
+@register_step("dedup_near")
 class NearDedup(Step):
-    name = "dedup_near"
-
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, unit: str = "word",
                  seed: int = 1, text_kinds: list[str] | None = None, image_kinds: list[str] | None = None,
                  image_hamming: int = 10, video_match: float = 0.5, video_probe_frames: int = 8,
@@ -225,6 +224,7 @@ _EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string())])
 EVAL_PREFIX = "eval:"
 
 
+@register_step("leakage")
 class LeakageFilter(NearDedup):
     """Drops every training sample whose text or any image is a near-duplicate of an item of
     an evaluation set (`leak:<set name>` in the ledger, so the report counts per set).
@@ -235,8 +235,6 @@ class LeakageFilter(NearDedup):
     LSH; images: pHash Hamming distance <= `image_hamming`. One matching image drops the
     whole multi-image sample.
     """
-
-    name = "leakage"
 
     def __init__(self, eval_sets: list[dict] | None = None, **kw: Any):
         super().__init__(**kw)

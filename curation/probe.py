@@ -28,7 +28,7 @@ from reelforge.curation.media_io import (
     video_source,
 )
 from reelforge.curation.schema import drop
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, register_step
 
 
 def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[str, Any]:
@@ -70,10 +70,10 @@ def probe_video_file(path: str | int, timeout_s: float) -> dict[str, Any]:
     return {k: info.get(k) for k in ("format", "width", "height", "duration", "fps", "frames", "codec")}
 
 
+@register_step("probe")
 class Probe(RowStep):
     """Fills sha256, length, format and size (and duration, fps, frames, codec for videos)."""
 
-    name = "probe"
     batch_rows = 64
 
     def __init__(self, max_pixels: int = 178_956_970, max_bytes: int = 2 << 30,
@@ -87,7 +87,7 @@ class Probe(RowStep):
         self.max_bytes = int(max_bytes)
         self.timeout_s = float(timeout_s)
 
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         for i, m in enumerate(row.get("media") or []):
             try:
                 # one checked open (containment.open_regular): the bytes hashed and the file

@@ -16,6 +16,7 @@ import os
 from typing import Any
 
 from reelforge.curation.schema import drop
+from reelforge.curation.step import register_step
 from reelforge.curation.vlm import VLMStep
 
 DEFAULT_PROMPTS = {
@@ -27,9 +28,8 @@ DEFAULT_PROMPTS = {
 }
 
 
+@register_step("recaption")
 class Recaption(VLMStep):
-    name = "recaption"
-
     def __init__(self, model: str = "", model_name: str = "", prompts: dict | None = None,
                  tasks: dict | None = None, max_new_tokens: int = 128, do_sample: bool = False,
                  temperature: float = 0.7, top_p: float = 0.9, seed: int = 0, min_chars: int = 1,

@@ -6,15 +6,14 @@ import os
 from typing import Any
 
 from reelforge.curation.schema import drop
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, StepContext, register_step
 from reelforge.curation.tokens import TokenError, VisualTokenConfig, media_tokens
 
 
+@register_step("tokens")
 class CountTokens(RowStep):
     """Adds text_tokens (model tokenizer + chat template), visual_tokens (Keye-VL's resize
     rules) and tokens; a size the processor refuses (beyond 200:1, too few frames) is a drop."""
-
-    name = "tokens"
 
     def __init__(self, tokenizer: str = "", visual: dict | None = None, **kw: Any):
         super().__init__(**kw)
@@ -25,12 +24,13 @@ class CountTokens(RowStep):
         self.tokenizer = tokenizer
         self.visual = VisualTokenConfig.from_dict(visual)
 
-    def setup(self) -> None:
+    def setup(self, context: StepContext | None = None) -> None:
+        super().setup(context)
         from reelforge.curation.text_tokens import load_tokenizer
 
         self._tok = load_tokenizer(self.tokenizer)
 
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         visual = 0
         for i, m in enumerate(row.get("media") or []):
             try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from reelforge.curation.schema import drop
-from reelforge.curation.step import PrefetchRowStep
+from reelforge.curation.step import PrefetchRowStep, StepContext
 
 _MODELS: dict[tuple, "VLM"] = {}
 
@@ -52,21 +52,15 @@ def check_vlm(path: str, where: str = "model") -> None:
                          "save the processor beside the model with processor.save_pretrained")
 
 
-def resolve_device(device: str) -> str:
-    """`auto` is the GPU Spark assigned to this task, else any GPU, else the CPU."""
+def resolve_device(device: str, gpus: Sequence[str] = ()) -> str:
+    """`auto` is the first GPU the engine assigned to this task (`StepContext.gpus`), else any
+    GPU, else the CPU."""
     import torch
 
     if device != "auto":
         return device
-    try:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        gpus = ctx.resources().get("gpu") if ctx is not None else None
-        if gpus is not None and gpus.addresses:
-            return f"cuda:{gpus.addresses[0]}"
-    except Exception:  # noqa: BLE001 - outside a Spark task, or no resources API
-        pass
+    if gpus:
+        return f"cuda:{gpus[0]}"
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -226,8 +220,9 @@ class VLMStep(PrefetchRowStep):
         raise NotImplementedError
 
     # -- machinery -------------------------------------------------------------------------
-    def setup(self) -> None:
-        self._model = load_vlm(self.model, self.device, self.dtype)
+    def setup(self, context: StepContext | None = None) -> None:
+        super().setup(context)
+        self._model = load_vlm(self.model, resolve_device(self.device, self.context.gpus), self.dtype)
 
     def _visuals(self, row: dict) -> list[tuple[str, Any]]:
         from reelforge.curation.media_io import decode_visual

@@ -1,7 +1,10 @@
-"""Rule-based alignment scores: repetition, and consistency between reasoning and answer.
+"""Rule-based alignment scores (repetition; consistency between reasoning and answer) and the
+filter steps that drop by them (`repetition`, `format_consistency`).
 
-Pure functions (no Spark, no model) so the curation filters below and, later, RL reward
-components in training/ compute exactly the same numbers.
+The scores are pure functions (no Spark, no model) so the filters below and RL reward
+components compute exactly the same numbers. They live here, in the filters layer, because
+every user sits at or above it: the filter steps, and training's rewards (training may import
+filters; filters may not import mixers or training).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import re
 from typing import Any
 
 from reelforge.curation.schema import drop
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, register_step
 
 _WORD = re.compile(r"\w+", re.U)
 _THINK = re.compile(r"<think>(.*?)</think>\s*(?:<answer>(.*?)</answer>|(.*))$", re.S)
@@ -116,10 +119,9 @@ def _final_assistant(row: dict) -> str:
     return row.get("chosen") or ""
 
 
+@register_step("repetition")
 class RepetitionFilter(RowStep):
     """Drops samples whose assistant text (or document) repeats itself beyond `max_score`."""
-
-    name = "repetition"
 
     def __init__(self, max_score: float = 0.5, ngram: int = 4, **kw: Any):
         super().__init__(**kw)
@@ -127,7 +129,7 @@ class RepetitionFilter(RowStep):
             raise ValueError("`max_score` must lie in [0, 1]")
         self.max_score, self.ngram = float(max_score), int(ngram)
 
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         text = _final_assistant(row) or row.get("text") or ""
         s = repetition_score(text, self.ngram)
         if s > self.max_score:
@@ -135,12 +137,11 @@ class RepetitionFilter(RowStep):
         return row
 
 
+@register_step("format_consistency")
 class FormatConsistencyFilter(RowStep):
     """Drops reasoning samples whose answer is malformed or disagrees with its reasoning."""
 
-    name = "format_consistency"
-
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         score, problems = format_consistency(_final_assistant(row))
         if score < 1.0:
             return drop(row, self.name, "inconsistent_reasoning", "; ".join(problems))

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from reelforge.curation.media_io import decode_visual
-from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, set_score
-from reelforge.curation.step import PrefetchRowStep
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, get_score, set_score
+from reelforge.curation.step import PercentileCut, PrefetchRowStep, StepContext, register_step
 from reelforge.curation.vlm import halving_batches, resolve_device
 
 SCORE = "clip"  # the name of this step's score in the sample's `scores`
@@ -106,11 +106,11 @@ def caption_of(row: dict, which: str) -> str:
     return " ".join(text.split())
 
 
+@register_step("clip")
 class ClipScore(PrefetchRowStep):
     """Decode and preprocessing of the next chunk run in background threads (`decode_workers`)
     while the model embeds the current one."""
 
-    name = "clip"
     batch_rows = 256
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "", model_config: str = "",
@@ -138,30 +138,18 @@ class ClipScore(PrefetchRowStep):
         self.prefetch = int(prefetch)
         check_clip_model(model, pretrained, model_config)
 
-    def apply(self, df):
-        """Scores every sample; with `percentile`, drops each source's lowest-scoring share
+    def cut(self) -> PercentileCut | None:
+        """With `percentile`, each source's lowest-scoring share is dropped after scoring
         (DataComp-style: keep the top (100 - p)% rather than a fixed threshold)."""
-        scored = super().apply(df)
-        if self.percentile is None:
-            return scored
-        from pyspark.sql import functions as F
+        return None if self.percentile is None else PercentileCut(self.percentile, "low_clip_percentile")
 
-        clip = F.col("scores").getItem(SCORE)
-        live = scored.filter(F.col("drop_step").isNull() & clip.isNotNull())
-        cut = live.groupBy("source").agg(
-            F.percentile_approx(clip, self.percentile / 100.0, 10000).alias("_cut"))
-        out = scored.join(F.broadcast(cut), "source", "left")
-        low = F.col("drop_step").isNull() & clip.isNotNull() & (clip < F.col("_cut"))
-        out = (out.withColumn("drop_reason", F.when(low, F.lit("low_clip_percentile")).otherwise(F.col("drop_reason")))
-               .withColumn("drop_detail", F.when(low, F.concat(F.lit(f"below the source's p{self.percentile:g} "),
-                                                                 F.col("_cut").cast("string")))
-                           .otherwise(F.col("drop_detail")))
-               .withColumn("drop_step", F.when(low, F.lit(self.name)).otherwise(F.col("drop_step"))))
-        return out.select(*df.columns)
+    def cut_value(self, row: dict) -> float | None:
+        return get_score(row, SCORE)
 
-    def setup(self) -> None:
+    def setup(self, context: StepContext | None = None) -> None:
+        super().setup(context)
         self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
-                                   resolve_device(self.device))
+                                   resolve_device(self.device, self.context.gpus))
 
     def _pixels_of(self, row: dict):
         """All media of a row decoded and preprocessed into one tensor."""

@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from reelforge.curation.schema import all_text, drop
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, register_step
 
 
+@register_step("quality")
 class Quality(RowStep):
     """Drops samples outside the recipe's bounds; each bound has its own reason code."""
-
-    name = "quality"
 
     def __init__(self, min_side: int = 1, max_aspect: float = 200.0,
                  video_min_duration: float = 0.0, video_max_duration: Optional[float] = None,
@@ -24,7 +23,7 @@ class Quality(RowStep):
         self.text_min_chars = int(text_min_chars)
         self.text_max_chars = None if text_max_chars is None else int(text_max_chars)
 
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         for i, m in enumerate(row.get("media") or []):
             w, h = m.get("width"), m.get("height")
             if w is not None and h is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from reelforge.curation.schema import drop, set_score
+from reelforge.curation.step import StepContext, register_step
 from reelforge.curation.vlm import VLMStep
 from reelforge.filters.clip_score import caption_of
 
@@ -21,9 +22,8 @@ DEFAULT_QUESTION = ("Here is a caption for the {media}: \"{text}\"\n"
                     "informative? Answer yes or no.")
 
 
+@register_step("vlm_judge")
 class VlmJudge(VLMStep):
-    name = "vlm_judge"
-
     def __init__(self, model: str = "", question: str = DEFAULT_QUESTION, threshold: float | None = None,
                  yes_words: list | None = None, no_words: list | None = None,
                  conversation_text: str = "assistant", **kw: Any):
@@ -38,8 +38,8 @@ class VlmJudge(VLMStep):
         self.no_words = list(no_words or ["No", "no"])
         self.conversation_text = conversation_text
 
-    def setup(self) -> None:
-        super().setup()
+    def setup(self, context: StepContext | None = None) -> None:
+        super().setup(context)
         self._yes = self._model.answer_ids(self.yes_words)
         self._no = self._model.answer_ids(self.no_words)
         if set(self._yes) & set(self._no):

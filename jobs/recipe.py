@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,25 +16,28 @@ from typing import Any
 from reelforge.curation.config import parse_size, read_yaml
 from reelforge.curation.errors import RecipeError  # the same class, importable here as before
 from reelforge.curation.readers import DEFAULT_PATTERNS, READERS
+from reelforge.curation.step import STEPS
+
+# Step modules outside `reelforge.filters` (every module of `reelforge.filters` is imported
+# anyway: a new filter is one new file there, registered with @register_step).
+STEP_MODULES = ("reelforge.curation.probe", "reelforge.curation.clips", "reelforge.curation.token_count",
+                "reelforge.curation.recaption", "reelforge.curation.dedup", "reelforge.curation.near_dedup",
+                "reelforge.mixers.modes")
+
+
+def step_modules() -> list[str]:
+    """Every module that may register a step: the list above and all of `reelforge.filters`."""
+    import reelforge.filters
+
+    found = [m.name for m in pkgutil.walk_packages(reelforge.filters.__path__, "reelforge.filters.")]
+    return [*STEP_MODULES, *sorted(found)]
 
 
 def _steps() -> dict[str, type]:
-    from reelforge.curation.clips import VideoClips
-    from reelforge.curation.dedup import ExactDedup
-    from reelforge.curation.near_dedup import LeakageFilter, NearDedup
-    from reelforge.curation.probe import Probe
-    from reelforge.curation.recaption import Recaption
-    from reelforge.curation.token_count import CountTokens
-    from reelforge.filters.clip_score import ClipScore
-    from reelforge.filters.quality import Quality
-    from reelforge.filters.vlm_judge import VlmJudge
-    from reelforge.mixers.alignment import FormatConsistencyFilter, RepetitionFilter
-    from reelforge.mixers.modes import RenderModes
-
-    return {"probe": Probe, "dedup_exact": ExactDedup, "quality": Quality, "tokens": CountTokens,
-            "clips": VideoClips, "dedup_near": NearDedup,
-            "leakage": LeakageFilter, "clip": ClipScore, "modes": RenderModes, "repetition": RepetitionFilter,
-            "format_consistency": FormatConsistencyFilter, "vlm_judge": VlmJudge, "recaption": Recaption}
+    """The registry (`curation.step.STEPS`) after importing every step module: name -> class."""
+    for name in step_modules():
+        importlib.import_module(name)
+    return dict(STEPS)
 
 
 PATH_PARAMS = ("tokenizer", "checkpoint", "model_config")

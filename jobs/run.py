@@ -322,6 +322,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.curation.ingest import check_counts, ingest
     from reelforge.curation.schema import spark_schema
     from reelforge.curation.shards import read_stats, write_shards
+    from reelforge.jobs.engine import run_step
     from reelforge.jobs.report import build_report, write_report
     from reelforge.jobs.spark import get_spark
 
@@ -363,10 +364,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
                  check=lambda df: check_counts(spark, df, recipe.sources))
     for i, spec in enumerate(recipe.steps, 1):
         step = spec.build()
-        if hasattr(step, "workdir"):
-            step.workdir = work  # steps that write media (clips) put them beside the run
-        src = prev
-        prev = stage(i, spec.name, lambda s=step, p=src: s.apply(spark.read.schema(schema).parquet(p)))
+        src = prev  # steps that write media (clips, modes) put them beside the run: the context's workdir
+        prev = stage(i, spec.name, lambda s=step, p=src: run_step(s, spark.read.schema(schema).parquet(p), work))
     final = spark.read.schema(schema).parquet(prev)
 
     # --- shards ---------------------------------------------------------------------------

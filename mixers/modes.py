@@ -29,7 +29,7 @@ import re
 from typing import Any
 
 from reelforge.curation.schema import drop
-from reelforge.curation.step import RowStep
+from reelforge.curation.step import RowStep, register_step
 from reelforge.mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
 
 STYLES = ("report", "template")
@@ -246,14 +246,13 @@ def render(row: dict, mode: str, style: str = "report", workdir: str | None = No
     raise ModeError("mode_unknown", f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
 
+@register_step("modes")
 class RenderModes(RowStep):
     """The `modes` recipe step: renders each listed source in its mode; other sources pass unchanged.
 
     ``- modes: {sources: {llava_sft: non_thinking, math_cot: thinking, thyme_like: think_with_image},
     style: report, timeout_s: 10, memory_mb: 1024}``. A sample that cannot be rendered leaves with
     the reason (`mode_no_reasoning`, `sandbox_timeout`, ...)."""
-
-    name = "modes"
 
     def __init__(self, sources: dict | None = None, style: str = "report", timeout_s: float = 10.0,
                  memory_mb: int = 1024, video_think: bool | None = None, **kw: Any):
@@ -275,7 +274,7 @@ class RenderModes(RowStep):
         self.timeout_s, self.memory_mb, self.video_think = float(timeout_s), int(memory_mb), video_think
         self.workdir: str | None = None
 
-    def process(self, row: dict) -> dict:
+    def process_row(self, row: dict) -> dict:
         mode = self.sources.get(row["source"])
         if mode is None:
             return row

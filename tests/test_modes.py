@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from reelforge.curation.schema import empty_row
-from reelforge.mixers.alignment import FormatConsistencyFilter, RepetitionFilter, format_consistency, repetition_score
+from reelforge.filters.alignment import FormatConsistencyFilter, RepetitionFilter, format_consistency, repetition_score
 from reelforge.mixers.chat import IMAGE, VIDEO, to_chat, validate_chat, validate_sample
 from reelforge.mixers.modes import ModeError, RenderModes, needs_thinking, render
 
