@@ -208,45 +208,70 @@ LEDGER_FIELDS: dict[str, str] = {f.name: f.metadata["ledger"] for f in dataclass
 LEDGER_ONLY: tuple[str, ...] = tuple(n for n in LEDGER_FIELDS if n not in SHARD_FIELDS)
 
 
-def _encode(cls: type, d: dict, members: Optional[list[str]] = None) -> dict:
-    out: dict[str, Any] = {}
+class _Plan(typing.NamedTuple):
+    """One field's declaration, resolved once: the encoder and parser loop over these."""
+
+    name: str
+    path: Optional[tuple[str, ...]]
+    codec: Optional[str]
+    always: bool
+    rebased: bool
+    inner: Optional[type]  # X for list[X] of a dataclass
+    inner_rebased: bool  # X has rebased fields: its elements take the shard's member names
+    is_map: bool
+    is_float: bool
+
+
+def _plan(cls: type) -> tuple[_Plan, ...]:
+    out = []
     for f in dataclasses.fields(cls):
-        path = _shard_path(f)
+        tp = _HINTS[cls][f.name]
+        inner = _list_of(tp)
+        out.append(_Plan(f.name, _shard_path(f), f.metadata.get("codec"), bool(f.metadata.get("always")),
+                         bool(f.metadata.get("rebased")), inner, inner is not None and _has_rebased(inner),
+                         typing.get_origin(_base(tp)) is dict, _base(tp) is float))
+    return tuple(out)
+
+
+_PLANS = {cls: _plan(cls) for cls in (Sample, Media, Message, Caption)}
+
+
+def _encode(cls: type, d: dict, members: Optional[list[str]] = None, member: Optional[str] = None) -> dict:
+    out: dict[str, Any] = {}
+    for name, path, codec, always, rebased, inner, inner_rebased, is_map, _ in _PLANS[cls]:
         if path is None:
             continue
-        if f.metadata.get("rebased"):  # the medium is now the shard's member
-            v = members.pop(0) if members else None
+        if rebased:
+            v = member  # the medium is now the shard's member
         else:
-            v = _encode_value(f, _HINTS[cls][f.name], d.get(f.name), members)
-        if v is None and not f.metadata.get("always"):
+            v = d.get(name)
+            if v is not None:
+                if codec is not None:
+                    if codec == "json":
+                        try:
+                            v = json.loads(v)
+                        except ValueError:
+                            pass  # not JSON: carried as the string it is
+                    else:  # hex64
+                        v = [f"{h & _MASK64:016x}" for h in v]
+                elif inner is not None:
+                    if inner_rebased:
+                        names = members or []
+                        v = [_encode(inner, x, None, names[i] if i < len(names) else None) for i, x in enumerate(v)]
+                    else:
+                        v = [_encode(inner, x) for x in v]
+                elif is_map and not isinstance(v, dict):
+                    v = dict(v)  # an Arrow map read as pairs
+        if v is None and not always:
             continue
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
+        if len(path) == 1:
+            out[path[0]] = v
+        else:
+            node = out
+            for k in path[:-1]:
+                node = node.setdefault(k, {})
+            node[path[-1]] = v
     return out
-
-
-def _encode_value(f: dataclasses.Field, tp: Any, v: Any, members: Optional[list[str]]) -> Any:
-    if v is None:
-        return None
-    codec = f.metadata.get("codec")
-    if codec == "json":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v  # not JSON: carried as the string it is
-    if codec == "hex64":
-        return [f"{h & _MASK64:016x}" for h in v]
-    inner = _list_of(tp)
-    if inner is not None:
-        if _has_rebased(inner):
-            names = list(members or [])
-            return [_encode(inner, x, [names[i]] if i < len(names) else None) for i, x in enumerate(v)]
-        return [_encode(inner, x) for x in v]
-    if typing.get_origin(_base(tp)) is dict and not isinstance(v, dict):
-        return dict(v)  # an Arrow map read as pairs
-    return v
 
 
 def to_shard_json(row: dict, members: list[str]) -> dict:
@@ -257,36 +282,31 @@ def to_shard_json(row: dict, members: list[str]) -> dict:
 
 def _decode(cls: type, obj: dict, shard: Optional[str]) -> dict:
     row: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        path = _shard_path(f)
-        v: Any = obj
-        for k in path or ():
-            v = v.get(k) if isinstance(v, dict) else None
+    for name, path, codec, _, rebased, inner, _, is_map, is_float in _PLANS[cls]:
         if path is None:
-            v = None
-        if f.metadata.get("rebased") and path is None:
-            v = shard if f.name == "uri" else None  # the medium is read from the shard now
-        row[f.name] = _decode_value(f, _HINTS[cls][f.name], v, shard)
+            row[name] = shard if (rebased and name == "uri") else None  # media: read from the shard now
+            continue
+        if len(path) == 1:
+            v = obj.get(path[0])
+        else:
+            v = obj
+            for k in path:
+                v = v.get(k) if isinstance(v, dict) else None
+        if v is not None:
+            if codec is not None:
+                if codec == "json":
+                    if not isinstance(v, str):
+                        v = json.dumps(v, sort_keys=True, ensure_ascii=False)
+                else:  # hex64
+                    v = [(h - (1 << 64)) if h >= (1 << 63) else h for h in (int(x, 16) for x in v)]
+            elif inner is not None:
+                v = [_decode(inner, x, shard) for x in v]
+            elif is_map:
+                v = {str(k): (None if x is None else float(x)) for k, x in v.items()}
+            elif is_float and isinstance(v, int):
+                v = float(v)
+        row[name] = v
     return row
-
-
-def _decode_value(f: dataclasses.Field, tp: Any, v: Any, shard: Optional[str]) -> Any:
-    if v is None:
-        return None
-    codec = f.metadata.get("codec")
-    if codec == "json":
-        return v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False)
-    if codec == "hex64":
-        return [(h - (1 << 64)) if h >= (1 << 63) else h for h in (int(x, 16) for x in v)]
-    inner = _list_of(tp)
-    if inner is not None:
-        return [_decode(inner, x, shard) for x in v]
-    base = _base(tp)
-    if typing.get_origin(base) is dict:
-        return {str(k): (None if x is None else float(x)) for k, x in v.items()}
-    if base is float and isinstance(v, int):
-        return float(v)
-    return v
 
 
 def from_shard_json(obj: dict, shard: Optional[str] = None) -> dict:

@@ -266,3 +266,35 @@ def test_caps_move_the_shortfall_to_uncapped_entries(tmp_path):
     raw["stages"][0]["target_tokens"] = 100000  # more than both caps hold
     st = plan_mixture(parse_mixture(raw), str(tmp_path))["stages"][0]
     assert all(e["capped"] for e in st["entries"]) and any("cannot be met" in w for w in st["warnings"])
+
+
+def test_min_scores_select_any_score_by_name_and_the_old_fields_are_aliases():
+    import pyarrow as pa
+
+    from reelforge.mixers.planner import entry_indices
+    from reelforge.mixers.spec import Entry
+    from reelforge.mixers.stats import STATS_SCHEMA
+
+    scores = [{"clip": 0.4, "quality": 0.9}, {"clip": 0.1}, None, {"quality": 0.2, "text_quality": 0.8},
+              {"clip": 0.35, "quality": 0.5, "vlm": 0.7}]
+    table = pa.table({f.name: ([f"s{i}" for i in range(5)] if f.name == "id" else
+                               scores if f.name == "scores" else [None] * 5) for f in STATS_SCHEMA},
+                     schema=STATS_SCHEMA)
+
+    def picked(**entry) -> list[int]:
+        stage = parse_mixture({"stages": [{"name": "s", "target_samples": 10,
+                                           "sources": [{"name": "e", "kind": "image_text", **entry}]}]})
+        e = stage.stages[0].entries[0]
+        return entry_indices(table, Entry.from_selector(e.name, {**e.selector(), "kind": []})).tolist()
+
+    assert picked(min_scores={"clip": 0.3}) == [0, 4]
+    assert picked(min_clip_score=0.3) == [0, 4]                       # the old spelling, same samples
+    assert picked(min_scores={"clip": 0.3, "quality": 0.6}) == [0]
+    assert picked(min_quality_score=0.5, min_scores={"clip": 0.3}) == [0, 4]
+    assert picked(min_scores={"text_quality": 0.5}) == [3]            # a score no field names: a map key
+    assert picked(min_scores={"vlm": 0.5}) == [4]
+    with pytest.raises(RecipeError, match="min_scores"):
+        parse_mixture({"stages": [{"name": "s", "target_samples": 1, "sources": [
+            {"name": "e", "kind": "text", "min_quality_score": 0.5, "min_scores": {"quality": 0.4}}]}]})
+    # a plan written before min_scores existed still rebuilds its entries
+    assert Entry.from_selector("x", {"kind": ["text"], "min_quality_score": 0.5}).min_scores == {"quality": 0.5}
