@@ -18,6 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.15"
 	$(PIP) install -q -e '.[test]'
+	@# peers the tests compare against, each in its own venv so their pins never move ours
+	@test -x $(VENV)/peers/datatrove/bin/python || $(PYTHON) -m venv $(VENV)/peers/datatrove
+	$(VENV)/peers/datatrove/bin/pip install -q "datatrove[processing]" spacy
 	@touch $(STAMP)
 
 # A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, and bubblewrap (the think-with-image

@@ -22,8 +22,8 @@ process each on one core), DataTrove's three filters against `judge` without and
 language id. DataTrove stops at a document's first failing rule; `judge` always evaluates every
 rule (the score needs them all), so the comparison is conservative for the project.
 
-    python3 -m venv /tmp/dtvenv && /tmp/dtvenv/bin/pip install "datatrove[processing]" spacy
-    .venv/bin/python benchmarks/bench_text_quality.py --datatrove-python /tmp/dtvenv/bin/python
+    make setup    # builds the peer venv .venv/peers/datatrove ("datatrove[processing]" + spacy)
+    .venv/bin/python benchmarks/bench_text_quality.py
         [--limit 240] [--max-chars 20000] [--repeats 3] [--json out.json]
 
 The two sides are timed in alternation (DataTrove, project, project, DataTrove, ...) and the
@@ -225,7 +225,8 @@ def agreement(dt: list[dict], me: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--datatrove-python", default=os.environ.get("DATATROVE_PYTHON", "/tmp/dtvenv/bin/python"))
+    ap.add_argument("--datatrove-python",
+                    default=os.environ.get("DATATROVE_PYTHON", ".venv/peers/datatrove/bin/python"))
     ap.add_argument("--limit", type=int, default=240)
     ap.add_argument("--max-chars", type=int, default=20_000)
     ap.add_argument("--repeats", type=int, default=3)
@@ -243,8 +244,8 @@ def main() -> None:
           + ", ".join(f"{k} {origins.count(k)}" for k in sorted(set(origins))))
 
     if not os.path.exists(args.datatrove_python):
-        sys.exit(f"no DataTrove interpreter at {args.datatrove_python}: make one with `python3 -m venv /tmp/dtvenv && "
-                 "/tmp/dtvenv/bin/pip install 'datatrove[processing]' spacy` (never into the project's .venv), "
+        sys.exit(f"no DataTrove interpreter at {args.datatrove_python}: run `make setup`, which builds the peer venv "
+                 ".venv/peers/datatrove (never DataTrove in the project's .venv itself), "
                  "or pass --datatrove-python.")
     dt = run_datatrove(args.datatrove_python, texts, 1)
     dt_secs, plain_secs, lang_secs = [dt["seconds"]], [], []

@@ -232,18 +232,20 @@ def test_words_split_like_spacy_english():
         ")", ".", "do", "n't", "e", "-", "mail", "3.14"]
 
 
-def _datatrove_python() -> str | None:
-    p = os.environ.get("DATATROVE_PYTHON", "/tmp/dtvenv/bin/python")
-    if not os.path.exists(p):
-        return None
-    ok = subprocess.run([p, "-c", "import datatrove, spacy"], capture_output=True).returncode == 0
-    return p if ok else None
+PEER = os.path.join(os.path.dirname(__file__), "..", ".venv", "peers", "datatrove", "bin", "python")
+
+
+def _datatrove_python() -> str:
+    """DataTrove lives in its own venv (`make setup` builds .venv/peers/datatrove): its pins must
+    not move the project's. A missing peer is a failed setup, not a reason to skip."""
+    p = os.environ.get("DATATROVE_PYTHON", PEER)
+    res = subprocess.run([p, "-c", "import datatrove, spacy"], capture_output=True, text=True) \
+        if os.path.exists(p) else None
+    assert res is not None and res.returncode == 0, f"no DataTrove peer at {p}: run `make setup`"
+    return p
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_datatrove_python() is None,
-                    reason="needs DataTrove in its own venv: DATATROVE_PYTHON=/path/to/python with "
-                           "`datatrove[processing]` and `spacy` installed (never in the project's .venv)")
 def test_decisions_agree_with_datatrove_on_real_texts():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import bench_text_quality as bench
