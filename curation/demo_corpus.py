@@ -560,6 +560,9 @@ def make_demo_corpus(root: str, n_images: int = 300, n_videos: int = 24, seed: i
             {"dedup_exact": {}},
             {"quality": {"min_side": 16, "max_aspect": 200, "video_min_duration": 0.5,
                          "video_max_duration": 600, "text_min_chars": 1, "text_max_chars": 200000}},
+            # Gopher/C4 rules with the demo's short documents in mind (DataTrove's defaults want 50+ words)
+            {"text_quality": {"mode": "filter", "languages": ["en"], "min_doc_words": 10, "min_num_sentences": 1,
+                              "min_stop_words": 1}},
         ],
         "output": {"path": "out", "shards": {"max_samples": 64, "max_bytes": "8MB", "shuffle": True,
                                              "prefix": "demo"}},

@@ -235,6 +235,6 @@ def test_recipe_is_valid_and_names_every_source(corpus: str) -> None:
     assert [(s.name, s.format) for s in recipe.sources] == [
         ("captions_wds", "webdataset"), ("captions_manifest", "jsonl"), ("videos", "video_folder"),
         ("text", "text"), ("conversations", "jsonl"), ("interleaved", "jsonl"), ("preferences", "parquet")]
-    assert [s.name for s in recipe.steps] == ["probe", "tokens", "dedup_exact", "quality"]
+    assert [s.name for s in recipe.steps] == ["probe", "tokens", "dedup_exact", "quality", "text_quality"]
     assert os.path.exists(os.path.join(corpus, "tokenizer", "tokenizer.json"))
     assert len(recipe.sources[0].paths) == 3

@@ -45,7 +45,7 @@ def test_inputs_equal_kept_plus_dropped(demo_run):
     assert index["sources"] == dict(sorted(kept_by_source.items()))
     # the report's funnel adds up step by step
     steps = rep["steps"]
-    assert [s["step"] for s in steps] == ["ingest", "probe", "tokens", "dedup_exact", "quality", "write"]
+    assert [s["step"] for s in steps] == ["ingest", "probe", "tokens", "dedup_exact", "quality", "text_quality", "write"]
     for a, b in zip(steps, steps[1:]):
         assert a["out"] == b["in"] and a["in"] - a["dropped"] + a["derived"] == a["out"]
     assert steps[-1]["out"] == rep["kept"]
@@ -113,7 +113,7 @@ def test_rerun_reuses_steps_and_writes_identical_shards(spark, demo_run):
     before = _shard_hashes(out)
     logs: list[str] = []
     report = run_recipe(load_recipe(demo_run["recipe"], out=out), spark=spark, log=logs.append)
-    assert sum("already done" in line for line in logs) == 5  # ingest + 4 steps resumed
+    assert sum("already done" in line for line in logs) == 6  # ingest + 5 steps resumed
     assert _shard_hashes(out) == before and report["kept"] == demo_run["report"]["kept"]
 
 
