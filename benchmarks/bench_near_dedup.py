@@ -56,10 +56,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from pyspark.sql import functions as F
 
-    from reelforge.curation.components import connected_components
-    from reelforge.curation.near_dedup import NearDedup
     from reelforge.curation.schema import ARROW_SCHEMA, empty_row
-    from reelforge.jobs.spark import get_spark
+    from reelforge.filters.near_dedup import NearDedup
+    from reelforge.jobs.components import connected_components
+    from reelforge.jobs.engine import run_step
+    from reelforge.jobs.shuffles import _edges, _keys
+    from reelforge.jobs.spark import get_spark, spark_schema
 
     t0 = time.perf_counter()
     docs = make_docs(args.docs, args.dup_rate)
@@ -76,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
     del rows
     gen_s = time.perf_counter() - t0
     spark = get_spark(args.master, {"spark.sql.shuffle.partitions": "16"})
-    from reelforge.curation.schema import spark_schema
 
     df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "docs.parquet")).repartition(16).cache()
     df.count()
@@ -84,16 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     live = df.filter(F.col("drop_step").isNull())
     phases: dict[str, float] = {}
     t = time.perf_counter()  # the step as a recipe runs it, nothing cached
-    dropped = step.apply(df).filter(F.col("drop_step") == "dedup_near").count()
+    dropped = run_step(step, df).filter(F.col("drop_step") == "dedup_near").count()
     phases["whole step (fused, recomputed)"] = time.perf_counter() - t
     spark.catalog.clearCache()  # the step persists its keys: drop them so each phase computes its own
     df.cache().count()
     t = time.perf_counter()
-    keys = step._keys(live).cache()
+    keys = _keys(step, live).cache()
     n_keys = keys.count()
     phases["signatures + bands"] = time.perf_counter() - t
     t = time.perf_counter()
-    edges = step._edges(keys, live).cache()
+    edges = _edges(step, keys, live).cache()
     n_edges = edges.count()
     phases["candidates + exact verification"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Connected components of a duplicate graph, computed with Spark DataFrames.
+"""Connected components of a duplicate graph, computed with Spark DataFrames (the engine side
+of near dedup; `filters.near_dedup.components` is the same answer for a small list).
 
 The graph can be as large as the corpus, so nothing goes to the driver. The algorithm is
 alternating Large-Star / Small-Star (Kiveris et al., "Connected Components in MapReduce

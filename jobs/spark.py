@@ -36,3 +36,19 @@ def get_spark(master: str | None = None, conf: dict | None = None, app: str = "r
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("REELFORGE_SPARK_LOG", "ERROR"))
     return spark
+
+
+def spark_schema():
+    """The Spark StructType of a sample, from its Arrow schema (`curation.schema.ARROW_SCHEMA`)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from reelforge.curation.schema import ARROW_SCHEMA
+
+    return from_arrow_schema(ARROW_SCHEMA)
+
+
+def sample_frame(spark, rows: list[dict]):
+    """A small DataFrame of sample rows built on the driver (evaluation sets: a few thousand rows)."""
+    from reelforge.curation.schema import COLUMNS
+
+    return spark.createDataFrame([tuple(r.get(c) for c in COLUMNS) for r in rows], schema=spark_schema())

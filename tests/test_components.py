@@ -2,7 +2,8 @@
 
 import random
 
-from reelforge.curation.components import connected_components
+from reelforge.filters.near_dedup import components
+from reelforge.jobs.components import connected_components
 
 
 def _union_find(edges):
@@ -31,5 +32,5 @@ def test_components_match_union_find(spark):
     df = spark.createDataFrame(edges, "a string, b string")
     got = {r["id"]: r["component"] for r in connected_components(df).collect()}
     want = _union_find([e for e in edges if e[0] != e[1]])
-    assert got == want
+    assert got == want == components(edges)
     assert got["c0300"] == "c0000"

@@ -1,0 +1,191 @@
+"""The Spark side of the steps that need a shuffle: exact dedup, near dedup, leakage.
+
+The steps (`filters.dedup`, `filters.near_dedup`, `filters.leakage`) decide in plain Python:
+a row's key, its LSH band keys, whether a candidate pair is an edge, which sample a cluster
+keeps, which evaluation item a sample leaks. Here those functions run inside `mapInArrow`
+tasks, and Spark does what needs the whole corpus: grouping by key, buckets and candidate
+pairs, connected components (`jobs.components`), the smallest rank per cluster. The drops
+reach the rows through one helper, `mark_drops` (also used by the engine's per-source
+percentile cut, here too). Nothing is collected to the driver.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from reelforge.curation.schema import rows_of
+from reelforge.curation.step import Step
+from reelforge.filters.dedup import ExactDedup, duplicate_reason
+from reelforge.filters.leakage import EVAL_PREFIX, LeakageFilter, leak_drop, leak_pair
+from reelforge.filters.near_dedup import RANK_PREFIX, NearDedup, rank_key
+from reelforge.jobs.components import connected_components
+
+_KEY_SCHEMA = pa.schema([("id", pa.string()), ("space", pa.string()), ("key", pa.string()),
+                         ("payload", pa.list_(pa.int64()))])
+_EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string())])
+_DROP_SCHEMA = pa.schema([("id", pa.string()), ("drop_reason", pa.string()), ("drop_detail", pa.string()),
+                          ("dup_of", pa.string())])
+_DROP_DDL = "id string, drop_reason string, drop_detail string, dup_of string"
+
+
+def _map_rows(df: DataFrame, fn: Callable[[list[dict]], list[dict]], schema: pa.Schema, ddl: str,
+              arrow_rows: Callable = rows_of) -> DataFrame:
+    """fn over the rows of each Arrow batch of `df`, in the workers: a DataFrame of its output."""
+
+    def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            out = fn(arrow_rows(b))
+            if out:
+                yield pa.RecordBatch.from_pylist(out, schema=schema)
+
+    return df.mapInArrow(run, ddl)
+
+
+def _live(df: DataFrame) -> DataFrame:
+    return df.filter(F.col("drop_step").isNull())
+
+
+def mark_drops(df: DataFrame, decisions: DataFrame, step_name: str) -> DataFrame:
+    """Join drop decisions (id, drop_reason, drop_detail, dup_of; one row per id) back onto the
+    rows: a live row named there leaves with `step_name`, that reason and detail, and `dup_of`
+    when given; dropped rows and rows not named pass unchanged. Same columns as `df`."""
+    d = decisions.select("id", F.col("drop_reason").alias("_reason"), F.col("drop_detail").alias("_detail"),
+                         F.col("dup_of").alias("_dup"))
+    out = df.join(d, "id", "left")
+    hit = F.col("_reason").isNotNull() & F.col("drop_step").isNull()
+    out = (out.withColumn("drop_reason", F.when(hit, F.col("_reason")).otherwise(F.col("drop_reason")))
+           .withColumn("drop_detail", F.when(hit, F.col("_detail")).otherwise(F.col("drop_detail")))
+           .withColumn("dup_of", F.when(hit & F.col("_dup").isNotNull(), F.col("_dup")).otherwise(F.col("dup_of")))
+           .withColumn("drop_step", F.when(hit, F.lit(step_name)).otherwise(F.col("drop_step"))))
+    return out.select(*df.columns)
+
+
+_CUT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("_v", pa.float64())])
+
+
+def percentile_cut(step: Step, df: DataFrame) -> DataFrame:
+    """Drop each source's live rows whose `step.cut_value(row)` lies below the source's
+    `cut().percentile`-th percentile (Spark's percentile_approx, accuracy 10000)."""
+    cut = step.cut()
+
+    def values(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            out = []
+            for r in rows_of(b):
+                if r.get("drop_step") is None:
+                    v = step.cut_value(r)
+                    if v is not None:
+                        out.append({"id": r["id"], "source": r["source"], "_v": float(v)})
+            if out:
+                yield pa.RecordBatch.from_pylist(out, schema=_CUT_SCHEMA)
+
+    vals = df.mapInArrow(values, "id string, source string, _v double")
+    cuts = vals.groupBy("source").agg(F.percentile_approx("_v", cut.percentile / 100.0, 10000).alias("_cut"))
+    low = (vals.join(F.broadcast(cuts), "source").filter(F.col("_v") < F.col("_cut"))
+           .select("id", F.lit(cut.reason).alias("drop_reason"),
+                   F.concat(F.lit(f"below the source's p{cut.percentile:g} "), F.col("_cut").cast("string"))
+                   .alias("drop_detail"),
+                   F.lit(None).cast("string").alias("dup_of")))
+    return mark_drops(df, low, step.name)
+
+
+# --- exact dedup -------------------------------------------------------------------------------
+
+def dedup_exact(step: ExactDedup, df: DataFrame) -> DataFrame:
+    """Group the live rows by `step.key(row)`; all but the smallest id of a group leave."""
+    def key(rows: list[dict]) -> list[dict]:
+        return [{"id": r["id"], "_key": k, "_reason": duplicate_reason(k)} for r in rows for k in (step.key(r),)]
+
+    keyed = _map_rows(_live(df), key, pa.schema([("id", pa.string()), ("_key", pa.string()), ("_reason", pa.string())]),
+                      "id string, _key string, _reason string")
+    first = keyed.groupBy("_key").agg(F.min("id").alias("_first"))
+    dups = (keyed.join(first, "_key").filter(F.col("id") != F.col("_first"))
+            .select("id", F.col("_reason").alias("drop_reason"),
+                    F.concat(F.lit("same content as "), F.col("_first")).alias("drop_detail"),
+                    F.col("_first").alias("dup_of")))
+    return mark_drops(df, dups, step.name)
+
+
+# --- near dedup and leakage ---------------------------------------------------------------------
+
+def _keys(step: NearDedup, rows: DataFrame, every_image: bool = False) -> DataFrame:
+    return _map_rows(rows, lambda recs: step.key_rows(recs, every_image), _KEY_SCHEMA,
+                     "id string, space string, key string, payload array<bigint>")
+
+
+def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = False) -> DataFrame:
+    """Verified edges (a, b): pairs sharing a bucket (a bucket over `max_bucket` links each member
+    to its smallest id only), checked by `step.is_edge`."""
+    keys = keys.persist()
+    buckets = keys.groupBy("space", "key").agg(F.collect_set("id").alias("ids")) \
+        .filter(F.size("ids") > 1)
+    small = buckets.filter(F.size("ids") <= step.max_bucket) \
+        .select("space", F.explode("ids").alias("a"), "ids") \
+        .select("space", "a", F.explode("ids").alias("b")).filter(F.col("a") < F.col("b"))
+    big = buckets.filter(F.size("ids") > step.max_bucket) \
+        .select("space", F.array_min("ids").alias("a"), F.explode("ids").alias("b")) \
+        .filter(F.col("a") < F.col("b"))
+    pairs = small.unionByName(big).distinct()
+    if across:  # leakage: only pairs of one training sample and one evaluation item
+        pairs = pairs.filter(F.col("a").startswith(EVAL_PREFIX) != F.col("b").startswith(EVAL_PREFIX))
+    payload = keys.select("id", "space", "payload").dropDuplicates(["id", "space"])
+    cand = (pairs.join(payload.withColumnRenamed("id", "a").withColumnRenamed("payload", "pa"), ["a", "space"])
+            .join(payload.withColumnRenamed("id", "b").withColumnRenamed("payload", "pb"), ["b", "space"]))
+    texts = rows.select("id", "kind", "text", "messages", "chosen", "rejected").filter(F.col("id").isNotNull())
+    cand = (cand.join(texts.select(F.col("id").alias("a"), F.struct(*texts.columns).alias("ra")), "a", "left")
+            .join(texts.select(F.col("id").alias("b"), F.struct(*texts.columns).alias("rb")), "b", "left"))
+
+    def verify(recs: list[dict]) -> list[dict]:
+        return [{"a": r["a"], "b": r["b"]} for r in recs
+                if step.is_edge(r["space"], r["pa"], r["pb"], r["ra"], r["rb"])]
+
+    return _map_rows(cand, verify, _EDGE_SCHEMA, "a string, b string", arrow_rows=lambda b: b.to_pylist())
+
+
+def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
+    """Edges -> connected components -> per component the smallest `rank_key` is kept."""
+    live = _live(df)
+    comp = connected_components(_edges(step, _keys(step, live), live))
+    ranks = _map_rows(live, lambda rows: [{"id": r["id"], "_rank": rank_key(r)} for r in rows],
+                      pa.schema([("id", pa.string()), ("_rank", pa.string())]), "id string, _rank string")
+    ranked = comp.join(ranks, "id")
+    best = ranked.groupBy("component").agg(F.min("_rank").alias("_best"))
+    keep = F.substring(F.col("_best"), RANK_PREFIX + 1, 1 << 30)
+    dups = (ranked.join(best, "component").withColumn("_keep", keep).filter(F.col("_keep") != F.col("id"))
+            .select("id", F.lit("near_duplicate").alias("drop_reason"),
+                    F.concat(F.lit("near duplicate of "), F.col("_keep")).alias("drop_detail"),
+                    F.col("_keep").alias("dup_of")))
+    return mark_drops(df, dups, step.name)
+
+
+def leakage(step: LeakageFilter, df: DataFrame) -> DataFrame:
+    """Edges between training samples and evaluation items -> per training sample the smallest
+    evaluation item it matches -> `leak:<set>` drops."""
+    from reelforge.jobs.spark import sample_frame
+
+    ev_rows = step.eval_rows()
+    if not ev_rows:
+        return df
+    live = _live(df)
+    ev = sample_frame(df.sparkSession, ev_rows)
+    keys = _keys(step, live, every_image=True).unionByName(_keys(step, ev, every_image=True))
+    edges = _edges(step, keys, live.unionByName(ev), across=True)
+    pairs = _map_rows(edges, lambda recs: [dict(zip(("id", "_eval"), leak_pair(r["a"], r["b"]))) for r in recs],
+                      pa.schema([("id", pa.string()), ("_eval", pa.string())]), "id string, _eval string",
+                      arrow_rows=lambda b: b.to_pylist())
+    hits = pairs.groupBy("id").agg(F.min("_eval").alias("_eval"))
+
+    def drops(recs: list[dict]) -> list[dict]:
+        return [dict(zip(("id", "drop_reason", "drop_detail", "dup_of"), (r["id"], *leak_drop(r["_eval"]), None)))
+                for r in recs]
+
+    return mark_drops(df, _map_rows(hits, drops, _DROP_SCHEMA, _DROP_DDL, arrow_rows=lambda b: b.to_pylist()),
+                      step.name)
+
+
+SHUFFLES: dict[str, Callable[..., DataFrame]] = {"dedup_exact": dedup_exact, "dedup_near": dedup_near,
+                                                "leakage": leakage}
