@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 (fi * ft).sum(-1).cpu().numpy()
         return time.perf_counter() - t
 
-    from reelforge.curation.schema import ARROW_SCHEMA, spark_schema
+    from reelforge.curation.schema import ARROW_SCHEMA
     from reelforge.jobs.engine import run_step
-    from reelforge.jobs.spark import get_spark
+    from reelforge.jobs.spark import get_spark, spark_schema
 
     spark = get_spark(args.master)
     import pyarrow as pa

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from reelforge.curation.probe import Probe
     from reelforge.curation.recaption import DEFAULT_PROMPTS, Recaption
-    from reelforge.curation.schema import ARROW_SCHEMA, empty_row, spark_schema
+    from reelforge.curation.schema import ARROW_SCHEMA, empty_row
     from reelforge.curation.tiny_vlm import build_tiny_vlm
 
     if args.plain_threads:
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from reelforge.jobs.engine import run_step
-    from reelforge.jobs.spark import get_spark
+    from reelforge.jobs.spark import get_spark, spark_schema
 
     spark = get_spark(args.master)
     pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))

@@ -155,13 +155,6 @@ ARROW_SCHEMA: pa.Schema = pa.schema(_arrow_fields(Sample))
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sample))
 
 
-def spark_schema():
-    """The Spark StructType of a sample (imported lazily so workers stay light)."""
-    from pyspark.sql.pandas.types import from_arrow_schema
-
-    return from_arrow_schema(ARROW_SCHEMA)
-
-
 def rows_of(batch: "pa.RecordBatch | pa.Table") -> list[dict]:
     """Arrow rows as the Python row view: structs and lists as dicts and lists, and the
     `scores` map as a dict (Arrow's default turns a map into a list of pairs)."""
@@ -409,5 +402,5 @@ __all__ = [
     "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "LEDGER_FIELDS", "LEDGER_ONLY",
     "Media", "Message", "SHARD_FIELDS", "Sample", "TABLE_FIELDS", "VIDEO_PLACEHOLDER", "all_text", "alive",
     "col", "drop", "empty_row", "from_shard_json", "get_score", "make_id", "row_to_sample", "rows_of",
-    "sample_to_row", "set_score", "spark_schema", "to_shard_json",
+    "sample_to_row", "set_score", "to_shard_json",
 ]

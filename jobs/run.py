@@ -319,12 +319,12 @@ def _spark_hasher(spark):
 def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) -> dict:
     from pyspark.sql import functions as F
 
-    from reelforge.curation.ingest import check_counts, ingest
-    from reelforge.curation.schema import spark_schema
-    from reelforge.curation.shards import read_stats, write_shards
+    from reelforge.curation.shards import read_stats
     from reelforge.jobs.engine import run_step
+    from reelforge.jobs.ingest import check_counts, ingest
     from reelforge.jobs.report import build_report, write_report
-    from reelforge.jobs.spark import get_spark
+    from reelforge.jobs.shards import write_shards
+    from reelforge.jobs.spark import get_spark, spark_schema
 
     t_start = time.time()
     out = recipe.output
@@ -416,7 +416,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     kept_in_shards = sum(s["samples"] for s in stats)
 
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
-    from reelforge.mixers.stats import SAMPLES_DIR, write_sample_stats
+    from reelforge.jobs.samples import write_sample_stats
+    from reelforge.mixers.stats import SAMPLES_DIR
 
     samples_path = os.path.join(out, SAMPLES_DIR)
     write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)

@@ -134,7 +134,7 @@ def test_out_lifecycle(corpus, tmp_path, spark, monkeypatch):
 
     # 2. a re-run that fails while writing shards (the disk fills): one sentence, no temporary
     #    file, and no report or index naming shards that are gone
-    import reelforge.curation.shards as shards
+    import reelforge.jobs.shards as shards
 
     def full_disk(df, out_dir, **kw):
         open(os.path.join(out_dir, "shard-000000.tar.tmp-99999"), "wb").write(b"partial")

@@ -11,8 +11,8 @@ from reelforge.curation.schema import (
     make_id,
     row_to_sample,
     sample_to_row,
-    spark_schema,
 )
+from reelforge.jobs.spark import spark_schema
 
 
 def test_spark_and_arrow_schemas_come_from_the_dataclasses():
