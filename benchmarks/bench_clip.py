@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def spark_run() -> float:
         t = time.perf_counter()
-        run_step(step, df).filter("clip_score is not null").count()
+        run_step(step, df).filter("scores['clip'] is not null").count()
         return time.perf_counter() - t
 
     spark_run()  # warm-up: each Python worker loads the model once
