@@ -348,6 +348,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
         t = time.time()
         log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name} ...")
         build().write.mode("overwrite").parquet(path)
+        spark.catalog.clearCache()  # what a step persisted for itself (its keys, its scored rows) is done
         timings[name] = time.time() - t
         df = spark.read.schema(schema).parquet(path)
         if check is not None:
