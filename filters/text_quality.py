@@ -635,7 +635,6 @@ def scored_parts(row: dict, profiles: dict) -> tuple[list[str], Optional[str]]:
 
 
 @register_step("text_quality")
-@register_step("text_quality")
 class TextQuality(RowStep):
     """Scores text with the Gopher/C4 rules and language id; drops failures unless score_only."""
 
