@@ -45,7 +45,8 @@ def test_inputs_equal_kept_plus_dropped(demo_run):
     assert index["sources"] == dict(sorted(kept_by_source.items()))
     # the report's funnel adds up step by step
     steps = rep["steps"]
-    assert [s["step"] for s in steps] == ["ingest", "probe", "tokens", "dedup_exact", "quality", "text_quality", "write"]
+    assert [s["step"] for s in steps] == ["ingest", "probe", "tokens", "dedup_exact", "quality", "text_quality",
+                                          "write"]
     for a, b in zip(steps, steps[1:]):
         assert a["out"] == b["in"] and a["in"] - a["dropped"] + a["derived"] == a["out"]
     assert steps[-1]["out"] == rep["kept"]
