@@ -12,16 +12,21 @@ from reelforge.curation.tokens import TokenError, VisualTokenConfig, media_token
 
 @register_step("tokens")
 class CountTokens(RowStep):
-    """Adds text_tokens (model tokenizer + chat template), visual_tokens (Keye-VL's resize
-    rules) and tokens; a size the processor refuses (beyond 200:1, too few frames) is a drop."""
+    """Adds text_tokens (model tokenizer + chat template), visual_tokens (the released Keye-VL
+    processor's rules: `processor` keye-vl-1.5 (default) or keye-vl-1.0, numbers under `visual`)
+    and tokens; a size the processor refuses (beyond 200:1, too few frames) is a drop."""
 
-    def __init__(self, tokenizer: str = "", visual: dict | None = None, **kw: Any):
+    def __init__(self, tokenizer: str = "", visual: dict | None = None, processor: str | None = None, **kw: Any):
         super().__init__(**kw)
         if not tokenizer:
             raise ValueError("`tokenizer` must name the model's tokenizer folder")
         if not os.path.isdir(tokenizer):
             raise ValueError(f"tokenizer folder {tokenizer} does not exist")
         self.tokenizer = tokenizer
+        visual = dict(visual or {})
+        if processor is not None:  # `tokens: {processor: keye-vl-1.0}`, or under `visual:`
+            if visual.setdefault("processor", processor) != processor:
+                raise ValueError(f"processor {processor} but visual.processor {visual['processor']}")
         self.visual = VisualTokenConfig.from_dict(visual)
 
     def setup(self, context: StepContext | None = None) -> None:

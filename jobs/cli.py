@@ -96,7 +96,14 @@ def _cmd_tokens(args: argparse.Namespace) -> int:
     from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
 
     try:
-        cfg = VisualTokenConfig.from_dict(json.loads(args.config) if args.config else None)
+        settings = json.loads(args.config) if args.config else {}
+        if not isinstance(settings, dict):
+            raise TypeError(f"got {type(settings).__name__}")
+        if args.processor:
+            if settings.get("processor", args.processor) != args.processor:
+                raise ValueError(f"--processor {args.processor} but --config names {settings['processor']}")
+            settings["processor"] = args.processor
+        cfg = VisualTokenConfig.from_dict(settings)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"--config must be a JSON object of visual token settings: {e}.") from e
     out: list[dict] = []
@@ -183,13 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--full", action="store_true",
                    help="a smaller corpus that exercises every step (tiny local CLIP and VLM; a few minutes)")
     d.set_defaults(fn=_cmd_demo)
-    t = sub.add_parser("tokens", help="visual tokens of sizes or files, as Keye-VL's processor counts them")
+    t = sub.add_parser(
+        "tokens", help="visual tokens of sizes or files, as Keye-VL's processor counts them",
+        description="Visual tokens as the released Keye-VL processors (keye-vl-utils) count them: one JSON "
+                    "object per input with tokens, resized_height and resized_width (videos add frames). "
+                    "With metadata only (--video HxW) keye-vl-1.5 cannot tell slow frames from fast ones, "
+                    "so every frame counts as slow: the upper bound.")
     t.add_argument("files", nargs="*", help="images or videos to probe and count")
     t.add_argument("--image", metavar="HxW")
     t.add_argument("--video", metavar="HxW")
     t.add_argument("--duration", type=float, metavar="SECONDS")
     t.add_argument("--fps", type=float, help="the video's own frame rate (default 30)")
     t.add_argument("--sample-fps", type=float, dest="sample_fps", help="sampling rate (default 2)")
+    t.add_argument("--processor", choices=["keye-vl-1.5", "keye-vl-1.0"],
+                   help="the released processor's rules (default keye-vl-1.5; keye-vl-1.0 at the report's "
+                        "24,576-token video budget); with --video HxW every 1.5 frame counts as slow (the upper bound)")
     t.add_argument("--config", help='JSON of visual token settings, e.g. \'{"max_pixels": 1003520}\'')
     t.set_defaults(fn=_cmd_tokens)
     lg = sub.add_parser("ledger", help="find a sample's fate by id or source key")
