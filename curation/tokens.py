@@ -55,11 +55,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "keye-vl-1.0": dict(min_pixels=4 * _T, max_pixels=16384 * _T, video_fps=2.0, video_min_frames=4,
                         video_max_frames=768, frame_factor=2, video_min_pixels=128 * _T,
                         video_max_pixels=768 * _T, video_total_tokens=24576, frame_max_floor=1.05,
-                        fast_token_ratio=None, min_frame_similarity=None, patch_similarity=None),
+                        fast_token_ratio=None, min_frame_similarity=None, patch_similarity=None,
+                        similarity_max_pixels=None),
     "keye-vl-1.5": dict(min_pixels=4 * _T, max_pixels=20480 * _T, video_fps=2.0, video_min_frames=0,
                         video_max_frames=None, frame_factor=1, video_min_pixels=48 * _T,
                         video_max_pixels=768 * _T, video_total_tokens=65536, frame_max_floor=None,
-                        fast_token_ratio=0.3, min_frame_similarity=0.9, patch_similarity=0.7),
+                        fast_token_ratio=0.3, min_frame_similarity=0.9, patch_similarity=0.7,
+                        similarity_max_pixels=256 * _T),
 }
 DEFAULT_PROCESSOR = "keye-vl-1.5"
 
@@ -82,9 +84,10 @@ class VisualTokenConfig:
     video_max_pixels: int | None = None
     video_total_tokens: int | None = None
     frame_max_floor: float | None = None  # 1.0 only
-    fast_token_ratio: float | None = None  # 1.5 only, and the three below
+    fast_token_ratio: float | None = None  # 1.5 only, and the four below (see curation.frame_plan)
     min_frame_similarity: float | None = None
     patch_similarity: float | None = None
+    similarity_max_pixels: int | None = None
 
     def __post_init__(self):
         preset = PRESETS.get(self.processor)

@@ -142,6 +142,14 @@ def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
                 meta = probe_image(f.read(), 1 << 62)
             return {"input": path, "kind": "image", "probe": meta, **image_tokens(meta["height"], meta["width"], cfg)}
         meta = probe_video_file(path, 30.0)
+        if cfg.slow_fast:  # 1.5 from the decoded frames: frame types, slow and fast sizes
+            import dataclasses
+
+            from reelforge.curation.frame_plan import frame_plan
+
+            plan = frame_plan(path, dataclasses.replace(cfg, video_fps=sample_fps) if sample_fps else cfg)
+            return {"input": path, "kind": "video", "probe": meta,
+                    **{k: v for k, v in plan.items() if k not in ("indices", "timestamps", "processor")}}
         return {"input": path, "kind": "video", "probe": meta,
                 **video_tokens(meta["height"], meta["width"], meta["duration"], meta["fps"], cfg,
                                total_frames=meta.get("frames"), sample_fps=sample_fps)}
@@ -195,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Visual tokens as the released Keye-VL processors (keye-vl-utils) count them: one JSON "
                     "object per input with tokens, resized_height and resized_width (videos add frames). "
                     "With metadata only (--video HxW) keye-vl-1.5 cannot tell slow frames from fast ones, "
-                    "so every frame counts as slow: the upper bound.")
+                    "so every frame counts as slow: the upper bound. A 1.5 video file is decoded and adds "
+                    "frame_types (0 slow, 1 fast), fast_resized_height and fast_resized_width.")
     t.add_argument("files", nargs="*", help="images or videos to probe and count")
     t.add_argument("--image", metavar="HxW")
     t.add_argument("--video", metavar="HxW")

@@ -297,3 +297,97 @@ def test_v10_real_videos_through_the_released_decord_reader(tmp_path):
         m = probe_video_file(p, 30.0)
         got = video_tokens(m["height"], m["width"], m["duration"], m["fps"], V10, total_frames=m["frames"])
         assert (got["frames"], got["resized_height"], got["resized_width"]) == (n, rh, rw), (p, m, got)
+
+
+# ----------------------------------------------------------------------------- 1.5 on real videos
+
+REAL15_ORACLE = textwrap.dedent(r'''
+    import json, sys
+    import cv2, decord, numpy as np
+    import keye_vl_utils
+    from keye_vl_utils import vision_process as vp
+
+    cases = json.load(open(sys.argv[1]))
+    out = {"version_file": keye_vl_utils.__file__, "videos": []}
+    for path in cases["videos"]:
+        try:
+            vr = decord.VideoReader(path)
+            _, kw = vp.fetch_video({"video": path})
+        except Exception as e:
+            out["videos"].append({"error": type(e).__name__})
+            continue
+        out["videos"].append({"total": len(vr), "fps": vr.get_avg_fps(), "frame_types": kw["frame_types"].tolist(),
+                              "timestamps": kw["timestamps"].tolist(), "height": kw["height"], "width": kw["width"],
+                              "fast_height": kw["fast_height"], "fast_width": kw["fast_width"]})
+    rgb = np.load(cases["rgb"])
+    out["hsv"] = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV).tolist()
+    print(json.dumps(out))
+''')
+
+_E = ["-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast"]
+REAL15_VIDEOS = {  # name: ffmpeg arguments (inputs and filters)
+    "static": ["-f", "lavfi", "-i", "color=c=blue:size=320x240:rate=30", "-t", "5"],
+    "black": ["-f", "lavfi", "-i", "color=c=black:size=320x240:rate=30", "-t", "3"],  # no patch counts: all fast
+    "moving": ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25", "-t", "6"],
+    "cuts": ["-f", "lavfi", "-i", "testsrc=size=320x240:rate=30:d=2", "-f", "lavfi",
+             "-i", "smptebars=size=320x240:rate=30:d=2", "-f", "lavfi", "-i", "mandelbrot=size=320x240:rate=30",
+             "-f", "lavfi", "-i", "rgbtestsrc=size=320x240:rate=30:d=2",
+             "-filter_complex", "[2]trim=duration=2[m];[0][1][m][3]concat=n=4:v=1"],
+    "cellauto": ["-f", "lavfi", "-i", "cellauto=size=320x240:rate=30:rule=110", "-t", "6"],  # every frame slow
+    "life": ["-f", "lavfi", "-i", "life=size=320x240:rate=30:mold=10:ratio=0.5:death_color=#C83232:"
+             "life_color=#00ff00", "-t", "4"],
+    "zoom": ["-f", "lavfi", "-i", "testsrc=size=640x360:rate=25", "-t", "6",
+             "-vf", "zoompan=z='min(zoom+0.03,4)':d=1:s=640x360:fps=25"],
+    "tall": ["-f", "lavfi", "-i", "testsrc2=size=360x640:rate=30", "-t", "5"],
+    "720p": ["-f", "lavfi", "-i", "mandelbrot=size=1280x720:rate=30", "-t", "2.5"],
+    "scroll_29.97": ["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30000/1001", "-t", "6",
+                     "-vf", "scroll=h=0.01:v=0.005"],
+    "fade_hue_24": ["-f", "lavfi", "-i", "smptehdbars=size=320x240:rate=24", "-t", "6",
+                    "-vf", "fade=in:st=0:d=4,hue=H=2*PI*t"],
+    "gradients_1fps": ["-f", "lavfi", "-i", "gradients=size=320x240:rate=1:speed=0.1", "-t", "12"],
+    "gradients_60": ["-f", "lavfi", "-i", "gradients=size=160x120:rate=60:speed=0.05", "-t", "10"],
+    "noise": ["-f", "lavfi", "-i", "nullsrc=size=160x120:rate=25,geq=random(1)*255:128:128", "-t", "3"],
+    "too_short": ["-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30", "-t", "0.3"],  # no frame at 2 fps
+}
+
+
+def test_v15_frame_plan_parity_on_real_videos(tmp_path):
+    import numpy as np
+
+    from reelforge.curation.frame_plan import frame_plan, hsv_u8
+    from reelforge.curation.video import probe_video
+
+    paths = []
+    for name, args in REAL15_VIDEOS.items():
+        p = str(tmp_path / f"{name}.mp4")
+        subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args, *_E, p], check=True, timeout=60)
+        paths.append(p)
+    rgb = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    rgb[:8] = rgb[:8].max(axis=-1, keepdims=True)  # greys and exact ties among channels
+    np.save(tmp_path / "rgb.npy", rgb)
+    out = run_oracle("1.5.2", {"videos": paths, "rgb": str(tmp_path / "rgb.npy")}, tmp_path, code=REAL15_ORACLE)
+    assert hsv_u8(rgb).tolist() == out["hsv"]  # OpenCV's 8-bit HSV, exactly
+    slow = fast = type_diffs = 0
+    for p, ans in zip(paths, out["videos"], strict=True):
+        if "error" in ans:  # the release cannot read 0 frames; neither do we
+            assert p.endswith("too_short.mp4"), (p, ans)
+            with pytest.raises(TokenError):
+                frame_plan(p)
+            continue
+        plan = frame_plan(p)
+        assert plan["frames"] == len(ans["frame_types"]), p
+        assert plan["timestamps"] == ans["timestamps"], p
+        type_diffs += sum(a != b for a, b in zip(plan["frame_types"], ans["frame_types"]))
+        assert plan["frame_types"] == ans["frame_types"], p
+        assert (plan["resized_height"], plan["resized_width"], plan["fast_resized_height"],
+                plan["fast_resized_width"]) == (ans["height"], ans["width"], ans["fast_height"], ans["fast_width"]), p
+        f = sum(ans["frame_types"])
+        assert plan["tokens"] == ((len(ans["frame_types"]) - f) * ans["height"] * ans["width"]
+                                  + f * ans["fast_height"] * ans["fast_width"]) // 784
+        # the metadata count (every frame slow) is the upper bound
+        m = probe_video(p)
+        assert plan["tokens"] <= video_tokens(m["height"], m["width"], m["duration"], m["fps"],
+                                              total_frames=m["frames"])["tokens"], p
+        slow, fast = slow + len(ans["frame_types"]) - f, fast + f
+    print(f"1.5 frame plans: {len(paths) - 1} videos, {slow} slow and {fast} fast frames, {type_diffs} types differ")
+    assert type_diffs == 0 and slow >= 20 and fast >= 50, (type_diffs, slow, fast)

@@ -223,5 +223,15 @@ def test_cli_probes_files(tmp_path):
     i, v, missing = (json.loads(line) for line in res.stdout.splitlines())
     assert i["tokens"] == image_tokens(480, 640)["tokens"] and i["probe"]["width"] == 640
     assert v["frames"] == 6 and v["probe"]["codec"] == "h264"
-    assert v["tokens"] == video_tokens(240, 320, 3.0, 25.0)["tokens"]
+    # 1.5 decodes the file: frame types, slow and fast sizes (tests/test_keye_parity.py checks them)
+    assert len(v["frame_types"]) == 6 and v["frame_types"][0] == 0
+    slow = v["frame_types"].count(0)
+    assert v["tokens"] == (slow * v["resized_height"] * v["resized_width"]
+                           + (6 - slow) * v["fast_resized_height"] * v["fast_resized_width"]) // 784
+    assert v["tokens"] <= video_tokens(240, 320, 3.0, 25.0)["tokens"]  # the metadata count is the upper bound
     assert missing["error"] == "missing_file" and res.returncode == 1
+    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "tokens", "--processor", "keye-vl-1.0",
+                          str(vid)], capture_output=True, text=True, check=True)
+    v = json.loads(res.stdout)
+    assert v["tokens"] == video_tokens(240, 320, 3.0, 25.0, VisualTokenConfig(processor="keye-vl-1.0"))["tokens"]
+    assert "frame_types" not in v

@@ -1,0 +1,163 @@
+"""A video's frame plan, as the released Keye-VL-1.5 processor (`keye-vl-utils` 1.5.2,
+`fetch_video`) would feed it: which frames are sampled, their timestamps, which are slow and
+which fast, the two frame sizes and the tokens. Computed once from the decoded frames, so
+the planner and the report count true 1.5 tokens without decoding again (the metadata-only
+count of `curation.tokens` treats every frame as slow: the upper bound).
+
+The plan, step by step (tests/test_keye_parity.py checks it against the release on real
+encoded videos):
+
+- frames: `tokens.video_nframes` from the container's frame count and average frame rate
+  (what decord reports); indices = linspace(0, total-1, n).round() in float32, as torch
+  computes it (a float64 linspace rounds differently on long videos); timestamps = i / fps,
+  as float32.
+- frame types: each sampled frame is resized (bilinear, antialiased, uint8: torch's
+  `interpolate`) to at most `similarity_max_pixels` (256 tokens, at least
+  `video_min_pixels`), turned to 8-bit HSV (OpenCV's integer formula, H in 0..179), and cut
+  into 28x28 patches. Against the last slow frame, a patch is similar when the cosine of its
+  HSV vectors is above `patch_similarity` (0.7), patches black in both frames left out; a
+  frame whose share of similar patches is below `min_frame_similarity` (0.9) is slow (type
+  0) and the new reference, else fast (type 1). The first frame is slow.
+- sizes and tokens: `tokens.slow_fast_sizes` for the slow and fast counts.
+
+Frames are decoded upright (ffmpeg's autorotate); decord, the release's reader, ignores the
+rotation, so for a rotated video the release's sizes are these transposed (same tokens).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reelforge.curation.tokens import (
+    TokenError,
+    VisualTokenConfig,
+    slow_fast_sizes,
+    smart_resize,
+    video_nframes,
+    video_tokens,
+)
+
+__all__ = ["plan_indices", "plan_timestamps", "hsv_u8", "FrameTyper", "frame_plan", "plan_from_frames"]
+
+_HSV_SHIFT = 12
+_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int64)
+_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], np.int64)
+
+
+def hsv_u8(rgb: np.ndarray) -> np.ndarray:
+    """RGB uint8 (..., 3) to HSV uint8 with OpenCV's 8-bit arithmetic: V = max, S = 255*(V-min)/V,
+    H in [0, 180) in 2-degree steps, each division by a fixed-point (12-bit) reciprocal table."""
+    x = rgb.astype(np.int64)
+    r, g, b = x[..., 0], x[..., 1], x[..., 2]
+    v = np.maximum(np.maximum(r, g), b)
+    diff = v - np.minimum(np.minimum(r, g), b)
+    half = 1 << (_HSV_SHIFT - 1)
+    s = (diff * _SDIV[v] + half) >> _HSV_SHIFT
+    h = np.where(v == r, g - b, np.where(v == g, b - r + 2 * diff, r - g + 4 * diff))
+    h = (h * _HDIV[diff] + half) >> _HSV_SHIFT
+    h = np.where(h < 0, h + 180, h)
+    return np.stack([h, s, v], axis=-1).astype(np.uint8)
+
+
+def plan_indices(total_frames: int, n: int) -> list[int]:
+    """linspace(0, total-1, n).round() in torch's float32, as the release's decord reader takes them."""
+    import torch
+
+    if n <= 0 or total_frames <= 0:
+        return []
+    return torch.linspace(0, total_frames - 1, n).round().long().tolist()
+
+
+def plan_timestamps(indices: list[int], fps: float) -> list[float]:
+    """Seconds from the first frame, (1/fps) * i rounded to float32, as the release computes them."""
+    step = 1.0 / fps
+    return [float(t) for t in np.asarray([step * i for i in indices], np.float64).astype(np.float32)]
+
+
+class FrameTyper:
+    """Slow/fast types of frames fed in order (any number of batches of N x H x W x 3 uint8)."""
+
+    def __init__(self, height: int, width: int, cfg: VisualTokenConfig):
+        self.cfg = cfg
+        self.size = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, cfg.similarity_max_pixels,
+                                 cfg.max_ratio)
+        self.ref = None  # the last slow frame's HSV patch vectors and their norms
+        self.types: list[int] = []
+
+    def _patches(self, frames: np.ndarray):
+        import torch
+
+        t = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # NCHW view of NHWC, as decoded
+        small = torch.nn.functional.interpolate(t, list(self.size), mode="bilinear", antialias=True)
+        hsv = torch.from_numpy(hsv_u8(small.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2).float()
+        p = self.cfg.factor
+        n, c, h, w = hsv.shape
+        # N, C, h, p, w, p -> N, h, w, (C p p): one vector per patch, channel-major
+        return hsv.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(n, h // p, w // p, c * p * p)
+
+    def _similarity(self, a, b) -> float:
+        import torch
+
+        na = torch.norm(a, p=2, dim=-1, keepdim=True) + 1e-8
+        nb = torch.norm(b, p=2, dim=-1, keepdim=True) + 1e-8
+        cos = ((a / na) * (b / nb)).sum(dim=-1)
+        black = (na.squeeze(-1) < 0.01) & (nb.squeeze(-1) < 0.01)
+        kept = cos[~black]
+        return (kept > self.cfg.patch_similarity).float().mean().item()  # nan when all black: fast
+
+    def feed(self, frames: np.ndarray) -> None:
+        if len(frames) == 0:
+            return
+        for p in self._patches(frames):
+            if self.ref is None or self._similarity(self.ref, p) < self.cfg.min_frame_similarity:
+                self.ref = p
+                self.types.append(0)
+            else:
+                self.types.append(1)
+
+
+def plan_from_frames(frames: np.ndarray, indices: list[int], fps: float, cfg: VisualTokenConfig) -> dict:
+    """The plan of already decoded sampled frames (N x H x W x 3 uint8, in index order)."""
+    typer = FrameTyper(frames.shape[1], frames.shape[2], cfg)
+    typer.feed(frames)
+    return _plan(frames.shape[1], frames.shape[2], indices, fps, typer.types, cfg)
+
+
+def _plan(height: int, width: int, indices: list[int], fps: float, types: list[int], cfg: VisualTokenConfig) -> dict:
+    fast = int(sum(types))
+    sizes = slow_fast_sizes(height, width, len(types) - fast, fast, cfg)
+    return {"processor": cfg.processor, "frames": len(types), "indices": list(indices),
+            "timestamps": plan_timestamps(indices, fps), "frame_types": list(types), "slow_frames": len(types) - fast,
+            "fast_frames": fast, **{k: sizes[k] for k in ("resized_height", "resized_width", "fast_resized_height",
+                                                          "fast_resized_width", "tokens_per_frame",
+                                                          "fast_tokens_per_frame", "tokens")}}
+
+
+def frame_plan(path: str | int, cfg: VisualTokenConfig | None = None, *, info: dict | None = None,
+               timeout_s: float = 600.0, autorotate: bool = True, batch_bytes: int = 1 << 30) -> dict[str, Any]:
+    """The frame plan of a video file (`info`: a `video.probe_video` result for it, else probed).
+
+    keye-vl-1.0 has no frame types: its plan is the indices, timestamps and the one size.
+    Frames are decoded in batches of at most `batch_bytes` of full-size RGB."""
+    from reelforge.curation.video import decode_frames, probe_video
+
+    cfg = cfg or VisualTokenConfig()
+    info = info or probe_video(path, timeout_s)
+    total, fps = info.get("frames"), info.get("fps")
+    if not total or not fps:
+        raise TokenError("zero_duration", f"video has {total} frames at {fps} fps")
+    height, width = (info["display_height"], info["display_width"]) if autorotate else (info["height"], info["width"])
+    n = video_nframes(info.get("duration") or 0.0, fps, cfg, total_frames=total)
+    idx = plan_indices(total, n)
+    if not cfg.slow_fast:
+        v = video_tokens(height, width, info.get("duration") or 0.0, fps, cfg, total_frames=total)
+        return {"processor": cfg.processor, "frames": n, "indices": idx, "timestamps": plan_timestamps(idx, fps),
+                **{k: v[k] for k in ("resized_height", "resized_width", "tokens_per_frame", "tokens")}}
+    typer = FrameTyper(height, width, cfg)
+    step = max(1, batch_bytes // (height * width * 3))
+    for a in range(0, len(idx), step):
+        frames = decode_frames(path, idx[a:a + step], timeout_s=timeout_s, past_end="clamp", autorotate=autorotate)
+        typer.feed(frames)
+    return _plan(height, width, idx, fps, typer.types, cfg)
