@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml Makefile
 	@# peers the tests compare against, each in its own venv so their pins never move ours
 	@test -x $(VENV)/peers/datatrove/bin/python || $(PYTHON) -m venv $(VENV)/peers/datatrove
 	$(VENV)/peers/datatrove/bin/pip install -q "datatrove[processing]" spacy
+	@# the released Keye-VL processors, side by side (no deps: numpy, pillow and torch stay the project's)
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/peers/keye-vl-utils-1.0.0 "keye-vl-utils==1.0.0" \
+	  decord requests urllib3 idna certifi charset-normalizer
+	$(PIP) install -q --no-deps --upgrade --target $(VENV)/peers/keye-vl-utils-1.5.2 "keye-vl-utils==1.5.2" \
+	  decord requests urllib3 idna certifi charset-normalizer opencv-python-headless
 	@touch $(STAMP)
 
 # A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, and bubblewrap (the think-with-image
