@@ -1,0 +1,140 @@
+"""training/positions.py: Keye-VL's 3D rotary position ids equal transformers' own Qwen2.5-VL
+`get_rope_index` (temporal patch 1, tokens_per_second 2, second_per_grid_ts = 1/fps) on random
+mixed image/video/text rows; packed == unpacked; 1.5 slow-fast frames frame by frame."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from reelforge.training.positions import rope_index
+
+IMG, VID, VSTART, VEND = 151655, 151656, 151652, 151653
+N_GRIDS = 40
+
+
+def oracle():
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+
+    cfg = Qwen2_5_VLConfig(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
+                           vision_end_token_id=VEND,
+                           vision_config={"tokens_per_second": 2, "spatial_merge_size": 2, "temporal_patch_size": 1})
+
+    class Tiny:  # the released functions on a config, no weights
+        get_rope_index = Qwen2_5_VLModel.get_rope_index
+        get_vision_position_ids = Qwen2_5_VLModel.get_vision_position_ids
+
+        def __init__(self, config):
+            self.config = config
+
+    assert cfg.vision_config.tokens_per_second == 2 and cfg.vision_config.spatial_merge_size == 2
+    return Tiny(cfg)
+
+
+def random_sample(rng: random.Random, kind: str | None = None):
+    """One sample's ids with Keye-VL 1.0's layout: text, <vision_start> pads <vision_end>, ..."""
+    ids: list[int] = []
+    imgs, vids, spg = [], [], []
+    n_media = 0 if kind == "text" else rng.randint(1, 5)
+    text = lambda: [rng.randint(10, 1000) for _ in range(rng.randint(1, 12))]  # noqa: E731
+    ids += text()
+    for _ in range(n_media):
+        h, w = 2 * rng.randint(1, 12), 2 * rng.randint(1, 12)
+        if kind == "image" or (kind is None and rng.random() < 0.5):
+            imgs.append([1, h, w])
+            ids += [VSTART] + [IMG] * (h * w // 4) + [VEND]
+        else:
+            t = rng.randint(1, 24)
+            fps = rng.choice([0.5, 1.0, 2.0, 3.0, 4.0, 1 / 3, 0.7, 25 / 12])
+            vids.append([t, h, w])
+            spg.append(1.0 / fps)
+            ids += [VSTART] + [VID] * (t * h * w // 4) + [VEND]
+        ids += text()
+    return ids, imgs, vids, spg
+
+
+def hf_positions(model, ids, imgs, vids, spg) -> torch.Tensor:
+    x = torch.tensor([ids])
+    tt = torch.zeros_like(x, dtype=torch.int32)
+    tt[x == IMG] = 1
+    tt[x == VID] = 2
+    pos, _ = model.get_rope_index(x, tt, torch.tensor(imgs).view(-1, 3) if imgs else None,
+                                  torch.tensor(vids).view(-1, 3) if vids else None,
+                                  torch.tensor(spg, dtype=torch.float32) if spg else None)
+    return pos[:, 0]
+
+
+def ours(ids, imgs, vids, spg, **kw) -> torch.Tensor:
+    return rope_index(ids, imgs or None, vids or None, torch.tensor(spg, dtype=torch.float32) if spg else None,
+                      image_token_id=IMG, video_token_id=VID, **kw)
+
+
+def cases(n: int, seed: int = 13):
+    rng = random.Random(seed)
+    kinds = ["text", "image", "video"] + [None] * 7
+    return [random_sample(rng, kinds[i % len(kinds)]) for i in range(n)]
+
+
+def test_equals_transformers_get_rope_index():
+    model = oracle()
+    bad = []
+    cs = cases(N_GRIDS)
+    assert sum(1 for c in cs if not c[1] and not c[2]) >= 3
+    assert sum(1 for c in cs if len(c[1]) + len(c[2]) >= 3 and c[1] and c[2]) >= 5
+    for i, (ids, imgs, vids, spg) in enumerate(cs):
+        want = hf_positions(model, ids, imgs, vids, spg)
+        got = ours(ids, imgs, vids, spg)
+        if not torch.equal(want, got):
+            bad.append(i)
+    print(f"{len(cs)} grids, {len(bad)} mismatches")
+    assert not bad, bad
+
+
+def test_packed_equals_unpacked():
+    cs = cases(12, seed=7)
+    for start in range(0, 12, 4):
+        group = cs[start:start + 4]
+        ids, imgs, vids, spg, seg = [], [], [], [], []
+        for k, (i_, im, v, s) in enumerate(group):
+            ids += i_
+            imgs += im
+            vids += v
+            spg += s
+            seg += [k] * len(i_)
+        ids += [0] * 5
+        seg += [-1] * 5
+        packed = ours(ids, imgs, vids, spg, segment_ids=seg)
+        alone = torch.cat([ours(*c) for c in group] + [torch.arange(5).expand(3, -1)], 1)
+        assert torch.equal(packed, alone)
+
+
+def test_slow_fast_frame_by_frame():
+    rng = random.Random(3)
+    for _ in range(10):  # equal sizes at k/fps: exactly the 1.0 video rule
+        t, h, w = rng.randint(1, 20), 2 * rng.randint(1, 8), 2 * rng.randint(1, 8)
+        fps = rng.choice([1.0, 2.0, 0.7, 1 / 3])
+        spg = torch.tensor([1 / fps], dtype=torch.float32)
+        times = (torch.arange(t) * spg).tolist()
+        ids = [5, 6, VSTART] + [VID] * (t * h * w // 4) + [VEND, 7]
+        a = ours(ids, [], [[t, h, w]], [1 / fps])
+        b = rope_index(ids, image_token_id=IMG, video_token_id=VID, video_frames=[[(h, w, x) for x in times]])
+        assert torch.equal(a, b)
+    # slow 4x6 (patches) at 10.0 s, fast 2x2 at 10.5 s, slow at 11.0 s: time is absolute
+    frames = [(4, 6, 10.0), (2, 2, 10.5), (4, 6, 11.0)]
+    ids = [9, VSTART] + [VID] * (6 + 1 + 6) + [VEND, 9]
+    p = rope_index(ids, image_token_id=IMG, video_token_id=VID, video_frames=[frames])
+    s = 2
+    assert p[:, :2].tolist() == [[0, 1]] * 3
+    assert p[0, 2:8].tolist() == [s] * 6 and p[1, 2:8].tolist() == [s, s, s, s + 1, s + 1, s + 1]
+    assert p[2, 2:8].tolist() == [s, s + 1, s + 2] * 2
+    assert p[:, 8].tolist() == [s + 1, s, s]
+    assert p[0, 9:15].tolist() == [s + 2] * 6
+    assert p[:, 15].tolist() == [s + 3] * 3  # </vision_end>: s + max(h, w)/2 = s + 3
+
+
+def test_mismatch_refused():
+    with pytest.raises(ValueError):
+        rope_index([1, IMG, IMG, 2], [[1, 2, 2]], image_token_id=IMG, video_token_id=VID)
