@@ -67,19 +67,50 @@ def probe_video_file(path: str | int, timeout_s: float) -> dict[str, Any]:
     from reelforge.curation.video import probe_video
 
     info = probe_video(path, timeout_s)
-    return {k: info.get(k) for k in ("format", "width", "height", "duration", "fps", "frames", "codec")}
+    return {k: info.get(k) for k in _VIDEO_FIELDS}
+
+
+_VIDEO_FIELDS = ("format", "width", "height", "duration", "fps", "frames", "codec")
+
+
+def plan_fields(plan: dict) -> dict[str, Any]:
+    """A `frame_plan.frame_plan` result as the schema's Media fields (the plan stored per video)."""
+    return {"frame_indices": [int(i) for i in plan["indices"]],
+            "frame_times": [float(t) for t in plan["timestamps"]],
+            "frame_types": [int(t) for t in plan["frame_types"]],
+            "slow_size": [int(plan["resized_height"]), int(plan["resized_width"])],
+            "fast_size": [int(plan["fast_resized_height"]), int(plan["fast_resized_width"])],
+            "plan_tokens": int(plan["tokens"]), "plan_processor": plan["processor"]}
 
 
 @register_step("probe")
 class Probe(RowStep):
-    """Fills sha256, length, format and size (and duration, fps, frames, codec for videos)."""
+    """Fills sha256, length, format and size (and duration, fps, frames, codec for videos).
+
+    `frame_plan` (default true; a dict overrides numbers of the keye-vl-1.5 preset, as the tokens
+    step's `visual:`): each video's Keye-VL-1.5 frame plan (`curation.frame_plan`: sampled
+    indices, timestamps, slow/fast frame types, the two sizes, tokens) is computed here, in the
+    executor, and stored on the medium. Probe is the step that has the video open (the checked
+    fd, or the temp copy of a tar member) and already decodes its 2-fps frames; the tokens step
+    reads the stored types and counts true 1.5 tokens without decoding again."""
 
     batch_rows = 64
 
     def __init__(self, max_pixels: int = 178_956_970, max_bytes: int = 2 << 30,
                  timeout_s: float = 30.0, phash: bool = True, video_codecs: list[str] | None = None,
-                 max_video_pixels: int = 4096 * 4096, **kw: Any):
+                 max_video_pixels: int = 4096 * 4096, frame_plan: bool | dict = True, **kw: Any):
         super().__init__(**kw)
+        from reelforge.curation.tokens import VisualTokenConfig
+
+        if frame_plan is True or isinstance(frame_plan, dict):
+            visual = dict(frame_plan) if isinstance(frame_plan, dict) else {}
+            if visual.setdefault("processor", "keye-vl-1.5") != "keye-vl-1.5":
+                raise ValueError("probe's frame_plan is the keye-vl-1.5 plan; processor must be keye-vl-1.5")
+            self.plan_cfg: VisualTokenConfig | None = VisualTokenConfig.from_dict(visual)
+        elif frame_plan is False or frame_plan is None:
+            self.plan_cfg = None
+        else:
+            raise ValueError(f"frame_plan must be true, false or a dict of visual numbers, got {frame_plan!r}")
         self.phash = bool(phash)
         self.video_codecs = [c.lower() for c in video_codecs] if video_codecs else None
         self.max_video_pixels = int(max_video_pixels)
@@ -130,7 +161,10 @@ class Probe(RowStep):
         return {"length": length, "sha256": digest, **info}
 
     def _probe_video_path(self, path: str | int) -> dict:
-        info = probe_video_file(path, self.timeout_s)
+        from reelforge.curation.video import probe_video
+
+        full = probe_video(path, self.timeout_s)
+        info = {k: full.get(k) for k in _VIDEO_FIELDS}
         if self.video_codecs is not None and (info.get("codec") or "").lower() not in self.video_codecs:
             raise ProbeError("unsupported_codec", f"codec {info.get('codec')} is not one of {self.video_codecs}")
         if info["width"] * info["height"] > self.max_video_pixels:
@@ -148,5 +182,13 @@ class Probe(RowStep):
                 n = 0
             if n:
                 info["phash"] = frame_phashes(path, sample_indices(info["frames"], n), timeout_s=self.timeout_s * 4)
+        if self.plan_cfg is not None and info.get("frames") and info.get("fps"):
+            from reelforge.curation.frame_plan import frame_plan
+            from reelforge.curation.tokens import TokenError
+
+            try:
+                info.update(plan_fields(frame_plan(path, self.plan_cfg, info=full, timeout_s=self.timeout_s * 4)))
+            except TokenError:
+                pass  # a size or length the processor refuses: the tokens step drops it with the reason
         return info
 

@@ -78,6 +78,16 @@ class Media:
     frames: Optional[int] = col()
     codec: Optional[str] = col()
     phash: Optional[list[int]] = col(codec="hex64")  # 64-bit perceptual hash per image / sampled frame
+    # the frame plan of a video (the probe step, from the decoded frames; see curation/frame_plan.py),
+    # under "plan" in the shard JSON: the sampled frame indices, their timestamps (s), their types
+    # (0 slow, 1 fast), the slow and fast frame sizes [h, w], the video's tokens and the processor
+    frame_indices: Optional[list[int]] = col(shard="plan.frame_indices")
+    frame_times: Optional[list[float]] = col(shard="plan.frame_times")
+    frame_types: Optional[list[int]] = col(shard="plan.frame_types")
+    slow_size: Optional[list[int]] = col(shard="plan.slow_size")
+    fast_size: Optional[list[int]] = col(shard="plan.fast_size")
+    plan_tokens: Optional[int] = col(shard="plan.tokens")
+    plan_processor: Optional[str] = col(shard="plan.processor")
 
 
 @dataclass

@@ -356,11 +356,22 @@ def _probe(src: _Src, timeout_s: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- frame sampling
 
 def sample_indices(total_frames: int, n: int) -> list[int]:
-    """n frame indices spread evenly from the first to the last frame (Qwen-VL's linspace().round())."""
+    """n frame indices spread evenly from the first to the last frame: `linspace(0, total-1, n).round()`
+    in float32, as the released Keye-VL processors compute it with torch (a float64 linspace rounds
+    differently on about half of the (total, n) pairs). Equal to `frame_plan.plan_indices`."""
     total_frames, n = int(total_frames), int(n)
     if total_frames <= 0 or n <= 0:
         return []
-    return np.linspace(0, total_frames - 1, n).round().astype(np.int64).tolist()
+    if n == 1:
+        return [0]
+    # torch's CPU linspace in float32: a float32 step, start + step*i for the first half and
+    # end - step*(n-1-i) after it, each a fused multiply-add (one rounding to float32: the product
+    # is exact in float64); then round half to even, as torch.round
+    end = np.float32(total_frames - 1)
+    step = np.float64(np.float32(end / np.float32(n - 1)))
+    i = np.arange(n)
+    vals = np.where(i < n // 2, i * step, np.float64(end) - (n - 1 - i) * step).astype(np.float32)
+    return np.rint(vals).astype(np.int64).tolist()
 
 
 def frame_timestamps(indices: Sequence[int], fps: float) -> list[float]:
