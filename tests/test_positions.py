@@ -138,3 +138,114 @@ def test_slow_fast_frame_by_frame():
 def test_mismatch_refused():
     with pytest.raises(ValueError):
         rope_index([1, IMG, IMG, 2], [[1, 2, 2]], image_token_id=IMG, video_token_id=VID)
+
+
+def test_loader_collate_mrope():
+    """collate_packed with `data.positions: mrope`: (3, B, L) per-sample 3D positions from the items'
+    frames (videos at 1/fps, slow-fast sizes frame by frame), equal to the oracle on 1.0 layouts."""
+    from reelforge.training.loader import Item, collate_packed
+
+    model = oracle()
+    mrope = {"image_pad": IMG, "video_pad": VID, "patch": 14, "merge": 2}
+    items, want = [], []
+    for k, (ids, imgs, vids, spg) in enumerate(cases(8, seed=21)):
+        images = []  # images and video frames in order of appearance in ids
+        ii = vi = 0
+        p = 0
+        while p < len(ids):
+            if ids[p] == IMG:
+                _, h, w = imgs[ii]
+                images.append(torch.zeros(3, 14 * h, 14 * w, dtype=torch.uint8))
+                p += h * w // 4
+                ii += 1
+            elif ids[p] == VID:
+                t, h, w = vids[vi]
+                images += [torch.zeros(3, 14 * h, 14 * w, dtype=torch.uint8)] * t
+                p += t * h * w // 4
+                vi += 1
+            else:
+                p += 1
+        items.append(Item(ids, [-100] * len(ids), images, f"s{k}", "t", "x",
+                          extra={"video_fps": [1 / s for s in spg]} if spg else {}))
+        want.append(hf_positions(model, ids, imgs, vids, spg))
+    b = collate_packed([items[:5], items[5:]], 0, mrope)
+    pos = b["position_ids"]
+    assert pos.shape == (3, 2, b["input_ids"].shape[1])
+    assert torch.equal(pos[:, 0, :sum(len(i.input_ids) for i in items[:5])], torch.cat(want[:5], 1))
+    n1 = sum(len(i.input_ids) for i in items[5:])
+    assert torch.equal(pos[:, 1, :n1], torch.cat(want[5:], 1))
+    assert torch.equal(pos[:, 1, n1:], torch.arange(pos.shape[2] - n1).expand(3, -1))
+    assert torch.equal(collate_packed([items[:1]], 0)["position_ids"], torch.arange(len(items[0].input_ids))[None])
+    # a slow-fast video: slow 4x6 patches, fast 2x2, slow 4x6, at 2 fps
+    ids = [9, VSTART] + [VID] * 13 + [VEND, 9]
+    ims = [torch.zeros(3, 56, 84, dtype=torch.uint8), torch.zeros(3, 28, 28, dtype=torch.uint8),
+           torch.zeros(3, 56, 84, dtype=torch.uint8)]
+    got = collate_packed([[Item(ids, [-100] * len(ids), ims, "sf", "t", "x", extra={"video_fps": [2.0]})]], 0, mrope)
+    exp = rope_index(ids, image_token_id=IMG, video_token_id=VID,
+                     video_frames=[[(4, 6, 0.0), (2, 2, 0.5), (4, 6, 1.0)]])
+    assert torch.equal(got["position_ids"][:, 0], exp)
+
+
+def _tiny_vlm():
+    from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from reelforge.training.model import Projector, ReelVLM
+
+    torch.manual_seed(0)
+    v = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14))
+    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=151700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                      max_position_embeddings=4096))
+    return ReelVLM(v, Projector(16, 32), lm, IMG, VID).eval()
+
+
+def _items(n, seed):
+    from reelforge.training.loader import Item
+
+    out = []
+    for k, (ids, imgs, vids, spg) in enumerate(cases(n, seed=seed)):
+        g = torch.Generator().manual_seed(k)
+        images, ii, vi, p = [], 0, 0, 0
+        while p < len(ids):
+            if ids[p] in (IMG, VID):
+                (t, h, w) = imgs[ii] if ids[p] == IMG else vids[vi]
+                for _ in range(t):
+                    images.append(torch.randint(0, 255, (3, 14 * h, 14 * w), generator=g, dtype=torch.uint8))
+                p += t * h * w // 4
+                ii, vi = (ii + 1, vi) if ids[p - 1] == IMG else (ii, vi + 1)
+            else:
+                p += 1
+        out.append(Item(ids, ids[1:] + [-100], images, f"s{k}", "t", "x",
+                        extra={"video_fps": [1 / s for s in spg]} if spg else {}))
+    return out
+
+
+def test_model_mrope_packed_equals_unpacked():
+    """ReelVLM with 3-row positions: a packed row's logits equal each sample's own; text-only
+    samples give the same logits as 1D positions (equal rows turn like 1D RoPE)."""
+    from reelforge.training.loader import collate_packed
+    from reelforge.training.model import mrope_section
+
+    model = _tiny_vlm()
+    assert mrope_section(model.llm.config) == [2, 3, 3]
+    mrope = {"image_pad": IMG, "video_pad": VID, "patch": 14, "merge": 2}
+    items = [it for it in _items(10, seed=5) if len(it.input_ids) < 400][:4]
+    assert any(it.images for it in items)
+    with torch.no_grad():
+        packed = model(collate_packed([items], 0, mrope))
+        off = 0
+        for it in items:
+            one = model(collate_packed([[it]], 0, mrope))
+            n = len(it.input_ids)
+            torch.testing.assert_close(packed["logits"][0, off:off + n], one["logits"][0], rtol=1e-4, atol=1e-4)
+            off += n
+        text = [it for it in _items(6, seed=1) if not it.images]
+        assert text
+        a = model(collate_packed([text], 0, mrope))["logits"]
+        b = model(collate_packed([text], 0))["logits"]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        # 3D positions do change the logits of a sample with media
+        it = next(i for i in items if i.images)
+        assert not torch.allclose(model(collate_packed([[it]], 0, mrope))["logits"],
+                                  model(collate_packed([[it]], 0))["logits"], atol=1e-4)

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
               "projector_hidden": None, "attn_implementation": "sdpa"},
     "data": {"sources": [], "max_len": 2048, "batch_size": 1, "num_workers": 1, "blend": "tokens",
              "pack": True, "kinds": None, "epochs": None, "split": "auto", "visual": {}, "max_text_len": 64,
-             "prefetch": 4},
+             "prefetch": 4, "positions": "1d"},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_steps": 0,
               "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0},
     "loss": {
@@ -130,6 +130,8 @@ def stage_from_dict(d: dict[str, Any], base_dir: str = ".", path: str | None = N
                           f"got {raw['optim']['schedule']!r}.")
     if raw["data"]["blend"] not in ("tokens", "samples"):
         raise RecipeError(f"stage field `data.blend` must be tokens or samples, got {raw['data']['blend']!r}.")
+    if raw["data"]["positions"] not in ("1d", "mrope"):
+        raise RecipeError(f"stage field `data.positions` must be 1d or mrope, got {raw['data']['positions']!r}.")
     if raw["data"]["split"] not in ("auto", "shards", "samples"):
         raise RecipeError(f"stage field `data.split` must be auto, shards or samples, got {raw['data']['split']!r}.")
     if raw["deepspeed"]["zero_stage"] not in (0, 1, 2, 3):

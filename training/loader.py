@@ -344,12 +344,16 @@ class Encoder:
             arr = decode_frames(f.name, idx, size=(v["resized_height"], v["resized_width"]), past_end="clamp",
                                 threads=1)
         frames = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arr]
+        # the sampling rate of the frames taken (keye-vl-utils' sample_fps): 3D positions use 1/fps
+        fps = v["frames"] / total * m["fps"] if m.get("fps") and total else 2.0
+        self._fps.append(float(fps))
         return frames, v["tokens"]
 
     def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:
         """Decode the media of a parsed sample (`meta`: the row view, media members in the shard)."""
         images: list[torch.Tensor] = []
         counts: list[tuple[str, int]] = []
+        self._fps: list[float] = []
         sid = meta["id"]
         for m in meta.get("media") or []:
             key = m["member"][len(sid) + 1:] if m["member"].startswith(sid + ".") else m["member"].split(".", 1)[1]
@@ -388,6 +392,7 @@ class Encoder:
             return None
         images, media = self.media(raw, meta)
         mk = dict(id=meta["id"], source=src, kind=kind)
+        vfps = {"video_fps": list(self._fps)} if self._fps else {}
         if obj == "vit_contrastive":
             t = self.ids(caption_text(meta, caption, self.seed))[: self.max_text_len]
             return [Item(input_ids=t, labels=[], images=images, **mk)]
@@ -401,7 +406,7 @@ class Encoder:
             for role in ("chosen", "rejected"):
                 msgs = list(meta.get("messages") or []) + [{"role": "assistant", "content": meta.get(role) or ""}]
                 ids, train = self._tokens(self.chat_segments(msgs, last_trainable_only=True), media)
-                out.append(Item(ids, self.shift(ids, train), images, role=role, **mk))
+                out.append(Item(ids, self.shift(ids, train), images, role=role, extra=dict(vfps), **mk))
             if sum(len(i.input_ids) for i in out) > self.max_len:
                 return None
             return out
@@ -413,7 +418,7 @@ class Encoder:
             ids, train = ids[: self.max_len], train[: self.max_len]
             if any(t in (self.image_pad, self.video_pad) for t in ids[-1:]):
                 return None
-        return [Item(ids, self.shift(ids, train), images, **mk)]
+        return [Item(ids, self.shift(ids, train), images, extra=dict(vfps), **mk)]
 
     def _grpo_ok(self, meta: dict) -> bool:
         msgs = meta.get("messages") or []
@@ -493,8 +498,51 @@ class SlotReader:
 
 # ----------------------------------------------------------------------------- batches
 
-def collate_packed(packs: list[list[Item]], pad_id: int) -> dict:
-    """Packs -> tensors (B, L): ids, shifted labels, per-sample position ids, segment ids, images in order."""
+def item_positions(it: Item, mrope: dict) -> torch.Tensor:
+    """3D position ids (3, n) of one item (`training.positions`, Keye-VL's rule): each image is a grid
+    (1, H/patch, W/patch); each video block takes its frames in order until their tokens fill it,
+    every frame its own grid at time k / fps (so slow-fast frames of two sizes work too)."""
+    from reelforge.training.positions import rope_index
+
+    patch, merge = mrope["patch"], mrope.get("merge", 2)
+    ip, vp = mrope["image_pad"], mrope["video_pad"]
+    ids = it.input_ids
+    grids, videos = [], []
+    fi = vi = 0
+    fps = it.extra.get("video_fps") or []
+    p = 0
+    while p < len(ids):
+        if ids[p] not in (ip, vp):
+            p += 1
+            continue
+        q = p
+        while q < len(ids) and ids[q] == ids[p]:
+            q += 1
+        if ids[p] == ip:
+            h, w = it.images[fi].shape[1:]
+            grids.append([1, h // patch, w // patch])
+            fi += 1
+        else:
+            rate = fps[vi] if vi < len(fps) else 2.0
+            frames, got = [], 0
+            while got < q - p:
+                h, w = it.images[fi].shape[1:]
+                spg = torch.tensor(1.0 / rate, dtype=torch.float32)
+                frames.append((h // patch, w // patch, float(len(frames) * spg)))
+                got += (h // patch // merge) * (w // patch // merge)
+                fi += 1
+            videos.append(frames)
+            vi += 1
+        p = q
+    return rope_index(ids, grids or None, image_token_id=ip, video_token_id=vp, video_frames=videos,
+                      spatial_merge_size=merge)
+
+
+def collate_packed(packs: list[list[Item]], pad_id: int, mrope: dict | None = None) -> dict:
+    """Packs -> tensors (B, L): ids, shifted labels, per-sample position ids, segment ids, images in order.
+
+    With `mrope` ({image_pad, video_pad, patch}: the stage's `data.positions: mrope`) position_ids
+    are Keye-VL's 3D rotary positions, (3, B, L), restarting per sample; padding counts 0, 1, ..."""
     rows, labels, pos, seg = [], [], [], []
     images: list[torch.Tensor] = []
     samples: list[dict] = []
@@ -505,7 +553,7 @@ def collate_packed(packs: list[list[Item]], pad_id: int) -> dict:
             n = len(it.input_ids)
             r += it.input_ids
             lab += it.labels
-            p += list(range(n))
+            p += item_positions(it, mrope).t().tolist() if mrope else list(range(n))
             s += [k] * n
             images += it.images
             samples.append({"id": it.id, "source": it.source, "kind": it.kind, "role": it.role, "tokens": n,
@@ -520,15 +568,18 @@ def collate_packed(packs: list[list[Item]], pad_id: int) -> dict:
         pad = L - len(rows[i])
         rows[i] += [pad_id] * pad
         labels[i] += [IGNORE] * pad
-        pos[i] += list(range(pad))
+        pos[i] += [[j] * 3 for j in range(pad)] if mrope else list(range(pad))
         seg[i] += [-1] * pad
-    return {"input_ids": torch.tensor(rows), "labels": torch.tensor(labels), "position_ids": torch.tensor(pos),
+    position_ids = torch.tensor(pos)
+    if mrope:
+        position_ids = position_ids.permute(2, 0, 1).contiguous()  # (B, L, 3) -> (3, B, L)
+    return {"input_ids": torch.tensor(rows), "labels": torch.tensor(labels), "position_ids": position_ids,
             "segment_ids": torch.tensor(seg), "images": images, "samples": samples,
             "tokens": sum(s["tokens"] for s in samples)}
 
 
-def packed_batches(reader: SlotReader, max_len: int, batch_size: int, pad_id: int, pack: bool = True
-                   ) -> Iterator[tuple[dict, dict]]:
+def packed_batches(reader: SlotReader, max_len: int, batch_size: int, pad_id: int, pack: bool = True,
+                   mrope: dict | None = None) -> Iterator[tuple[dict, dict]]:
     """(batch, state) pairs; the state is the reader's before the first sample not in the batch."""
     packs: list[list[Item]] = []
     cur: list[Item] = []
@@ -540,14 +591,14 @@ def packed_batches(reader: SlotReader, max_len: int, batch_size: int, pad_id: in
             if cur:
                 packs.append(cur)
             if packs:
-                yield collate_packed(packs, pad_id), reader.snapshot()
+                yield collate_packed(packs, pad_id, mrope), reader.snapshot()
             return
         n = sum(len(i.input_ids) for i in got)
         if cur and (not pack or cur_len + n > max_len):
             packs.append(cur)
             cur, cur_len = [], 0
             if len(packs) == batch_size:
-                yield collate_packed(packs, pad_id), snap
+                yield collate_packed(packs, pad_id, mrope), snap
                 packs = []
         cur += got
         cur_len += n
@@ -588,7 +639,11 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         reader = SlotReader(self.sets, enc, sp["seed"], slot, sp["world"] * k, sp["split"], sp["blend"],
                             sp["epochs"], self.states.get(v))
         if sp["objective"] in ("lm", "mpo"):
-            it = packed_batches(reader, sp["max_len"], sp["batch_size"], enc.pad, sp["pack"])
+            mrope = None
+            if sp.get("positions") == "mrope":
+                mrope = {"image_pad": enc.image_pad, "video_pad": enc.video_pad, "patch": enc.vcfg.patch_size,
+                         "merge": enc.vcfg.merge_size}
+            it = packed_batches(reader, sp["max_len"], sp["batch_size"], enc.pad, sp["pack"], mrope)
         else:
             it = list_batches(reader, sp["batch_size"])
         for batch, state in it:
@@ -610,7 +665,8 @@ class ShardLoader:
         self.spec = {"rank": rank, "world": world, "workers": self.workers, "tokenizer": tok,
                      "visual": d["visual"], "max_len": d["max_len"], "objective": cfg.objective,
                      "kinds": d["kinds"], "max_text_len": d["max_text_len"], "seed": cfg.seed, "split": d["split"],
-                     "blend": d["blend"], "epochs": d["epochs"], "batch_size": d["batch_size"], "pack": d["pack"]}
+                     "blend": d["blend"], "epochs": d["epochs"], "batch_size": d["batch_size"], "pack": d["pack"],
+                     "positions": d.get("positions", "1d")}
         self.num_workers, self.prefetch = d["num_workers"], d["prefetch"]
         self._states: dict[int, dict] = {}
         self.consumed = 0

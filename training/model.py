@@ -67,6 +67,56 @@ def vision_by_size(vision: nn.Module, images: list[torch.Tensor], dtype: torch.d
     return out
 
 
+def mrope_section(config) -> list[int]:
+    """The LLM config's `mrope_section` (in rope_parameters or rope_scaling), else Qwen2.5-VL's
+    split of the head's frequencies scaled to its size ([16, 24, 24] for head_dim 128)."""
+    for key in ("rope_parameters", "rope_scaling"):
+        sec = (getattr(config, key, None) or {}).get("mrope_section")
+        if sec:
+            return list(sec)
+    half = (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads) // 2
+    hw = half * 3 // 8
+    return [half - 2 * hw, hw, hw]
+
+
+class MRoPE(nn.Module):
+    """Wraps the LLM's rotary embedding: with 3-row positions set in `pending` ((3, B, L)), frequency
+    i turns by the temporal, height or width position as `mrope_section` assigns it (Qwen2.5-VL's
+    multimodal RoPE, chunks in order t, h, w, the same for both halves); else the wrapped one."""
+
+    def __init__(self, rotary: nn.Module, section: list[int]):
+        super().__init__()
+        self.rotary, self.section = rotary, list(section)
+        self.pending: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        pos = self.pending
+        if pos is None:
+            return self.rotary(x, position_ids)
+        inv = self.rotary.inv_freq.to(device=x.device, dtype=torch.float)
+        if sum(self.section) != inv.shape[0]:
+            raise ValueError(f"mrope_section {self.section} does not sum to the head's {inv.shape[0]} frequencies")
+        freqs = pos.to(x.device)[..., None].float() * inv  # (3, B, L, d/2)
+        parts, o = [], 0
+        for i, n in enumerate(self.section):
+            parts.append(freqs[i % 3, ..., o:o + n])
+            o += n
+        f = torch.cat(parts, -1)
+        emb = torch.cat((f, f), -1)
+        scale = getattr(self.rotary, "attention_scaling", 1.0)
+        return (emb.cos() * scale).to(x.dtype), (emb.sin() * scale).to(x.dtype)
+
+
+def restart_positions(segments: torch.Tensor) -> torch.Tensor:
+    """1D positions restarting at every segment change (B, L): what the mask and cu_seqlens need."""
+    b, n = segments.shape
+    idx = torch.arange(n, device=segments.device).expand(b, n)
+    start = torch.ones_like(segments, dtype=torch.bool)
+    start[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values
+    return idx - first
+
+
 class ReelVLM(nn.Module):
     """ViT + projector + LLM; forward(batch) gives logits and the LM loss over shifted labels."""
 
@@ -152,8 +202,20 @@ class ReelVLM(nn.Module):
         ids = batch["input_ids"].to(device)
         pos = batch["position_ids"].to(device)
         emb = self.embed(ids, batch.get("images") or [])
-        hidden = self.llm.base_model(inputs_embeds=emb, position_ids=pos, attention_mask=None,
-                                     use_cache=False).last_hidden_state
+        rotary = None
+        if pos.dim() == 3:  # Keye's 3D positions (3, B, L): multimodal RoPE, the mask from the segments
+            base = self.llm.base_model
+            rotary = base.rotary_emb if isinstance(base.rotary_emb, MRoPE) else \
+                MRoPE(base.rotary_emb, mrope_section(self.llm.config))
+            base.rotary_emb = rotary
+            rotary.pending = pos
+            pos = restart_positions(batch["segment_ids"].to(device))
+        try:
+            hidden = self.llm.base_model(inputs_embeds=emb, position_ids=pos, attention_mask=None,
+                                         use_cache=False).last_hidden_state
+        finally:
+            if rotary is not None:
+                rotary.pending = None
         logits = self.llm.get_output_embeddings()(hidden)
         out: dict[str, torch.Tensor] = {"logits": logits}
         if "labels" in batch:
