@@ -249,3 +249,33 @@ def test_model_mrope_packed_equals_unpacked():
         it = next(i for i in items if i.images)
         assert not torch.allclose(model(collate_packed([[it]], 0, mrope))["logits"],
                                   model(collate_packed([[it]], 0))["logits"], atol=1e-4)
+
+
+def test_shard_loader_mrope_end_to_end(tiny, shards, tmp_path):
+    """`data.positions: mrope` through ShardLoader on the demo shards (images, videos, text): the
+    batches carry (3, B, L) positions, the same ids as with 1d, and the tiny model's loss is finite."""
+    from train_common import stage, write_stage
+
+    from reelforge.training.loader import ShardLoader
+    from reelforge.training.model import ReelVLM
+
+    def cfg(name, positions):
+        return stage(write_stage(str(tmp_path / f"{name}.yaml"), tiny, shards, str(tmp_path / name),
+                                 data={"num_workers": 0, "max_len": 4096, "positions": positions}))
+
+    model = ReelVLM.from_paths(tiny["vision"], tiny["llm"], tiny["tokenizer"]).eval()
+    a, b = iter(ShardLoader(cfg("m", "mrope"))), iter(ShardLoader(cfg("d", "1d")))
+    saw_vision = False
+    for _ in range(3):
+        x, y = next(a), next(b)
+        assert torch.equal(x["input_ids"], y["input_ids"])
+        B, L = x["input_ids"].shape
+        assert x["position_ids"].shape == (3, B, L) and y["position_ids"].shape == (B, L)
+        vis = (x["input_ids"] == model.image_pad_id) | (x["input_ids"] == model.video_pad_id)
+        saw_vision |= bool(vis.any())
+        txt_only = [r for r in range(B) if not vis[r].any()]
+        for r in txt_only:
+            assert torch.equal(x["position_ids"][:, r], y["position_ids"][r].expand(3, -1))
+        with torch.no_grad():
+            assert torch.isfinite(model(x)["loss"])
+    assert saw_vision
