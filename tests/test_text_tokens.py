@@ -68,6 +68,35 @@ def test_count_tokens_step(tok_dir, tmp_path):
                                 + tt.count_chat([q, {"role": "assistant", "content": "B"}]))
 
 
+def test_count_tokens_step_uses_the_stored_frame_plan(tok_dir):
+    from reelforge.curation.tokens import VisualTokenConfig, slow_fast_sizes, video_nframes
+
+    n = video_nframes(12.0, 25.0, total_frames=300)
+    types = [0] + [1] * (n - 1)
+
+    def row(types, processor="keye-vl-1.5"):
+        r = empty_row()
+        r.update(kind="video_text", text="a clip", media=[{"kind": "video", "width": 640, "height": 480,
+                                                            "duration": 12.0, "fps": 25.0, "frames": 300,
+                                                            "frame_types": types, "plan_processor": processor}])
+        return r
+
+    upper = video_tokens(480, 640, 12.0, 25.0, total_frames=300)["tokens"]
+    true = slow_fast_sizes(480, 640, 1, n - 1, VisualTokenConfig())
+    step = CountTokens(tokenizer=tok_dir)
+    step.setup()
+    a, b, c = step.process_rows([row(types), row(types[:-1]), row(types, "other")])
+    assert a["visual_tokens"] == true["tokens"] < upper  # the plan's true tokens, sizes written back
+    assert a["media"][0]["plan_tokens"] == true["tokens"]
+    assert a["media"][0]["fast_size"] == [true["fast_resized_height"], true["fast_resized_width"]]
+    assert b["visual_tokens"] == upper and c["visual_tokens"] == upper  # another frame count / processor
+    off = CountTokens(tokenizer=tok_dir, frame_plan=False)
+    off.setup()
+    assert off.process_rows([row(types)])[0]["visual_tokens"] == upper
+    with pytest.raises(ValueError, match="frame_plan"):
+        CountTokens(tokenizer=tok_dir, processor="keye-vl-1.0", frame_plan=True)
+
+
 def test_missing_tokenizer_is_a_recipe_error(tmp_path):
     from reelforge.jobs.recipe import RecipeError, parse_recipe
 
