@@ -42,14 +42,17 @@ from reelforge.curation.tokens import (
 __all__ = ["plan_indices", "plan_timestamps", "hsv_u8", "FrameTyper", "frame_plan", "plan_from_frames"]
 
 _HSV_SHIFT = 12
-_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int64)
-_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], np.int64)
+# int32 is exact here: |diff * _SDIV| <= 255 * 1,044,480 and |h * _HDIV| <= 1,275 * 122,880, both < 2**31
+_SDIV = np.array([0] + [round((255 << _HSV_SHIFT) / i) for i in range(1, 256)], np.int32)
+_HDIV = np.array([0] + [round((180 << _HSV_SHIFT) / (6 * i)) for i in range(1, 256)], np.int32)
 
 
 def hsv_u8(rgb: np.ndarray) -> np.ndarray:
     """RGB uint8 (..., 3) to HSV uint8 with OpenCV's 8-bit arithmetic: V = max, S = 255*(V-min)/V,
     H in [0, 180) in 2-degree steps, each division by a fixed-point (12-bit) reciprocal table."""
-    x = rgb.astype(np.int64)
+    if rgb.ndim == 4 and len(rgb) > 1:  # frame by frame: the int32 temporaries stay small (cache, no page faults)
+        return np.stack([hsv_u8(f) for f in rgb])
+    x = rgb.astype(np.int32)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     v = np.maximum(np.maximum(r, g), b)
     diff = v - np.minimum(np.minimum(r, g), b)
