@@ -133,4 +133,13 @@ class VideoClips(RowStep):
         m.update(kind="video", uri=path, length=length, sha256=digest,
                  format=info.get("format"), width=info["width"], height=info["height"],
                  duration=info["duration"], fps=info.get("fps"), frames=info.get("frames"), codec=info.get("codec"))
+        if like.get("plan_processor") == "keye-vl-1.5" and info.get("frames") and info.get("fps"):
+            # the parent was planned at probe: plan the new file the same way (the preset's numbers)
+            from reelforge.curation.frame_plan import frame_plan, media_fields
+            from reelforge.curation.tokens import TokenError
+
+            try:
+                m.update(media_fields(frame_plan(path, info=info, timeout_s=self.timeout_s)))
+            except TokenError:
+                pass
         return m

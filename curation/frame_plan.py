@@ -39,7 +39,8 @@ from reelforge.curation.tokens import (
     video_tokens,
 )
 
-__all__ = ["plan_indices", "plan_timestamps", "hsv_u8", "FrameTyper", "frame_plan", "plan_from_frames"]
+__all__ = ["plan_indices", "plan_timestamps", "hsv_u8", "FrameTyper", "frame_plan", "plan_from_frames",
+           "media_fields"]
 
 _HSV_SHIFT = 12
 # int32 is exact here: |diff * _SDIV| <= 255 * 1,044,480 and |h * _HDIV| <= 1,275 * 122,880, both < 2**31
@@ -164,3 +165,13 @@ def frame_plan(path: str | int, cfg: VisualTokenConfig | None = None, *, info: d
         frames = decode_frames(path, idx[a:a + step], timeout_s=timeout_s, past_end="clamp", autorotate=autorotate)
         typer.feed(frames)
     return _plan(height, width, idx, fps, typer.types, cfg)
+
+
+def media_fields(plan: dict) -> dict[str, Any]:
+    """A 1.5 plan as the schema's Media fields (how the probe and clips steps store it per video)."""
+    return {"frame_indices": [int(i) for i in plan["indices"]],
+            "frame_times": [float(t) for t in plan["timestamps"]],
+            "frame_types": [int(t) for t in plan["frame_types"]],
+            "slow_size": [int(plan["resized_height"]), int(plan["resized_width"])],
+            "fast_size": [int(plan["fast_resized_height"]), int(plan["fast_resized_width"])],
+            "plan_tokens": int(plan["tokens"]), "plan_processor": plan["processor"]}

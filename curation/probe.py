@@ -73,15 +73,6 @@ def probe_video_file(path: str | int, timeout_s: float) -> dict[str, Any]:
 _VIDEO_FIELDS = ("format", "width", "height", "duration", "fps", "frames", "codec")
 
 
-def plan_fields(plan: dict) -> dict[str, Any]:
-    """A `frame_plan.frame_plan` result as the schema's Media fields (the plan stored per video)."""
-    return {"frame_indices": [int(i) for i in plan["indices"]],
-            "frame_times": [float(t) for t in plan["timestamps"]],
-            "frame_types": [int(t) for t in plan["frame_types"]],
-            "slow_size": [int(plan["resized_height"]), int(plan["resized_width"])],
-            "fast_size": [int(plan["fast_resized_height"]), int(plan["fast_resized_width"])],
-            "plan_tokens": int(plan["tokens"]), "plan_processor": plan["processor"]}
-
 
 @register_step("probe")
 class Probe(RowStep):
@@ -183,11 +174,11 @@ class Probe(RowStep):
             if n:
                 info["phash"] = frame_phashes(path, sample_indices(info["frames"], n), timeout_s=self.timeout_s * 4)
         if self.plan_cfg is not None and info.get("frames") and info.get("fps"):
-            from reelforge.curation.frame_plan import frame_plan
+            from reelforge.curation.frame_plan import frame_plan, media_fields
             from reelforge.curation.tokens import TokenError
 
             try:
-                info.update(plan_fields(frame_plan(path, self.plan_cfg, info=full, timeout_s=self.timeout_s * 4)))
+                info.update(media_fields(frame_plan(path, self.plan_cfg, info=full, timeout_s=self.timeout_s * 4)))
             except TokenError:
                 pass  # a size or length the processor refuses: the tokens step drops it with the reason
         return info

@@ -65,6 +65,9 @@ def test_clips_are_derived_samples_and_the_ledger_balances(spark, corpus, tmp_pa
         meta = json.loads(s["json"])
         m = meta["media"][0]
         assert m["codec"] == "h264" and max(m["width"], m["height"]) <= 128 and m["fps"] <= 15.01
+        # the clip's own 1.5 frame plan (its parent was planned at probe)
+        assert m["plan"]["processor"] == "keye-vl-1.5" and m["plan"]["frame_types"][0] == 0
+        assert len(m["plan"]["frame_types"]) == len(m["plan"]["frame_indices"]) == len(m["plan"]["frame_times"])
         if "clip" in meta.get("meta", {}):
             assert abs(m["duration"] - 3.0) < 0.3
             assert meta["meta"]["clip"]["parent"] == parent["id"]
