@@ -103,6 +103,7 @@ def test_samples_table_points_at_each_samples_bytes(demo_run):
 
 def test_emitted_stages_match_their_plans(plan, emitted, demo_run):
     table = read_sample_stats(demo_run["out"], ["source", "kind", "tokens"])
+    largest: dict[tuple[str, str], int] = {}  # (stage, entry) -> tokens of its largest sample
     for st in plan["stages"]:
         samples = _read_stage(os.path.join(emitted, st["name"]))
         entry_of_source = {}
@@ -114,6 +115,7 @@ def test_emitted_stages_match_their_plans(plan, emitted, demo_run):
             name = entry_of_source.get(js["provenance"]["source"]) or next(
                 e["name"] for e in st["entries"] if js["kind"] in e["selector"].get("kind", []))
             tokens[name] += js["tokens"]["tokens"]
+            largest[(st["name"], name)] = max(largest.get((st["name"], name), 0), js["tokens"]["tokens"])
             count[name] += 1
             repeats[js["id"]] += 1
             assert key == js["id"] or key.startswith(js["id"] + "_r")
@@ -132,13 +134,20 @@ def test_emitted_stages_match_their_plans(plan, emitted, demo_run):
         with open(os.path.join(emitted, st["name"], "index.json")) as f:
             idx = json.load(f)
         assert {k: v["tokens"] for k, v in idx["entries"].items()} == dict(tokens)
-    # the plan itself: entries that are neither capped nor coarse land within 0.5% of their share
+    # the plan itself: entries that are neither capped nor coarse land within 0.5% of their share;
+    # one the planner warned is too coarse (a sample is more than 0.5% of its share) lands within
+    # one sample of it
     stage2 = next(s for s in plan["stages"] if s["name"] == "stage2")
     caps = {e["name"]: e["capped"] for e in stage2["entries"]}
     assert caps["interleaved"] and not caps["captions"]
+    coarse = {w.split("/", 1)[1].split(":", 1)[0] for w in stage2["warnings"] if "too coarse" in w}
     for e in stage2["entries"]:
         if e["name"] in ("captions", "text", "vqa"):
-            assert abs(e["units"] - e["desired_units"]) <= 0.005 * e["desired_units"]
+            off = abs(e["units"] - e["desired_units"])
+            if e["name"] in coarse:
+                assert 0.005 * e["desired_units"] < off <= largest[("stage2", e["name"])], e
+            else:
+                assert off <= 0.005 * e["desired_units"], e
     assert any("interleaved" in w and "cap of 2" in w and "planned 2 epochs" in w for w in stage2["warnings"])
     assert sum(1 for _ in table.to_pylist()) == plan["stats_samples"]
 
