@@ -141,6 +141,9 @@ REAL_ORACLE = textwrap.dedent(r'''
     print(json.dumps(out))
 ''')
 
+# subprocesses of the released processors and real video decodes: tens of seconds in all
+pytestmark = pytest.mark.slow
+
 
 def peer(version: str) -> str:
     path = os.path.join(PEERS, f"keye-vl-utils-{version}")

@@ -120,6 +120,7 @@ def test_ranks_and_workers_split_an_epoch_exactly(tiny, shards, tmp_path):
         assert Counter(got) == Counter(everything), split
 
 
+@pytest.mark.slow
 def test_blend_by_tokens(tiny, shards, tmp_path):
     tars = sorted(glob.glob(os.path.join(shards, "*.tar")))
     cfg = _cfg(tmp_path, tiny, shards, "blend", data={
