@@ -28,34 +28,25 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 
 from reelforge.curation import video
 from reelforge.curation.frame_plan import frame_plan
 from reelforge.curation.tokens import VisualTokenConfig, video_nframes
-from reelforge.curation.tools import ffmpeg_path
 
 SOURCES = [
     "testsrc2=s={w}x{h}:r=30",
     "smptehdbars=s={w}x{h}:r=30,noise=alls=8:allf=t,hue=H=0.5*t",
     "gradients=s={w}x{h}:r=30:speed=0.02:c0=0x2050a0:c1=0xe0a040:c2=0x30c060:nb_colors=3",
 ]
-RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080)}
 
 
 def make_videos(root: str, per_res: int, duration: float) -> list[str]:
-    paths = []
-    for label, (w, h) in RESOLUTIONS.items():
-        for i in range(per_res):
-            path = os.path.join(root, f"{label}_{i}.mp4")
-            subprocess.run([ffmpeg_path(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-                            SOURCES[i % len(SOURCES)].format(w=w, h=h), "-t", str(duration), "-c:v", "libx264",
-                            "-preset", "veryfast", "-crf", "23", "-pix_fmt", "yuv420p", path],
-                           check=True, timeout=1800)
-            paths.append(path)
-    return paths
+    """The frame-sampling benchmark's encoder, with this benchmark's sources."""
+    from bench_frame_sampling import make_videos as encode
+
+    return encode(root, per_res, duration, SOURCES)
 
 
 def pyav_frames(path: str, indices: list[int]):

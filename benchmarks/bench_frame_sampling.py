@@ -51,12 +51,14 @@ SOURCES = [
 RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080)}
 
 
-def make_videos(root: str, per_res: int, duration: float) -> list[str]:
+def make_videos(root: str, per_res: int, duration: float, sources: list[str] = SOURCES) -> list[str]:
+    """`per_res` H.264 videos per resolution, cycling through the lavfi `sources` (also used by
+    bench_frame_plan.py with its own sources)."""
     paths = []
     for label, (w, h) in RESOLUTIONS.items():
         for i in range(per_res):
             path = os.path.join(root, f"{label}_{i}.mp4")
-            src = SOURCES[i % len(SOURCES)].format(w=w, h=h)
+            src = sources[i % len(sources)].format(w=w, h=h)
             subprocess.run([ffmpeg_path(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", src,
                             "-t", str(duration), "-c:v", "libx264", "-preset", "veryfast", "-crf", "23",
                             "-pix_fmt", "yuv420p", path], check=True, timeout=1800)
