@@ -40,6 +40,7 @@ SOURCES = [
     "smptehdbars=s={w}x{h}:r=30,noise=alls=8:allf=t,hue=H=0.5*t",
     "gradients=s={w}x{h}:r=30:speed=0.02:c0=0x2050a0:c1=0xe0a040:c2=0x30c060:nb_colors=3",
 ]
+RESOLUTIONS = {"720p": (1280, 720), "1080p": (1920, 1080)}
 
 
 def make_videos(root: str, per_res: int, duration: float) -> list[str]:
