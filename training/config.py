@@ -30,7 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "grad_accum": 1,
     "trainable": list(PARTS),
     "model": {"vision": None, "llm": None, "tokenizer": None, "init": None, "text_tower": None,
-              "projector_hidden": None, "attn_implementation": "sdpa"},
+              "projector_hidden": None, "attn_implementation": "sdpa", "vision_rope": "2d"},
     "data": {"sources": [], "max_len": 2048, "batch_size": 1, "num_workers": 1, "blend": "tokens",
              "pack": True, "kinds": None, "epochs": None, "split": "auto", "visual": {}, "max_text_len": 64,
              "prefetch": 4, "positions": "1d"},
@@ -184,6 +184,9 @@ def stage_from_dict(d: dict[str, Any], base_dir: str = ".", path: str | None = N
         sources[i] = s
 
     m = raw["model"]
+    if m["vision_rope"] not in ("2d", "none"):
+        raise RecipeError(f"stage field `model.vision_rope` must be 2d (Keye's 2D rotary positions in the vision "
+                          f"tower) or none, got {m['vision_rope']!r}.")
     for k in ("vision", "llm", "tokenizer", "init", "text_tower"):
         m[k] = _path(base_dir, m[k])
     if m["init"] is None and (m["vision"] is None or (m["llm"] is None and raw["objective"] != "vit_contrastive")):

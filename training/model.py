@@ -2,7 +2,8 @@
 and a causal LLM (Qwen3 by default); every part loaded from a local folder with from_pretrained.
 
 Images of any size (multiples of 28, from `curation.tokens.smart_resize`) go through the tower
-with interpolated position embeddings, grouped by size; each image's (h/14 x w/14) patches are
+with interpolated position embeddings and (`vision_rope="2d"`, Keye's tower) 2D rotary positions in
+every attention layer (`training/vision_rope.py`), grouped by size; each image's (h/14 x w/14) patches are
 merged 2x2 into (h/28)*(w/28) tokens, which replace the `<|image_pad|>`/`<|video_pad|>` ids in
 order. Packed rows rely on position ids restarting per sample: transformers then builds a
 block-diagonal causal mask (and flash-attention uses them as cu_seqlens).
@@ -129,10 +130,13 @@ class ReelVLM(nn.Module):
     @classmethod
     def from_paths(cls, vision: str, llm: str, tokenizer: str, projector: str | None = None,
                    projector_hidden: int | None = None, attn_implementation: str = "sdpa",
-                   dtype: torch.dtype = torch.float32) -> "ReelVLM":
+                   dtype: torch.dtype = torch.float32, vision_rope: str = "2d") -> "ReelVLM":
         from transformers import AutoModelForCausalLM, AutoTokenizer, SiglipVisionModel
 
-        v = SiglipVisionModel.from_pretrained(vision, dtype=dtype, attn_implementation=attn_implementation)
+        from reelforge.training.vision_rope import apply_vision_rope
+
+        v = apply_vision_rope(SiglipVisionModel.from_pretrained(vision, dtype=dtype,
+                                                                attn_implementation=attn_implementation), vision_rope)
         lm = AutoModelForCausalLM.from_pretrained(llm, dtype=dtype, attn_implementation=attn_implementation)
         tok = AutoTokenizer.from_pretrained(tokenizer)
         if projector and os.path.exists(os.path.join(projector, PROJECTOR_CONFIG)):
@@ -239,10 +243,13 @@ class ContrastiveViT(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor([float(init_bias)]))
 
     @classmethod
-    def from_paths(cls, vision: str, text: str, **kw: Any) -> "ContrastiveViT":
+    def from_paths(cls, vision: str, text: str, vision_rope: str = "2d", **kw: Any) -> "ContrastiveViT":
         from transformers import SiglipTextModel, SiglipVisionModel
 
-        return cls(SiglipVisionModel.from_pretrained(vision), SiglipTextModel.from_pretrained(text), **kw)
+        from reelforge.training.vision_rope import apply_vision_rope
+
+        v = apply_vision_rope(SiglipVisionModel.from_pretrained(vision), vision_rope)
+        return cls(v, SiglipTextModel.from_pretrained(text), **kw)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         from reelforge.training.losses import siglip_loss

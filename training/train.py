@@ -100,7 +100,8 @@ def build_model(cfg: StageConfig) -> torch.nn.Module:
             raise RecipeError("stage field `model.vision` and `model.text_tower` (or `model.init` holding "
                               "vision/ and text_tower/) are needed for the vit_contrastive objective.")
         s = cfg.loss["siglip"]
-        return ContrastiveViT.from_paths(vision, text, init_scale=s["init_scale"], init_bias=s["init_bias"])
+        return ContrastiveViT.from_paths(vision, text, init_scale=s["init_scale"], init_bias=s["init_bias"],
+                                         vision_rope=m["vision_rope"])
     vision, llm = part("vision", "vision"), part("llm", "llm")
     if not vision or not llm:
         raise RecipeError("stage field `model.vision` and `model.llm` (or `model.init` holding vision/ and llm/) "
@@ -108,7 +109,7 @@ def build_model(cfg: StageConfig) -> torch.nn.Module:
     tokdir = m["tokenizer"] or (os.path.join(init, "tokenizer") if init and os.path.isdir(
         os.path.join(init, "tokenizer")) else llm)
     return ReelVLM.from_paths(vision, llm, tokdir, projector=init, projector_hidden=m["projector_hidden"],
-                              attn_implementation=m["attn_implementation"])
+                              attn_implementation=m["attn_implementation"], vision_rope=m["vision_rope"])
 
 
 def set_trainable(model: torch.nn.Module, cfg: StageConfig) -> None:
