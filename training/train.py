@@ -158,10 +158,12 @@ class Objective:
         inner = getattr(engine, "module", engine)
         self.image_pad = getattr(inner, "image_pad_id", -1)
         self.video_pad = getattr(inner, "video_pad_id", -1)
+        self.mrope: dict | None = None  # GRPO under `data.positions: mrope`: item_positions' spec
         if cfg.objective == "grpo":
             from transformers import AutoTokenizer
 
             self.tok = AutoTokenizer.from_pretrained(tok_path)
+            self.mrope = grpo_mrope_spec(cfg, self.tok)
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict]:
         obj = self.cfg.objective
@@ -206,8 +208,14 @@ class Objective:
         return loss, st
 
     @torch.no_grad()
-    def generate(self, model: ReelVLM, prompt: list[int], images: list[torch.Tensor], n: int) -> list[list[int]]:
-        """n sampled completions of one prompt (KV cache; stops at the end-of-turn token)."""
+    def generate(self, model: ReelVLM, prompt: list[int], images: list[torch.Tensor], n: int,
+                 positions: torch.Tensor | None = None) -> list[list[int]]:
+        """n sampled completions of one prompt (KV cache; stops at the end-of-turn token).
+
+        `positions`: the prompt's 3D positions (3, P) under `data.positions: mrope`; the LLM's
+        rotary embedding then turns by them (the MRoPE wrapper's `pending`, (3, n, P) for the
+        prompt call, (3, n, 1) for each decode step) and generated token k by `rollout_positions`
+        (max + 1 + k). None: the LLM's own 1D positions, as before."""
         g = self.cfg.loss["grpo"]
         device = model.projector.fc1.weight.device
         ids = torch.tensor([prompt], device=device)
@@ -215,48 +223,81 @@ class Objective:
         eos = self.tok.convert_tokens_to_ids("<|im_end|>")
         banned = [i for i in self.tok.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
                                                               "<|vision_end|>"]) if i is not None and i >= 0]
-        out = model.llm(inputs_embeds=emb, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1]
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        seqs: list[list[int]] = [[] for _ in range(n)]
-        for _ in range(g["max_new_tokens"]):
-            logits = logits.float() / max(g["temperature"], 1e-5)
-            logits[:, banned] = float("-inf")  # a completion never invents vision pads
-            if g["top_k"]:
-                kth = torch.topk(logits, g["top_k"]).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
-            for i in range(n):
-                if not done[i]:
-                    seqs[i].append(int(nxt[i]))
-            done |= nxt == eos
-            if bool(done.all()):
-                break
-            out = model.llm(input_ids=nxt.unsqueeze(1), past_key_values=past, use_cache=True)
+        rot, ext = None, None
+        if positions is not None:
+            rot = mrope_rotary(model)
+            ext = rollout_positions(positions, g["max_new_tokens"]).to(device)
+            rot.pending = ext[:, None, :len(prompt)].expand(3, n, len(prompt))
+        try:
+            out = model.llm(inputs_embeds=emb, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
+            done = torch.zeros(n, dtype=torch.bool, device=device)
+            seqs: list[list[int]] = [[] for _ in range(n)]
+            for k in range(g["max_new_tokens"]):
+                logits = logits.float() / max(g["temperature"], 1e-5)
+                logits[:, banned] = float("-inf")  # a completion never invents vision pads
+                if g["top_k"]:
+                    kth = torch.topk(logits, g["top_k"]).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1).squeeze(1)
+                for i in range(n):
+                    if not done[i]:
+                        seqs[i].append(int(nxt[i]))
+                done |= nxt == eos
+                if bool(done.all()):
+                    break
+                if rot is not None:  # token k goes in at column len(prompt) + k
+                    col = len(prompt) + k
+                    rot.pending = ext[:, None, col:col + 1].expand(3, n, 1)
+                out = model.llm(input_ids=nxt.unsqueeze(1), past_key_values=past, use_cache=True)
+                past, logits = out.past_key_values, out.logits[:, -1]
+        finally:
+            if rot is not None:
+                rot.pending = None
         return seqs
 
-    def grpo(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        from reelforge.training.loader import Item
+    def rollouts(self, batch: dict) -> tuple[dict, list[list[float]], list[torch.Tensor | None]]:
+        """G completions of every prompt in `batch["items"]`, scored: (the packed batch the loss runs on,
+        rewards per prompt, each completion's positions (3, prompt + completion) or None under 1d).
+
+        Under `data.positions: mrope` the loss batch is collated with 3D positions and then given the
+        rollout's own: `item_positions` over prompt + completion continues the text counter from the
+        prompt's last token (the teacher-forced rule of `get_rope_index`), while the rollout continues
+        from the prompt's largest position (`rollout_positions`, transformers' generation rule). The two
+        differ when a video's temporal positions outrun the text after it; the loss must score the
+        tokens under the positions they were sampled with."""
+        from reelforge.training.loader import Item, item_positions
 
         g = self.cfg.loss["grpo"]
         G = g["group_size"]
         module = self.engine.module if hasattr(self.engine, "module") else self.engine
-        items, rewards = [], []
+        items, rewards, positions = [], [], []
         module.eval()
-        for it in batch["items"]:
-            comps = self.generate(module, it.input_ids, it.images, G)
-            rs = []
-            for c in comps:
-                text = self.tok.decode(c, skip_special_tokens=False).replace("<|im_end|>", "")
-                rs.append(rewards_of(text, it.extra["reference"], g["rewards"]))
-                ids = it.input_ids + c
-                train = [False] * len(it.input_ids) + [True] * len(c)
-                labels = [ids[t + 1] if train[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
-                items.append(Item(ids, labels, it.images, it.id, it.source, it.kind))
-            rewards.append([r["total"] for r in rs])
-        module.train()
-        packed = collate_packed([[i] for i in items], self.pad)
+        try:
+            for it in batch["items"]:
+                ppos = item_positions(it, self.mrope) if self.mrope else None
+                comps = self.generate(module, it.input_ids, it.images, G, ppos)
+                rs = []
+                for c in comps:
+                    text = self.tok.decode(c, skip_special_tokens=False).replace("<|im_end|>", "")
+                    rs.append(rewards_of(text, it.extra["reference"], g["rewards"]))
+                    ids = it.input_ids + c
+                    train = [False] * len(it.input_ids) + [True] * len(c)
+                    labels = [ids[t + 1] if train[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
+                    items.append(Item(ids, labels, it.images, it.id, it.source, it.kind, extra=dict(it.extra)))
+                    positions.append(rollout_positions(ppos, len(c)) if ppos is not None else None)
+                rewards.append([r["total"] for r in rs])
+        finally:
+            module.train()
+        packed = collate_packed([[i] for i in items], self.pad, self.mrope)
+        if self.mrope:
+            for b, p in enumerate(positions):
+                packed["position_ids"][:, b, :p.shape[1]] = p
+        return packed, rewards, positions
+
+    def grpo(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        g = self.cfg.loss["grpo"]
+        packed, rewards, _ = self.rollouts(batch)
         out = self.engine(packed)
         with torch.no_grad():
             ref = self.ref(packed)["token_logps"]
@@ -267,6 +308,43 @@ class Objective:
         loss, st = grpo_loss(lp, lp.detach(), ref, adv, mask.to(lp.device), g["clip_eps"], g["kl_beta"])
         st["reward"] = float(r.mean())
         return loss, st
+
+
+def grpo_mrope_spec(cfg: StageConfig, tok) -> dict | None:
+    """`item_positions`' spec for a GRPO stage with `data.positions: mrope` (the pads' ids, and the patch
+    and merge sizes of `data.visual`, as the loader builds it for lm/mpo), else None."""
+    if cfg.data.get("positions", "1d") != "mrope":
+        return None
+    from reelforge.curation.tokens import VisualTokenConfig
+
+    v = VisualTokenConfig.from_dict(cfg.data["visual"])
+    ids = tok.convert_tokens_to_ids
+    return {"image_pad": ids("<|image_pad|>"), "video_pad": ids("<|video_pad|>"), "patch": v.patch_size,
+            "merge": v.merge_size}
+
+
+def rollout_positions(prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """The prompt's 3D positions (3, P) followed by those of `n_new` generated tokens: token k at
+    (max prompt position + 1 + k) on all three rows -> (3, P + n_new).
+
+    This is Qwen2.5-VL generation with a KV cache in transformers (5.x,
+    models/qwen2_5_vl/modeling_qwen2_5_vl.py): `get_rope_index` returns
+    `mrope_position_deltas = llm_positions.max() + 1 - len(input_ids)` for the prompt, the model keeps
+    it as `self.rope_deltas`, and `compute_3d_position_ids` gives each later token
+    `arange(cache_length, cache_length + seq_length) + rope_deltas` on all three rows, i.e.
+    P + k + (max + 1 - P) = max + 1 + k."""
+    k = torch.arange(n_new, dtype=prompt.dtype, device=prompt.device) + prompt.max() + 1
+    return torch.cat([prompt, k.expand(3, n_new)], 1)
+
+
+def mrope_rotary(model: ReelVLM):
+    """The LLM's rotary embedding wrapped in `MRoPE` (installed once, as `ReelVLM.forward` does)."""
+    from reelforge.training.model import MRoPE, mrope_section
+
+    base = model.llm.base_model
+    if not isinstance(base.rotary_emb, MRoPE):
+        base.rotary_emb = MRoPE(base.rotary_emb, mrope_section(model.llm.config))
+    return base.rotary_emb
 
 
 # ----------------------------------------------------------------------------- the loop
