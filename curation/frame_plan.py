@@ -175,3 +175,114 @@ def media_fields(plan: dict) -> dict[str, Any]:
             "slow_size": [int(plan["resized_height"]), int(plan["resized_width"])],
             "fast_size": [int(plan["fast_resized_height"]), int(plan["fast_resized_width"])],
             "plan_tokens": int(plan["tokens"]), "plan_processor": plan["processor"]}
+
+
+# --- plans at a fixed frame count (the modes step's `video_frames`) ----------------------------
+
+def fixed_nframes(k: int, total_frames: int, cfg: VisualTokenConfig) -> int:
+    """Frames the processor samples when asked for exactly `k` (the cold-start 16 and 32).
+
+    keye-vl-1.0: the release's `nframes`, rounded to `frame_factor` (Python's round: 15 -> 16,
+    17 -> 16), in [frame_factor, total]. keye-vl-1.5: the release's `smart_nframes` ignores
+    `nframes` (its docstring promises it, its code reads only `fps` and `max_frames`); k frames
+    are what it samples with `max_frames: k` and `fps` at least the video's own, so k, capped by
+    the budget (`video_total_tokens` x 784 / `video_min_pixels` frames) and never more than the
+    video has. Raises TokenError `too_few_frames` when the video has fewer frames than that."""
+    if not cfg.slow_fast:
+        n = round(k / cfg.frame_factor) * cfg.frame_factor
+    else:
+        n = min(k, int(cfg.video_total_tokens * 28 * 28 / cfg.video_min_pixels))
+    if n < max(1, cfg.frame_factor) or n > total_frames:
+        raise TokenError("too_few_frames", f"{k} frames asked ({n} sampled by {cfg.processor}) but the video has "
+                                           f"{total_frames}")
+    return int(n)
+
+
+def fixed_frame_plans(path: str | int, counts: list[int], cfg: VisualTokenConfig | None = None, *,
+                      info: dict | None = None, timeout_s: float = 600.0, autorotate: bool = True,
+                      batch_bytes: int = 1 << 30) -> dict[int, dict[str, Any]]:
+    """A video's plan at each fixed frame count in `counts` ({k: plan}, keys as `frame_plan`'s).
+
+    keye-vl-1.5: indices linspace(0, total-1, n).round(), types and sizes from those decoded
+    frames, exactly as `frame_plan` (one ffmpeg pass decodes the union of every count's frames).
+    keye-vl-1.0: the release's per-frame size for n frames (`video_tokens`' rule with this n),
+    every frame slow; nothing is decoded. Raises TokenError (`too_few_frames`, ...) or ProbeError."""
+    from reelforge.curation.tokens import _v10_frame_max
+    from reelforge.curation.video import decode_frames, probe_video
+
+    cfg = cfg or VisualTokenConfig()
+    info = info or probe_video(path, timeout_s)
+    total, fps = info.get("frames"), info.get("fps")
+    if not total or not fps:
+        raise TokenError("zero_duration", f"video has {total} frames at {fps} fps")
+    height, width = (info["display_height"], info["display_width"]) if autorotate else (info["height"], info["width"])
+    ns = {k: fixed_nframes(k, total, cfg) for k in counts}
+    idx = {k: plan_indices(total, n) for k, n in ns.items()}
+    if not cfg.slow_fast:
+        out = {}
+        for k, n in ns.items():
+            h, w = smart_resize(height, width, cfg.factor, cfg.video_min_pixels, _v10_frame_max(cfg, n),
+                                cfg.max_ratio)
+            per = (h // cfg.factor) * (w // cfg.factor)
+            out[k] = {"processor": cfg.processor, "frames": n, "indices": idx[k],
+                      "timestamps": plan_timestamps(idx[k], fps), "frame_types": [0] * n, "slow_frames": n,
+                      "fast_frames": 0, "resized_height": h, "resized_width": w, "fast_resized_height": None,
+                      "fast_resized_width": None, "tokens_per_frame": per, "fast_tokens_per_frame": None,
+                      "tokens": n * per}
+        return out
+    typers = {k: FrameTyper(height, width, cfg) for k in ns}
+    uniq = sorted(set().union(*idx.values())) if idx else []
+    step = max(1, batch_bytes // (height * width * 3))
+    for a in range(0, len(uniq), step):
+        chunk = uniq[a:a + step]
+        frames = decode_frames(path, chunk, timeout_s=timeout_s, past_end="clamp", autorotate=autorotate)
+        pos = {i: j for j, i in enumerate(chunk)}
+        for k, ix in idx.items():  # each count's frames of this chunk, in its own order
+            typers[k].feed(frames[[pos[i] for i in ix if i in pos]])
+    return {k: _plan(height, width, idx[k], fps, typers[k].types, cfg) for k in ns}
+
+
+def plan_media_fields(plan: dict) -> dict[str, Any]:
+    """`media_fields` of a plan of either processor (a 1.0 plan has no fast size: None)."""
+    if plan.get("fast_resized_height") is not None:
+        return media_fields(plan)
+    return {"frame_indices": [int(i) for i in plan["indices"]],
+            "frame_times": [float(t) for t in plan["timestamps"]],
+            "frame_types": [int(t) for t in plan["frame_types"]],
+            "slow_size": [int(plan["resized_height"]), int(plan["resized_width"])], "fast_size": None,
+            "plan_tokens": int(plan["tokens"]), "plan_processor": plan["processor"]}
+
+
+def fixed_plan_tokens(m: dict, cfg: VisualTokenConfig) -> int | None:
+    """Visual tokens of a video medium planned at a fixed frame count (`fixed_frame_plans`) with
+    cfg's numbers, from its stored plan (its own frame count and types; nothing decoded); the
+    medium's sizes and `plan_tokens` are updated to cfg's, as the tokens step does for probe's
+    plans. None when the medium has no plan of cfg's processor. For the tokens step: a `modes`
+    copy's frame count is its own, not the one `video_nframes` gives for the file."""
+    from reelforge.curation.tokens import _v10_frame_max
+
+    types, idx = m.get("frame_types"), m.get("frame_indices")
+    if m.get("kind") != "video" or not types or not idx or m.get("plan_processor") != cfg.processor:
+        return None
+    n, fast = len(idx), sum(1 for t in types if t)
+
+    def sizes(h: int, w: int) -> dict:
+        if cfg.slow_fast:
+            return slow_fast_sizes(h, w, n - fast, fast, cfg)
+        rh, rw = smart_resize(h, w, cfg.factor, cfg.video_min_pixels, _v10_frame_max(cfg, n), cfg.max_ratio)
+        return {"resized_height": rh, "resized_width": rw, "fast_resized_height": None, "fast_resized_width": None,
+                "tokens": n * (rh // cfg.factor) * (rw // cfg.factor)}
+
+    h, w = m["height"], m["width"]
+    s = sizes(h, w)
+    old = m.get("slow_size")
+    if old and len(old) == 2 and s["resized_height"] != s["resized_width"] and \
+            [old[0], old[1]] == [s["resized_width"], s["resized_height"]]:
+        s = sizes(w, h)  # the plan was made upright (a rotated video): keep its orientation
+    m["slow_size"] = [s["resized_height"], s["resized_width"]]
+    m["fast_size"] = None if s["fast_resized_height"] is None else [s["fast_resized_height"], s["fast_resized_width"]]
+    m["plan_tokens"] = int(s["tokens"])
+    return int(s["tokens"])
+
+
+__all__ += ["fixed_nframes", "fixed_frame_plans", "plan_media_fields", "fixed_plan_tokens"]

@@ -17,19 +17,31 @@ chat text itself comes from `mixers.chat.to_chat`. What a renderer reads from a 
 - video: `meta.video_qa` = {"question", "answer" with `{0}`, `{1}` ... where times go,
   "spans": [[start, end], ...], optional "reasoning"}; a video sample without it gets a
   grounded caption question whose answer cites the whole clip.
+
+Video at fixed frame counts (`video_frames: [16, 32]`, the Keye-VL report's cold-start videos):
+each rendered video sample leaves as `split_into_frame_counts` and enters again once per count,
+a derived sample (`parent_id` its id, id `<id>@f16`, `meta.video_frames` 16) whose video
+medium carries the plan of exactly that many frames (`curation.frame_plan.fixed_frame_plans`:
+the indices, timestamps, 1.5 slow/fast types and sizes from those decoded frames, tokens), so
+the ledger balances (inputs + derived = kept + dropped) and each copy counts its own tokens.
+Run it after the dedup steps: the copies share their video and text.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import os
 import re
+import tempfile
 from typing import Any
 
-from reelforge.curation.schema import drop
+from reelforge.curation.errors import MediaReadError, ProbeError
+from reelforge.curation.schema import alive, drop
 from reelforge.curation.step import RowStep, register_step
+from reelforge.curation.tokens import TokenError, VisualTokenConfig
 from reelforge.mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
 
 STYLES = ("report", "template")
@@ -246,16 +258,48 @@ def render(row: dict, mode: str, style: str = "report", workdir: str | None = No
     raise ModeError("mode_unknown", f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
 
+def _video_frames(value: Any, cfg: VisualTokenConfig) -> list[int] | None:
+    """The `video_frames` option checked: distinct positive frame counts, or None (off)."""
+    if value is None:
+        return None
+    ok = (isinstance(value, (list, tuple)) and value
+          and all(isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in value))
+    if not ok or len(set(value)) != len(value):
+        raise ValueError(f"`modes.video_frames` must be a list of distinct positive frame counts such as "
+                         f"[16, 32], got {value!r}: fix the recipe's modes step")
+    counts = [int(k) for k in value]
+    cap = int(cfg.video_total_tokens * 28 * 28 / cfg.video_min_pixels)
+    if cfg.slow_fast and max(counts) > cap:
+        raise ValueError(f"`modes.video_frames` asks for {max(counts)} frames but {cfg.processor} samples at most "
+                         f"{cap} (its video budget): use smaller counts")
+    if not cfg.slow_fast:  # the 1.0 release rounds nframes to its frame factor: say so rather than collide
+        ff = cfg.frame_factor
+        sampled = [round(k / ff) * ff for k in counts]
+        if min(sampled) < ff or len(set(sampled)) != len(sampled):
+            raise ValueError(f"`modes.video_frames` {counts} sample {sampled} frames under {cfg.processor} (counts "
+                             f"rounded to multiples of {ff}): use distinct multiples of {ff}")
+    return counts
+
+
 @register_step("modes")
 class RenderModes(RowStep):
     """The `modes` recipe step: renders each listed source in its mode; other sources pass unchanged.
 
     ``- modes: {sources: {llava_sft: non_thinking, math_cot: thinking, thyme_like: think_with_image},
     style: report, timeout_s: 10, memory_mb: 1024}``. A sample that cannot be rendered leaves with
-    the reason (`mode_no_reasoning`, `sandbox_timeout`, ...)."""
+    the reason (`mode_no_reasoning`, `sandbox_timeout`, ...).
+
+    `video_frames: [16, 32]`: each video-mode sample is emitted once per count as a derived sample
+    whose video carries its own frame plan for that count (see the module doc); `processor`
+    (keye-vl-1.5, the default, or keye-vl-1.0) and `visual` (numbers overriding the preset, as the
+    tokens step's) say how the plan is made: use the same ones as the tokens step. A video that
+    cannot be read leaves with its reason (`missing_file`, `decode_error`, ...); a copy for more
+    frames than the video has leaves as `too_few_frames`."""
 
     def __init__(self, sources: dict | None = None, style: str = "report", timeout_s: float = 10.0,
-                 memory_mb: int = 1024, video_think: bool | None = None, **kw: Any):
+                 memory_mb: int = 1024, video_think: bool | None = None, video_frames: list[int] | None = None,
+                 processor: str | None = None, visual: dict | None = None, video_timeout_s: float = 120.0,
+                 **kw: Any):
         super().__init__(**kw)
         if not isinstance(sources, dict) or not sources:
             raise ValueError("`sources` must map source names to modes, e.g. {llava_sft: non_thinking}")
@@ -270,9 +314,28 @@ class RenderModes(RowStep):
             why = sandbox_available()  # refuse up front: there is no weaker fallback
             if why is not None:
                 raise ValueError(why)
+        vis = dict(visual or {})
+        if processor is not None and vis.setdefault("processor", processor) != processor:
+            raise ValueError(f"`modes.processor` is {processor} but `modes.visual.processor` is "
+                             f"{vis['processor']}: give one of them")
+        self.plan_cfg = VisualTokenConfig.from_dict(vis)
+        self.video_frames = _video_frames(video_frames, self.plan_cfg)
+        self.video_timeout_s = float(video_timeout_s)
         self.sources, self.style = dict(sources), style
         self.timeout_s, self.memory_mb, self.video_think = float(timeout_s), int(memory_mb), video_think
         self.workdir: str | None = None
+
+    def process(self, batch: list[dict]) -> list[dict]:
+        if not self.video_frames:
+            return super().process(batch)
+        out: list[dict] = []
+        for row in super().process(batch):
+            if alive(row) and row.get("mode") == "video" and self.sources.get(row["source"]) == "video" \
+                    and "video_frames" not in _meta(row):
+                out.extend(self._frame_copies(row))
+            else:
+                out.append(row)
+        return out
 
     def process_row(self, row: dict) -> dict:
         mode = self.sources.get(row["source"])
@@ -284,3 +347,73 @@ class RenderModes(RowStep):
                           memory_mb=self.memory_mb)
         except ModeError as e:
             return drop(row, self.name, e.reason, e.detail)
+
+    def _frame_copies(self, row: dict) -> list[dict]:
+        """The rendered video sample dropped as `split_into_frame_counts`, then one derived copy per
+        count (a count the video is too short for: a copy dropped as `too_few_frames`)."""
+        from reelforge.curation.frame_plan import plan_media_fields
+
+        plans: list[tuple[int, dict[int, dict | TokenError]]] = []
+        i = 0
+        try:
+            for i, m in enumerate(row.get("media") or []):
+                if m.get("kind") == "video":
+                    plans.append((i, self._plan_video(m)))
+        except (MediaReadError, ProbeError) as e:
+            return [drop(row, self.name, e.reason, f"media {i}: {e.detail}")]
+        except TokenError as e:  # a size or length the processor refuses (aspect_ratio, zero_duration)
+            return [drop(row, self.name, e.reason, f"media {i}: {e}")]
+        except Exception as e:  # noqa: BLE001 - one bad video never fails the job
+            return [drop(row, self.name, "decode_error", f"media {i}: {type(e).__name__}: {e}"[:500])]
+        meta = _meta(row)
+        copies = []
+        for k in self.video_frames:
+            child = copy.deepcopy(row)
+            child.update(id=f"{row['id']}@f{k}", source_key=f"{row['source_key']}@f{k}", parent_id=row["id"],
+                         text_tokens=None, visual_tokens=None, tokens=None)
+            child["meta"] = json.dumps({**meta, "video_frames": k}, sort_keys=True, ensure_ascii=False)
+            for i, by_count in plans:
+                plan = by_count[k]
+                if isinstance(plan, TokenError):
+                    drop(child, self.name, plan.reason, f"media {i}: {plan}")
+                    continue
+                child["media"][i].update(plan_media_fields(plan))
+            copies.append(child)
+        drop(row, self.name, "split_into_frame_counts",
+             f"{len(copies)} copies at {', '.join(map(str, self.video_frames))} frames")
+        return [row] + copies
+
+    def _plan_video(self, m: dict) -> dict[int, dict | TokenError]:
+        """{count: the medium's plan at that count, or the TokenError that refuses it}: the file opened
+        once through `containment.open_regular` (a tar member copied to a temp file, as probe does)."""
+        from reelforge.curation.media_io import media_path, open_media, stream_media_fd, video_source
+
+        fd = open_media(m)
+        try:
+            if m.get("offset") is None:
+                return self._plans_of(video_source(fd, media_path(m["uri"])))
+            suffix = os.path.splitext(m.get("member") or "")[1].lower()
+            suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ".mp4"
+            with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+                stream_media_fd(fd, m, out=tmp)
+                return self._plans_of(tmp.name)
+        finally:
+            os.close(fd)
+
+    def _plans_of(self, src: str | int) -> dict[int, dict | TokenError]:
+        from reelforge.curation.frame_plan import fixed_frame_plans, fixed_nframes
+        from reelforge.curation.video import probe_video
+
+        info = probe_video(src, self.video_timeout_s)
+        if not info.get("frames") or not info.get("fps"):
+            raise TokenError("zero_duration", f"the video has {info.get('frames')} frames at {info.get('fps')} fps")
+        out: dict[int, dict | TokenError] = {}
+        for k in self.video_frames:
+            try:
+                fixed_nframes(k, info["frames"], self.plan_cfg)
+            except TokenError as e:
+                out[k] = e
+        fit = [k for k in self.video_frames if k not in out]
+        if fit:
+            out.update(fixed_frame_plans(src, fit, self.plan_cfg, info=info, timeout_s=self.video_timeout_s))
+        return out
