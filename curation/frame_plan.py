@@ -26,6 +26,7 @@ rotation, so for a rotated video the release's sizes are these transposed (same 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import numpy as np
@@ -114,12 +115,30 @@ class FrameTyper:
     def feed(self, frames: np.ndarray) -> None:
         if len(frames) == 0:
             return
-        for p in self._patches(frames):
-            if self.ref is None or self._similarity(self.ref, p) < self.cfg.min_frame_similarity:
-                self.ref = p
-                self.types.append(0)
-            else:
-                self.types.append(1)
+        with _one_torch_thread():
+            for p in self._patches(frames):
+                if self.ref is None or self._similarity(self.ref, p) < self.cfg.min_frame_similarity:
+                    self.ref = p
+                    self.types.append(0)
+                else:
+                    self.types.append(1)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """The typer's tensors are tiny (one frame of <= 256 patches at a time): torch's thread pool
+    only spins against the other tasks of the executor (15x slower on 2 busy cores), so one thread
+    while typing, restored after."""
+    import torch
+
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if n > 1:
+            torch.set_num_threads(n)
 
 
 def plan_from_frames(frames: np.ndarray, indices: list[int], fps: float, cfg: VisualTokenConfig) -> dict:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
+from reelforge.curation.frame_plan import fixed_plan_tokens
 from reelforge.curation.schema import drop
 from reelforge.curation.step import RowStep, StepContext, register_step
 from reelforge.curation.tokens import TokenError, VisualTokenConfig, media_tokens
@@ -48,9 +50,13 @@ class CountTokens(RowStep):
 
     def process_row(self, row: dict) -> dict:
         visual = 0
+        fixed = _video_frames(row)
         for i, m in enumerate(row.get("media") or []):
             try:
-                planned = self._plan_tokens(m) if self.frame_plan else None
+                # a `modes` copy (meta.video_frames) counts its own frames; probe's plans as before
+                planned = fixed_plan_tokens(m, self.visual) if fixed else None
+                if planned is None and self.frame_plan:
+                    planned = self._plan_tokens(m)
                 visual += media_tokens(m, self.visual) if planned is None else planned
             except TokenError as e:
                 return drop(row, self.name, e.reason, f"media {i}: {e}")
@@ -81,6 +87,16 @@ class CountTokens(RowStep):
         m["fast_size"] = [s["fast_resized_height"], s["fast_resized_width"]]
         m["plan_tokens"] = s["tokens"]
         return s["tokens"]
+
+
+def _video_frames(row: dict) -> int | None:
+    """meta.video_frames of a `modes` copy (a video planned at a fixed frame count), else None."""
+    try:
+        meta = json.loads(row.get("meta") or "{}")
+    except ValueError:
+        return None
+    v = meta.get("video_frames") if isinstance(meta, dict) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def _transposed(size: list, h: int, w: int) -> bool:

@@ -314,3 +314,24 @@ def test_plans_equal_the_released_processors(videos, tmp_path, monkeypatch):
             assert c10["plan_tokens"] == n * (h // 28) * (w // 28)
     print(f"video_frames parity: {len(rows)} videos x (16, 32) frames, {slow_frames} slow, {fast_frames} fast")
     assert fast_frames >= 40 and slow_frames >= 30  # both kinds of frame, not one case
+
+
+@pytest.mark.parametrize("processor", ["keye-vl-1.5", "keye-vl-1.0"])
+def test_tokens_step_counts_each_copy_by_its_own_plan(videos, tmp_path, processor):
+    """The planner reads visual_tokens: a 16- and a 32-frame copy of one video must count their
+    own plans, not the parent's metadata count (which would make both copies the same)."""
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
+    from reelforge.curation.token_count import CountTokens
+
+    tok = build_tiny_tokenizer(str(tmp_path / "tok"), texts=["the moving test video"] * 20, vocab_size=300)
+    row = _video_row("moving", videos["moving"])
+    out = RenderModes(sources={"vids": "video"}, video_frames=[16, 32], processor=processor).process([row])
+    copies = [r for r in out if r.get("parent_id")]
+    step = CountTokens(tokenizer=tok, processor=processor)
+    step.setup(StepContext(workdir=str(tmp_path)))
+    counted = step.process(copies)
+    assert [alive(r) for r in counted] == [True, True], [(r["drop_reason"], r["drop_detail"]) for r in counted]
+    assert [r["visual_tokens"] for r in counted] == [c["media"][0]["plan_tokens"] for c in copies]
+    assert counted[0]["visual_tokens"] < counted[1]["visual_tokens"]
+    parent = step.process([row])[0]
+    assert parent["visual_tokens"] not in (counted[0]["visual_tokens"], counted[1]["visual_tokens"])
