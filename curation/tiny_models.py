@@ -15,7 +15,13 @@ SPECIAL_TOKENS = [
     "</tool_response>", "<|box_start|>", "<|box_end|>", "<|point_start|>", "<|point_end|>",
     "<|object_ref_start|>", "<|object_ref_end|>", "<|ocr_text_start|>", "<|ocr_text_end|>",
     "<|clip_time_start|>", "<|clip_time_end|>",
+    # Keye-VL-1.5's video frame markers (`training.loader`: `<|frame|>` + timestamp before each frame's
+    # pads, a fast frame's pads between the other two); single tokens, as in the released tokenizer
+    "<|frame|>", "<|fast_start|>", "<|fast_end|>",
 ]
+# the tokens before these trained the BPE; the 1.5 markers are added after it, at the end of the
+# vocabulary, so adding them changed no earlier token id, merge or text token count
+_TRAINED_SPECIALS = SPECIAL_TOKENS.index("<|frame|>")
 
 _DEFAULT_TEXT = (
     "the a an of to and in is on for with as at by from this that it be are was were red blue green "
@@ -25,7 +31,8 @@ _DEFAULT_TEXT = (
 
 
 def build_tiny_tokenizer(out_dir: str, texts: Iterable[str] | None = None, vocab_size: int = 1000) -> str:
-    """Train a byte-level BPE on `texts` and save it as a transformers tokenizer folder."""
+    """Train a byte-level BPE on `texts` and save it as a transformers tokenizer folder
+    (`vocab_size` trained tokens, then Keye-VL-1.5's three frame markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -33,9 +40,10 @@ def build_tiny_tokenizer(out_dir: str, texts: Iterable[str] | None = None, vocab
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS[:_TRAINED_SPECIALS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS[_TRAINED_SPECIALS:])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
     fast.chat_template = KEYE_CHAT_TEMPLATE

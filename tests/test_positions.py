@@ -1,6 +1,7 @@
 """training/positions.py: Keye-VL's 3D rotary position ids equal transformers' own Qwen2.5-VL
 `get_rope_index` (temporal patch 1, tokens_per_second 2, second_per_grid_ts = 1/fps) on random
-mixed image/video/text rows; packed == unpacked; 1.5 slow-fast frames frame by frame."""
+mixed image/video/text rows; packed == unpacked; `video_frames` (a run of frames, each by its own
+size and time). A planned Keye-VL-1.5 video has one pad run per frame: tests/test_loader_plan.py."""
 
 from __future__ import annotations
 
@@ -176,7 +177,8 @@ def test_loader_collate_mrope():
     assert torch.equal(pos[:, 1, :n1], torch.cat(want[5:], 1))
     assert torch.equal(pos[:, 1, n1:], torch.arange(pos.shape[2] - n1).expand(3, -1))
     assert torch.equal(collate_packed([items[:1]], 0)["position_ids"], torch.arange(len(items[0].input_ids))[None])
-    # a slow-fast video: slow 4x6 patches, fast 2x2, slow 4x6, at 2 fps
+    # one run of frames of two sizes (slow 4x6 patches, fast 2x2, slow 4x6) at 2 fps: video_frames' general
+    # rule; the loader lays a planned 1.5 video out one run per frame instead (tests/test_loader_plan.py)
     ids = [9, VSTART] + [VID] * 13 + [VEND, 9]
     ims = [torch.zeros(3, 56, 84, dtype=torch.uint8), torch.zeros(3, 28, 28, dtype=torch.uint8),
            torch.zeros(3, 56, 84, dtype=torch.uint8)]

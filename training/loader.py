@@ -40,7 +40,14 @@ import torch
 
 from reelforge.curation.errors import RecipeError
 from reelforge.curation.shards import parse_sample_json
-from reelforge.curation.tokens import TokenError, VisualTokenConfig, image_tokens, video_tokens
+from reelforge.curation.tokens import (
+    TokenError,
+    VisualTokenConfig,
+    image_tokens,
+    slow_fast_sizes,
+    video_nframes,
+    video_tokens,
+)
 
 IGNORE = -100
 _PLACEHOLDER = re.compile(r"(<image>|<video>)")
@@ -229,8 +236,48 @@ class Item:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+FRAME, FAST_START, FAST_END = "<|frame|>", "<|fast_start|>", "<|fast_end|>"
+PLAN_FIELDS = ("frame_indices", "frame_times", "frame_types", "slow_size", "fast_size")
+DECODE_BATCH_BYTES = 256 << 20  # native-size RGB decoded at once for a planned video
+
+
+@dataclass
+class FrameLayout:
+    """A planned Keye-VL-1.5 video's tokens between `<|vision_start|>` and `<|vision_end|>`, as the
+    released processor lays them out: `texts[j]` comes before frame j's `pads[j]` `<|video_pad|>`
+    tokens and `texts[-1]` after the last frame. Frame j's text is `<|frame|>` + its timestamp
+    (`format(t, ".1f")`, seconds) + `<|fast_start|>` for a fast frame, after the previous frame's
+    `<|fast_end|>` when that one was fast. Each text is tokenised whole, like the processor's prompt:
+    with a tokenizer that has the three markers they are single tokens, else plain text."""
+
+    texts: list[str]
+    pads: list[int]
+
+    @classmethod
+    def of(cls, times: list[float], types: list[int], pads: list[int]) -> "FrameLayout":
+        texts, pending = [], ""
+        for t, fast in zip(times, types):
+            texts.append(pending + FRAME + format(t, ".1f") + (FAST_START if fast else ""))
+            pending = FAST_END if fast else ""
+        return cls(texts + [pending], list(pads))
+
+
+Medium = tuple[str, int, "FrameLayout | None"]  # (kind, visual tokens, the 1.5 layout of a planned video)
+
+
 class Encoder:
-    """Decodes media with the token rules of `curation.tokens` and tokenises with the model's template."""
+    """Decodes media with the token rules of `curation.tokens` and tokenises with the model's template.
+
+    A video whose shard carries its Keye-VL-1.5 frame plan (`plan` in the shard JSON: the probe
+    step's frame indices, times and slow/fast types) is fed as the released 1.5 processor feeds it,
+    when the stage's `data.visual` is keye-vl-1.5 and its numbers sample as many frames as the plan
+    has (the rule of the `tokens` step, so the planner's count and the loader agree): exactly the
+    planned frames, decoded at native size and resized (bilinear, antialiased, as torch's
+    `interpolate`) to the slow or fast size the stage's numbers give for the plan's types (the
+    plan's own sizes when the numbers are the curation's), each frame's pads introduced by
+    `<|frame|>` and its timestamp, a fast frame's pads between `<|fast_start|>` and `<|fast_end|>`
+    (see FrameLayout). Other videos (keye-vl-1.0, shards without a plan, another frame count) are
+    sampled from their metadata, every frame at one size, their pads in one run."""
 
     def __init__(self, tokenizer_path: str, visual: dict | None, max_len: int, objective: str = "lm",
                  kinds: list[str] | None = None, max_text_len: int = 64, seed: int = 0):
@@ -285,8 +332,9 @@ class Encoder:
             prev = full
         return segs
 
-    def _tokens(self, segs: list[tuple[str, bool]], media: list[tuple[str, int]]) -> tuple[list[int], list[bool]]:
-        """Segments -> ids and trainable flags; each placeholder becomes start, pads x tokens, end."""
+    def _tokens(self, segs: list[tuple[str, bool]], media: list[Medium]) -> tuple[list[int], list[bool]]:
+        """Segments -> ids and trainable flags; each placeholder becomes start, pads x tokens, end
+        (a planned 1.5 video: start, its FrameLayout, end)."""
         ids: list[int] = []
         train: list[bool] = []
         mi = 0
@@ -297,11 +345,19 @@ class Encoder:
                 if piece in ("<image>", "<video>"):
                     if mi >= len(media):
                         raise ValueError("more placeholders than media")
-                    kind, n = media[mi]
+                    kind, n, layout = media[mi]
                     mi += 1
                     pad = self.image_pad if kind == "image" else self.video_pad
-                    ids += [self.vstart] + [pad] * n + [self.vend]
-                    train += [False] * (n + 2)
+                    block = [self.vstart]
+                    if layout is None:
+                        block += [pad] * n
+                    else:
+                        for t, k in zip(layout.texts, layout.pads):
+                            block += (self.ids(t) if t else []) + [pad] * k
+                        block += self.ids(layout.texts[-1]) if layout.texts[-1] else []
+                    block.append(self.vend)
+                    ids += block
+                    train += [False] * len(block)
                 else:
                     t = self.ids(piece)
                     ids += t
@@ -329,6 +385,57 @@ class Encoder:
         arr = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a CHW view: a contiguous copy costs ~5 ms
         return arr, r["tokens"]
 
+    def _planned(self, m: dict) -> bool:
+        """Whether a video is fed by its stored 1.5 frame plan (see the class docstring)."""
+        c = self.vcfg
+        if not c.slow_fast or any(not m.get(k) for k in PLAN_FIELDS) or \
+                m.get("plan_processor") not in (None, c.processor):
+            return False
+        n = len(m["frame_types"])
+        if not len(m["frame_indices"]) == len(m["frame_times"]) == n:
+            raise ValueError(f"a frame plan with {len(m['frame_indices'])} indices, {len(m['frame_times'])} "
+                             f"times and {n} types; re-run the probe step on this video")
+        try:
+            return video_nframes(m.get("duration") or 0.0, m.get("fps"), c, total_frames=m.get("frames")) == n
+        except TokenError:
+            return False
+
+    def planned_video(self, data: bytes, m: dict) -> tuple[list[torch.Tensor], int, FrameLayout]:
+        """The plan's frames (slow and fast sizes in its order), their tokens and 1.5 layout."""
+        from torch.nn.functional import interpolate
+
+        from reelforge.curation.video import decode_frames
+
+        idx, types = [int(i) for i in m["frame_indices"]], [int(t) for t in m["frame_types"]]
+        step = max(1, DECODE_BATCH_BYTES // max(1, 3 * int(m.get("width") or 1) * int(m.get("height") or 1)))
+        frames: list[torch.Tensor] = [torch.empty(0)] * len(idx)
+        size: dict[int, list[int]] = {}
+        per: dict[int, int] = {}
+        tmpdir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        with tempfile.NamedTemporaryFile(suffix="." + (m.get("format") or "mp4"), dir=tmpdir) as f:
+            f.write(data)
+            f.flush()
+            for a in range(0, len(idx), step):
+                arr = decode_frames(f.name, idx[a:a + step], past_end="clamp", threads=1)  # native size, upright
+                if not size:  # the sizes the stage's numbers give for the plan's types, from the upright frame
+                    fast = sum(1 for t in types if t)
+                    s = slow_fast_sizes(arr.shape[1], arr.shape[2], len(types) - fast, fast, self.vcfg)
+                    size = {0: [s["resized_height"], s["resized_width"]],
+                            1: [s["fast_resized_height"], s["fast_resized_width"]]}
+                    per = {0: s["tokens_per_frame"], 1: s["fast_tokens_per_frame"]}
+                nat = torch.from_numpy(arr).permute(0, 3, 1, 2)  # N, C, H, W: a view of the decoded NHWC
+                for kind in (0, 1):
+                    mine = [j for j in range(len(arr)) if (1 if types[a + j] else 0) == kind]
+                    if mine:
+                        out = interpolate(nat[mine], size[kind], mode="bilinear", antialias=True)
+                        for j, fr in zip(mine, out):
+                            frames[a + j] = fr.contiguous()
+        pads = [per[1 if t else 0] for t in types]
+        # one 3D-position entry per pad run: each frame is its own run (see item_positions)
+        rate = len(types) / m["frames"] * m["fps"] if m.get("frames") and m.get("fps") else 2.0
+        self._fps.extend([float(rate)] * len(types))
+        return frames, sum(pads), FrameLayout.of([float(t) for t in m["frame_times"]], types, pads)
+
     def video(self, data: bytes, m: dict) -> tuple[list[torch.Tensor], int]:
         from reelforge.curation.video import decode_frames, sample_indices
 
@@ -345,26 +452,31 @@ class Encoder:
                                 threads=1)
         frames = [torch.from_numpy(a.copy()).permute(2, 0, 1) for a in arr]
         # the sampling rate of the frames taken (keye-vl-utils' sample_fps): 3D positions use 1/fps
+        # for this video's one pad run
         fps = v["frames"] / total * m["fps"] if m.get("fps") and total else 2.0
         self._fps.append(float(fps))
         return frames, v["tokens"]
 
-    def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[tuple[str, int]]]:
+    def media(self, raw: dict, meta: dict) -> tuple[list[torch.Tensor], list[Medium]]:
         """Decode the media of a parsed sample (`meta`: the row view, media members in the shard)."""
         images: list[torch.Tensor] = []
-        counts: list[tuple[str, int]] = []
+        counts: list[Medium] = []
         self._fps: list[float] = []
         sid = meta["id"]
         for m in meta.get("media") or []:
             key = m["member"][len(sid) + 1:] if m["member"].startswith(sid + ".") else m["member"].split(".", 1)[1]
             data = raw[key]
+            layout = None
             if m["kind"] == "image":
                 im, n = self.image(data)
                 images.append(im)
+            elif self._planned(m):
+                frames, n, layout = self.planned_video(data, m)
+                images.extend(frames)
             else:
                 frames, n = self.video(data, m)
                 images.extend(frames)
-            counts.append((m["kind"], n))
+            counts.append((m["kind"], n, layout))
         return images, counts
 
     # -- one sample
@@ -400,7 +512,8 @@ class Encoder:
             msgs = meta["messages"]
             prompt = self._render(msgs[:-1], gen=True)
             ids, _ = self._tokens([(prompt, False)], media)
-            return [Item(input_ids=ids, labels=[], images=images, extra={"reference": msgs[-1]["content"]}, **mk)]
+            return [Item(input_ids=ids, labels=[], images=images, extra={"reference": msgs[-1]["content"], **vfps},
+                         **mk)]
         if obj == "mpo":
             out = []
             for role in ("chosen", "rejected"):
@@ -413,7 +526,7 @@ class Encoder:
         ids, train = self._sequence(meta, kind, media, caption)
         if len(ids) > self.max_len:
             if any(t in (self.image_pad, self.video_pad) for t in ids[self.max_len:]) or images and \
-                    sum(n for _, n in media) + 2 * len(media) > self.max_len:
+                    sum(n for _, n, _ in media) + 2 * len(media) > self.max_len:
                 return None
             ids, train = ids[: self.max_len], train[: self.max_len]
             if any(t in (self.image_pad, self.video_pad) for t in ids[-1:]):
@@ -424,10 +537,10 @@ class Encoder:
         msgs = meta.get("messages") or []
         return meta["kind"] == "conversation" and len(msgs) >= 2 and msgs[-1]["role"] == "assistant"
 
-    def _sequence(self, meta: dict, kind: str, media: list[tuple[str, int]], caption: str = "original"
+    def _sequence(self, meta: dict, kind: str, media: list[Medium], caption: str = "original"
                   ) -> tuple[list[int], list[bool]]:
         if kind in ("image_text", "video_text"):
-            tags = "".join("<image>" if k == "image" else "<video>" for k, _ in media)
+            tags = "".join("<image>" if k == "image" else "<video>" for k, _, _ in media)
             text = caption_text(meta, caption, self.seed)
             msgs = [{"role": "user", "content": tags}, {"role": "assistant", "content": text}]
             return self._tokens(self.chat_segments(msgs), media)
@@ -500,8 +613,11 @@ class SlotReader:
 
 def item_positions(it: Item, mrope: dict) -> torch.Tensor:
     """3D position ids (3, n) of one item (`training.positions`, Keye-VL's rule): each image is a grid
-    (1, H/patch, W/patch); each video block takes its frames in order until their tokens fill it,
-    every frame its own grid at time k / fps (so slow-fast frames of two sizes work too)."""
+    (1, H/patch, W/patch); each run of video pads takes its frames in order until their tokens fill
+    it, frame k of the run its own grid at time k / fps, fps being the run's entry of the item's
+    `video_fps` (one per run, 2.0 when missing). A 1.0 video is one run; a planned 1.5 video has one
+    run per frame (text between them), so each of its frames is a one-frame grid at temporal offset
+    0, the released Keye-VL-1.5 rule, whatever its rate."""
     from reelforge.training.positions import rope_index
 
     patch, merge = mrope["patch"], mrope.get("merge", 2)

@@ -17,14 +17,24 @@ Keye-VL 1.0 uses Qwen2.5-VL's scheme with temporal patch 1, `tokens_per_second` 
 The temporal step is computed in float32 and truncated, as transformers does:
 `(arange(t) * float32(tokens_per_second * second_per_grid_t)).long()`.
 
-**Keye-VL 1.5 slow-fast frames.** A 1.5 video mixes slow frames and fast frames of different
-sizes, so it has no single (t, h, w) grid. The same rule is applied frame by frame: each frame is
-its own grid (1, h_k, w_k) at its absolute time `time_k` (seconds), all frames of the video start
-from the video's `s`, and frame k's tokens get temporal `s + floor(tokens_per_second *
-(time_k - time_0))` (float32), height `s + i`, width `s + j` for its own h_k/2 x w_k/2 tokens. The
-text after the video starts at `s + max over frames of max(h_k, w_k) / 2`. With equal sizes and
-`time_k = k / fps` this is exactly the 1.0 rule (tokens_per_second 2 is a power of two, so the
-float32 products round the same way); pass such videos as `video_frames`.
+**Keye-VL 1.5 videos.** The released 1.5 processor lays a video out frame by frame inside its
+`<|vision_start|>` ... `<|vision_end|>`: `<|frame|>`, the frame's timestamp as text, then the
+frame's pads (a fast frame's between `<|fast_start|>` and `<|fast_end|>`; see
+`training.loader.FrameLayout`). The released model positions every frame's pad run as its own
+grid (1, h_k, w_k): a one-frame video at temporal offset 0, so frame k's tokens get temporal
+`s_k`, height `s_k + i`, width `s_k + j` from the position `s_k` where its run starts; the text
+between frames (frame token, timestamp digits, fast start/end) counts up by one from
+`s_k + max(h_k, w_k) / 2` as any text does. Time enters only through the timestamp text, and
+slow and fast frames differ only in their own h_k, w_k. This is vLLM's `keye_vl1_5.py`
+`get_mrope_input_positions` (it splits `video_grid_thw` into per-frame [1, h, w] rows), and what
+transformers' `get_rope_index` gives for those per-frame grids (tests/test_loader_plan.py checks
+the loader against it); the loader passes each such run as a one-frame `video_frames` entry.
+
+`video_frames` also takes several frames per run, (h_k, w_k, time_k) each, all from the run's
+start `s`: frame k's tokens get temporal `s + floor(tokens_per_second * (time_k - time_0))`
+(float32) and the text after the run starts at `s + max over frames of max(h_k, w_k) / 2`. With
+equal sizes and `time_k = k / fps` this is exactly the 1.0 rule (tokens_per_second 2 is a power
+of two, so the float32 products round the same way): the loader passes 1.0 videos this way.
 
 Packed sequences: positions restart at 0 for every sample (`segment_ids`, one id per token, -1
 for padding). Padding gets 0, 1, 2, ... from where it starts, on all three rows, as the 1D loader
@@ -60,8 +70,8 @@ def rope_index(input_ids: torch.Tensor | Sequence[int], image_grid_thw=None, vid
     image_grid_thw / video_grid_thw: (n, 3) patch grids (before the merge) of the images and
     videos in order of appearance across the whole row; second_per_grid_ts: (n_videos,) seconds
     per temporal grid step, 1/fps for Keye-VL 1.0 (default 1.0 each, like transformers).
-    video_frames: instead of video_grid_thw, each video as a list of (h, w, time_seconds) frames
-    in patches before the merge: Keye-VL 1.5's slow-fast videos, the rule applied frame by frame.
+    video_frames: instead of video_grid_thw, each run of video pads as a list of (h, w, time_seconds)
+    frames in patches before the merge (a 1.0 video at k / fps; one frame of a 1.5 video alone).
     A run of image (video) pad tokens takes as many tokens as its grid has, so adjacent media
     without text between them also work.
     """
