@@ -486,3 +486,36 @@ def test_planned_and_unplanned_videos_in_one_sample(corpus):
     want = _oracle_positions(_rope_oracle(), item, enc.image_pad, enc.video_pad, spg)
     got = collate_packed([[item]], enc.pad, _mrope(enc))["position_ids"][:, 0]
     assert torch.equal(got, want)
+
+
+def test_damaged_media_is_skipped_and_counted(corpus, tmp_path):
+    """A shard whose video bytes are truncated or garbage, or whose image is not an image: the loader
+    skips those samples, counts them under `errors`, and yields the others (it never ends the run)."""
+    import webdataset as wds
+
+    from reelforge.training.loader import ShardSet, SlotReader
+
+    raws = _raws(corpus["shards"])
+    bad = str(tmp_path / "bad-000000.tar")
+    damaged = 0
+    with wds.TarWriter(bad) as w:
+        for i, r in enumerate(raws):
+            out = {k: v for k, v in r.items() if not k.startswith("__")}
+            out["__key__"] = r["__key__"]
+            for k in list(out):
+                if k.endswith("mp4"):
+                    out[k] = out[k][: len(out[k]) // 3] if i % 2 else b"\0" * 64  # truncated / garbage
+                    damaged += 1 if k == next(x for x in out if x.endswith("mp4")) else 0
+                elif k.endswith(("png", "jpg")):
+                    out[k] = b"not an image"
+            w.write(out)
+    enc = Encoder(corpus["tokenizer"], {}, 1 << 14)
+    ss = ShardSet(name="bad", weight=1.0, urls=[bad], counts=[len(raws)])
+    reader = SlotReader([ss], enc, seed=0, slot=0, n_slots=1, split="samples", blend="samples", max_epochs=1)
+    got = []
+    while (items := reader.next()) is not None:
+        got += [i.id for i in items]
+    st = reader.snapshot()
+    with_media = sum(any(k.endswith(("mp4", "png", "jpg")) for k in r) for r in raws)
+    assert st["errors"]["bad"] + len(got) == len(raws)
+    assert st["errors"]["bad"] >= damaged >= 1 and with_media >= st["errors"]["bad"]

@@ -37,8 +37,9 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 
-from reelforge.curation.errors import RecipeError
+from reelforge.curation.errors import MediaReadError, ProbeError, RecipeError
 from reelforge.curation.shards import parse_sample_json
 from reelforge.curation.tokens import (
     TokenError,
@@ -555,6 +556,12 @@ class Encoder:
 
 # ----------------------------------------------------------------------------- one slot, all sets
 
+# what a hostile or damaged sample can raise while it is decoded and tokenised: a bad size, bad JSON,
+# a missing member, undecodable media (ProbeError from ffmpeg, MediaReadError), a pixel bomb
+_UNUSABLE: tuple[type[BaseException], ...] = (TokenError, ValueError, OSError, KeyError, TypeError, ProbeError,
+                                              MediaReadError, Image.DecompressionBombError)
+
+
 def _fresh_state(names: list[str]) -> dict:
     z = {n: 0 for n in names}
     return {"sources": {n: {"epoch": 0, "pos": 0} for n in names}, "drawn": dict(z), "samples": dict(z),
@@ -594,7 +601,7 @@ class SlotReader:
                 continue
             try:
                 items = self.enc.encode(raw, ss.caption)
-            except (TokenError, ValueError, OSError, KeyError) as e:  # a sample the loader cannot use
+            except _UNUSABLE as e:  # a sample the loader cannot use: skipped and counted, never the run's end
                 items = None
                 self.state.setdefault("errors", {}).setdefault(ss.name, 0)
                 self.state["errors"][ss.name] += 1
