@@ -7,10 +7,21 @@ shares a band with probability ~0.5 under the threshold's own parameters; the ma
 that > 0.95); samples sharing a band are candidates, and a candidate pair is kept as an
 edge only when the exact Jaccard of its shingle sets reaches the threshold, so the extra
 candidates cost a comparison, never precision.
-Images: 64-bit pHashes; a band is a fixed random sample of `image_band_bits` (12) of the
-64 bits, `image_bands` (24) of them (bit-sampling LSH for Hamming distance: a pair 10 bits
-apart shares a band with probability ~0.97; fewer bits per band find more but make bigger
-buckets), and an edge needs Hamming distance <= `image_hamming` (10).
+Images: 64-bit pHashes; a band is a fixed random sample of `image_band_bits` (24) of the
+64 bits (bit-sampling LSH for Hamming distance), and a band key is the pHash masked to those
+bits. A pair d bits apart shares a given band with probability p_d = C(64-d, k) / C(64, k);
+`image_bands` (default: derived) is the least L with 1 - (1 - p_r)^L >= `image_recall`
+(0.995) at r = `image_hamming` (10): 944 bands of 24 bits. Why so many and so wide
+(benchmarks/bench_image_lsh.py measures it at 1M and 10M hashes): a random pHash lands in a
+k-bit bucket with N / 2^k others, so candidates per image are L * N / 2^k plus its true
+neighbours; 24 bits keep that at ~0.6 at 1M, ~560 at 10M and ~5,600 at 1e8 (buckets of ~6
+random hashes at 1e8, under `max_bucket`), where the former 24 bands of 12 bits made buckets
+of N / 4096 (24,000 at 1e8, far over `max_bucket`, so they fell back to star edges) and
+found a pair 10 bits apart with probability 0.93 only. Exact multi-index hashing (disjoint
+chunks, substitution search within floor(r/m) bits per chunk) finds every pair, but at
+r = 10 its chunks are too narrow: 4 chunks of 16 bits probe 137 neighbours each, ~0.0084 * N
+candidates per image (84,000 at 10M). An edge still needs Hamming distance <= `image_hamming`,
+so the bands change which pairs are looked at, never what is decided.
 Videos: the pHashes of their sampled frames; candidates share a band of any of their first
 `video_probe_frames` frames, and an edge needs most frames to match in order (the longest
 common subsequence of matching frames covers `video_match` of the shorter video).
@@ -46,6 +57,37 @@ def bit_bands(n_bands: int = 24, bits: int = 12, seed: int = _BITS_SEED) -> np.n
     """Fixed random bit positions per band (n_bands x bits), the same on every executor."""
     rng = np.random.RandomState(seed)
     return np.stack([rng.choice(64, size=bits, replace=False) for _ in range(n_bands)])
+
+
+def image_band_count(hamming: int = 10, bits: int = 24, recall: float = 0.995) -> int:
+    """The least number of random `bits`-bit bands for which a pair `hamming` bits apart shares
+    at least one with probability >= `recall` (p = C(64 - hamming, bits) / C(64, bits) a band)."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"image_band_bits must be in [1, 64], got {bits}")
+    if not 0 < recall < 1:
+        raise ValueError(f"image_recall must be in (0, 1), got {recall}")
+    p = math.comb(64 - hamming, bits) / math.comb(64, bits) if hamming <= 64 - bits else 0.0
+    if p <= 0:
+        raise ValueError(f"no {bits}-bit band can avoid {hamming} differing bits of 64: lower image_band_bits")
+    if p >= 1:
+        return 1
+    return max(1, math.ceil(math.log(1 - recall) / math.log(1 - p)))
+
+
+def band_masks(bands: np.ndarray) -> np.ndarray:
+    """uint64 masks, one per band of bit positions (bit i of the mask is position i, the least
+    significant bit being position 0)."""
+    one = np.uint64(1)
+    return np.array([np.bitwise_or.reduce(one << np.asarray(b, dtype=np.uint64)) for b in bands], dtype=np.uint64)
+
+
+def image_band_keys(hashes, masks: np.ndarray) -> np.ndarray:
+    """uint64 (N, bands): each pHash masked to each band's bits; two hashes share band i iff
+    their keys in column i are equal (the same partition as `phash_band_keys`, without the
+    packing). Signed longs (as Arrow gives them) and unsigned ints give the same keys."""
+    h = np.array([int(x) & _MASK64 for x in (hashes if isinstance(hashes, (list, tuple, np.ndarray)) else [hashes])],
+                 dtype=np.uint64)
+    return h[:, None] & masks[None, :]
 
 
 def phash_band_keys(h: int, bands: np.ndarray) -> list[int]:
@@ -184,8 +226,8 @@ class NearDedup(Step):
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5, unit: str = "word",
                  seed: int = 1, text_kinds: list[str] | None = None, image_kinds: list[str] | None = None,
                  image_hamming: int = 10, video_match: float = 0.5, video_probe_frames: int = 8,
-                 max_bucket: int = 64, candidate_margin: float = 0.15, image_bands: int = 24,
-                 image_band_bits: int = 12, **kw: Any):
+                 max_bucket: int = 64, candidate_margin: float = 0.15, image_bands: int | None = None,
+                 image_band_bits: int = 24, image_recall: float = 0.995, **kw: Any):
         super().__init__(**kw)
         if not 0 < threshold <= 1:
             raise ValueError("threshold must be in (0, 1]")
@@ -201,8 +243,21 @@ class NearDedup(Step):
         self.video_probe_frames = int(video_probe_frames)
         self.max_bucket = int(max_bucket)
         self.candidate_margin = float(candidate_margin)
-        self.image_bands = int(image_bands)
         self.image_band_bits = int(image_band_bits)
+        self.image_recall = float(image_recall)
+        derived = image_band_count(self.image_hamming, self.image_band_bits, self.image_recall)
+        self.image_bands = derived if image_bands is None else int(image_bands)
+        if self.image_bands < 1:
+            raise ValueError(f"image_bands must be at least 1 (or left out: {derived} for image_recall "
+                             f"{self.image_recall} at Hamming {self.image_hamming}), got {image_bands}")
+
+    def image_masks(self) -> np.ndarray:
+        """The image bands as uint64 masks: `image_bands` fixed random samples of
+        `image_band_bits` bits (`bit_bands`, the same on every executor)."""
+        key = (self.image_bands, self.image_band_bits)
+        if getattr(self, "_masks", (None,))[0] != key:
+            self._masks = (key, band_masks(bit_bands(self.image_bands, self.image_band_bits)))
+        return self._masks[1]
 
     # -- candidates ---------------------------------------------------------------------------
     def key_rows(self, recs: list[dict], every_image: bool = False) -> list[dict]:
@@ -210,13 +265,42 @@ class NearDedup(Step):
         in; `space` is t (text), i (image) or v (video); the payload verifies an edge (pHashes).
         With `every_image` (leakage) every image of every sample gets keys, as "<id>|<index>",
         and every sample's text is keyed whatever its kind."""
+        out = self._text_keys(recs, every_image)
+        ids, spaces, payloads, own, band, vals = self._media_keys(recs, every_image)
+        for o, b, v in zip(own.tolist(), band.tolist(), vals.tolist()):
+            out.append({"id": ids[o], "space": spaces[o], "key": f"{b}:{v}", "payload": payloads[o]})
+        return out
+
+    def key_table(self, recs: list[dict], every_image: bool = False):
+        """`key_rows` as an Arrow table (id, space, key, payload: list<int64>), built column-wise
+        (the engine's path: ~945 image keys per image), with the payload on the first row of each
+        (id, space) only and null on the others (the verification reads it once per node)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        text = self._text_keys(recs, every_image)
+        ids, spaces, payloads, own, band, vals = self._media_keys(recs, every_image)
+        own_a = pa.array(own, type=pa.int64())
+        first = np.ones(len(own), dtype=bool)
+        first[1:] = own[1:] != own[:-1]
+        keys = pc.binary_join_element_wise(pc.cast(pa.array(band), pa.string()),
+                                           pc.cast(pa.array(vals, type=pa.uint64()), pa.string()), ":")
+        payload = pa.array(payloads, type=pa.list_(pa.int64())).take(own_a) if ids else \
+            pa.array([], type=pa.list_(pa.int64()))
+        payload = pc.if_else(pa.array(first), payload, pa.scalar(None, pa.list_(pa.int64())))
+        media = pa.table({"id": pa.array(ids, pa.string()).take(own_a), "space": pa.array(spaces, pa.string())
+                          .take(own_a), "key": keys, "payload": payload})
+        if not text:
+            return media
+        return pa.concat_tables([pa.Table.from_pylist(text, schema=media.schema), media])
+
+    def _text_keys(self, recs: list[dict], every_image: bool) -> list[dict]:
         from reelforge.curation.minhash import band_hashes, is_empty, lsh_params, signatures
 
-        bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
-        bit_b = bit_bands(self.image_bands, self.image_band_bits)
         out: list[dict] = []
         texts = [(r["id"], all_text(r)) for r in recs if every_image or r["kind"] in self.text_kinds]
         if texts:
+            bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
             sigs = signatures([t for _, t in texts], num_perm=self.num_perm, n=self.ngram,
                               unit=self.unit, seed=self.seed)
             hb = band_hashes(sigs, bands, rows)
@@ -226,26 +310,56 @@ class NearDedup(Step):
                     continue
                 for i, h in enumerate(hs):
                     out.append({"id": sid, "space": "t", "key": f"{i}:{int(h)}", "payload": None})
+        return out
+
+    def _media_keys(self, recs: list[dict], every_image: bool):
+        """The image and video band keys of a batch, column-wise: (node ids, their spaces, their
+        payloads, and per key its node's index, band and masked pHash), in node order, one row
+        per distinct (node, band, value): a video's probe frames that share a band value give
+        one key."""
+        ids: list[str] = []
+        spaces: list[str] = []
+        payloads: list[list[int]] = []
+        owner: list[int] = []
+        hashes: list[int] = []
         for r in recs:
             media = r.get("media") or []
             if every_image:
                 for j, m in enumerate(media):
                     if m["kind"] == "image" and m.get("phash"):
-                        for k in phash_band_keys(m["phash"][0], bit_b):
-                            out.append({"id": f"{r['id']}|{j}", "space": "i", "key": str(k),
-                                        "payload": m["phash"][:1]})
+                        owner.append(len(ids))
+                        hashes.append(m["phash"][0])
+                        ids.append(f"{r['id']}|{j}")
+                        spaces.append("i")
+                        payloads.append(list(m["phash"][:1]))
                 continue
             if r["kind"] not in self.image_kinds or len(media) != 1 or not media[0].get("phash"):
                 continue
-            hashes = list(media[0]["phash"])
+            frames = list(media[0]["phash"])
             space = "i" if media[0]["kind"] == "image" else "v"
-            seen = set()
-            for h in hashes[: self.video_probe_frames] if space == "v" else hashes[:1]:
-                for k in phash_band_keys(h, bit_b):
-                    if k not in seen:
-                        seen.add(k)
-                        out.append({"id": r["id"], "space": space, "key": str(k), "payload": hashes})
-        return out
+            for h in frames[: self.video_probe_frames] if space == "v" else frames[:1]:
+                owner.append(len(ids))
+                hashes.append(h)
+            ids.append(r["id"])
+            spaces.append(space)
+            payloads.append(frames)
+        masks = self.image_masks()
+        n_bands = len(masks)
+        owner_a = np.array(owner, dtype=np.int64)
+        hv = np.array([h & _MASK64 for h in hashes], dtype=np.uint64)
+        vals = hv[:, None] & masks[None, :]  # (frames, bands)
+        band = np.broadcast_to(np.arange(n_bands, dtype=np.int64), vals.shape)
+        own = np.broadcast_to(owner_a[:, None], vals.shape)
+        keep = np.ones(vals.shape, dtype=bool)
+        multi = np.flatnonzero(np.diff(owner_a) == 0)  # frames after the first of their video
+        if len(multi):  # a value a band already gave for an earlier frame of the same video is no new key
+            starts = np.flatnonzero(np.r_[True, np.diff(owner_a) != 0])
+            for a, b in zip(starts, np.r_[starts[1:], len(owner_a)]):
+                if b - a > 1:
+                    block = vals[a:b]
+                    for f in range(1, b - a):
+                        keep[a + f] = (block[:f] != block[f]).all(axis=0)
+        return ids, spaces, payloads, own[keep], band[keep], vals[keep]
 
     # -- verification -------------------------------------------------------------------------
     def exact_jaccard(self, a: str, b: str) -> float:

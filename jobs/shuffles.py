@@ -20,7 +20,7 @@ from pyspark.sql import functions as F
 from reelforge.curation.schema import rows_of
 from reelforge.curation.step import Step
 from reelforge.filters.dedup import ExactDedup, duplicate_reason
-from reelforge.filters.leakage import EVAL_PREFIX, LeakageFilter, leak_drop, leak_pair
+from reelforge.filters.leakage import EVAL_PREFIX, LeakageFilter, leak_drop
 from reelforge.filters.near_dedup import RANK_PREFIX, NearDedup, rank_key
 from reelforge.jobs.components import connected_components
 
@@ -113,8 +113,16 @@ def dedup_exact(step: ExactDedup, df: DataFrame) -> DataFrame:
 # --- near dedup and leakage ---------------------------------------------------------------------
 
 def _keys(step: NearDedup, rows: DataFrame, every_image: bool = False) -> DataFrame:
-    return _map_rows(rows, lambda recs: step.key_rows(recs, every_image), _KEY_SCHEMA,
-                     "id string, space string, key string, payload array<bigint>")
+    """The band keys of every row (`step.key_table`, built column-wise); a node's payload rides
+    on its first key row only."""
+
+    def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            t = step.key_table(rows_of(b), every_image)
+            if t.num_rows:
+                yield from t.cast(_KEY_SCHEMA).to_batches()
+
+    return rows.mapInArrow(run, "id string, space string, key string, payload array<bigint>")
 
 
 def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = False) -> DataFrame:
@@ -132,7 +140,8 @@ def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = Fal
     pairs = small.unionByName(big).distinct()
     if across:  # leakage: only pairs of one training sample and one evaluation item
         pairs = pairs.filter(F.col("a").startswith(EVAL_PREFIX) != F.col("b").startswith(EVAL_PREFIX))
-    payload = keys.select("id", "space", "payload").dropDuplicates(["id", "space"])
+    payload = keys.filter(F.col("payload").isNotNull() | (F.col("space") == "t")) \
+        .select("id", "space", "payload").dropDuplicates(["id", "space"])
     cand = (pairs.join(payload.withColumnRenamed("id", "a").withColumnRenamed("payload", "pa"), ["a", "space"])
             .join(payload.withColumnRenamed("id", "b").withColumnRenamed("payload", "pb"), ["b", "space"]))
     texts = rows.select("id", "kind", "text", "messages", "chosen", "rejected").filter(F.col("id").isNotNull())
@@ -163,28 +172,26 @@ def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
 
 
 def leakage(step: LeakageFilter, df: DataFrame) -> DataFrame:
-    """Edges between training samples and evaluation items -> per training sample the smallest
-    evaluation item it matches -> `leak:<set>` drops."""
-    from reelforge.jobs.spark import sample_frame
-
+    """The evaluation items are indexed once on the driver (`step.build_index`: band keys,
+    pHashes, CLIP embeddings) and broadcast; every batch of live rows is matched against the
+    index in its executor (`step.leaks_of`), so the corpus is not shuffled. Each matching
+    sample leaves as `leak:<set>` of the smallest evaluation item it matches."""
     ev_rows = step.eval_rows()
     if not ev_rows:
         return df
-    live = _live(df)
-    ev = sample_frame(df.sparkSession, ev_rows)
-    keys = _keys(step, live, every_image=True).unionByName(_keys(step, ev, every_image=True))
-    edges = _edges(step, keys, live.unionByName(ev), across=True)
-    pairs = _map_rows(edges, lambda recs: [dict(zip(("id", "_eval"), leak_pair(r["a"], r["b"]))) for r in recs],
-                      pa.schema([("id", pa.string()), ("_eval", pa.string())]), "id string, _eval string",
-                      arrow_rows=lambda b: b.to_pylist())
-    hits = pairs.groupBy("id").agg(F.min("_eval").alias("_eval"))
+    index = df.sparkSession.sparkContext.broadcast(step.build_index(ev_rows))
 
     def drops(recs: list[dict]) -> list[dict]:
-        return [dict(zip(("id", "drop_reason", "drop_detail", "dup_of"), (r["id"], *leak_drop(r["_eval"]), None)))
-                for r in recs]
+        from pyspark import TaskContext
 
-    return mark_drops(df, _map_rows(hits, drops, _DROP_SCHEMA, _DROP_DDL, arrow_rows=lambda b: b.to_pylist()),
-                      step.name)
+        ctx = TaskContext.get()
+        res = ctx.resources().get("gpu") if ctx is not None else None
+        step.gpus = tuple(res.addresses) if res is not None and res.addresses else ()
+        hits = step.leaks_of(recs, index.value)
+        return [dict(zip(("id", "drop_reason", "drop_detail", "dup_of"), (sid, *leak_drop(ev), None)))
+                for sid, ev in sorted(hits.items())]
+
+    return mark_drops(df, _map_rows(_live(df), drops, _DROP_SCHEMA, _DROP_DDL), step.name)
 
 
 SHUFFLES: dict[str, Callable[..., DataFrame]] = {"dedup_exact": dedup_exact, "dedup_near": dedup_near,
