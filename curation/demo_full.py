@@ -93,6 +93,20 @@ def _near_copy(data: bytes, quality: int = 60, scale: float = 0.75) -> bytes:
         return _jpeg(im.resize((max(32, int(im.width * scale)), max(32, int(im.height * scale)))), quality)
 
 
+def _leak_copy(data: bytes) -> bytes:
+    """A re-encoded copy (other bytes) whose pHash, as the probe step computes it, is the original's:
+    the leakage step's default rule (the report's: pHash bit-sets at Jaccard > 0.95) only matches
+    identical pHashes, since every pHash has 32 one-bits (2 bits apart is already 0.94)."""
+    from reelforge.curation.probe import probe_image
+
+    want = probe_image(data, 1 << 40, True)["phash"]
+    for quality in (95, 90, 85, 80, 75):
+        out = _near_copy(data, quality=quality, scale=1.0)
+        if out != data and probe_image(out, 1 << 40, True)["phash"] == want:
+            return out
+    raise RuntimeError("no JPEG re-encoding keeps this demo image's pHash")
+
+
 def _unrelated_images(corpus: list, n: int, rng: random.Random, min_bits: int = 20) -> list:
     """`n` drawn images whose perceptual hash is far from every corpus image's: evaluation
     items that must not leak (plain drawings can share a pHash by chance)."""
@@ -294,7 +308,7 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
     ev = []
     for j, i in enumerate(LEAKED_IMAGES):
         with open(os.path.join(root, "evals", f"q{j}.jpg"), "wb") as f:
-            f.write(_near_copy(images[i].data, quality=80, scale=0.9))
+            f.write(_leak_copy(images[i].data))
         ev.append({"image": f"q{j}.jpg", "question": "What is drawn in this picture?",
                    "answer": _shape_list(images[i].shapes)})
     ev.append({"question": leaked_text, "answer": "yes"})

@@ -46,8 +46,10 @@ def probe_image(data: bytes, max_pixels: int, with_phash: bool = False) -> dict[
             if w * h > max_pixels:
                 raise ProbeError("too_many_pixels", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
             if fmt == "jpeg":
-                # decode at reduced scale: still reads every scan, so truncation shows
-                img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
+                # decode at reduced scale (still reads every scan, so truncation shows), but never
+                # below 256 px a side: the pHash thumbnail is 32x32, and a JPEG drafted to a few dozen
+                # pixels hashes differently from the same picture as PNG (format-dependent pHash)
+                img.draft("RGB", (min(w, max(w // 8, 256)), min(h, max(h // 8, 256))))
             img.load()
             out: dict[str, Any] = {"format": fmt or None, "width": w, "height": h}
             if with_phash:
