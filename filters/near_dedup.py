@@ -7,11 +7,14 @@ shares a band with probability ~0.5 under the threshold's own parameters; the ma
 that > 0.95); samples sharing a band are candidates, and a candidate pair is kept as an
 edge only when the exact Jaccard of its shingle sets reaches the threshold, so the extra
 candidates cost a comparison, never precision.
-Images: 64-bit pHashes; a band is a fixed random sample of `image_band_bits` (24) of the
+Images: 64-bit pHashes; a band is a fixed random sample of `image_band_bits` of the
 64 bits (bit-sampling LSH for Hamming distance), and a band key is the pHash masked to those
 bits. A pair d bits apart shares a given band with probability p_d = C(64-d, k) / C(64, k);
 `image_bands` (default: derived) is the least L with 1 - (1 - p_r)^L >= `image_recall`
-(0.995) at r = `image_hamming` (10): 944 bands of 24 bits. Why so many and so wide
+(0.995) at r = `image_hamming` (10). `image_band_bits: auto` (the default) sizes the bands
+for the corpus (`fit_image_bands`: k = ceil(log2 N) clamped to 12..24, so a random bucket
+holds <= 1 other hash on average): 49 bands of 12 bits for a few thousand images, 321 of 20
+at 1M, 945 bands of 24 bits from 8M images to 1e8. Why so many and so wide at scale
 (benchmarks/bench_image_lsh.py measures it at 1M and 10M hashes): a random pHash lands in a
 k-bit bucket with N / 2^k others, so candidates per image are L * N / 2^k plus its true
 neighbours; 24 bits keep that at ~0.6 at 1M, ~560 at 10M and ~5,600 at 1e8 (buckets of ~6
@@ -57,6 +60,9 @@ def bit_bands(n_bands: int = 24, bits: int = 12, seed: int = _BITS_SEED) -> np.n
     """Fixed random bit positions per band (n_bands x bits), the same on every executor."""
     rng = np.random.RandomState(seed)
     return np.stack([rng.choice(64, size=bits, replace=False) for _ in range(n_bands)])
+
+
+AUTO_BITS_MIN, AUTO_BITS_MAX = 12, 24  # image_band_bits: auto, from a few thousand to 10^8 images
 
 
 def image_band_count(hamming: int = 10, bits: int = 24, recall: float = 0.995) -> int:
@@ -227,7 +233,7 @@ class NearDedup(Step):
                  seed: int = 1, text_kinds: list[str] | None = None, image_kinds: list[str] | None = None,
                  image_hamming: int = 10, video_match: float = 0.5, video_probe_frames: int = 8,
                  max_bucket: int = 64, candidate_margin: float = 0.15, image_bands: int | None = None,
-                 image_band_bits: int = 24, image_recall: float = 0.995, **kw: Any):
+                 image_band_bits: int | str = "auto", image_recall: float = 0.995, **kw: Any):
         super().__init__(**kw)
         if not 0 < threshold <= 1:
             raise ValueError("threshold must be in (0, 1]")
@@ -243,13 +249,32 @@ class NearDedup(Step):
         self.video_probe_frames = int(video_probe_frames)
         self.max_bucket = int(max_bucket)
         self.candidate_margin = float(candidate_margin)
-        self.image_band_bits = int(image_band_bits)
         self.image_recall = float(image_recall)
+        self.image_bands_given = None if image_bands is None else int(image_bands)
+        self.image_band_bits_auto = image_band_bits == "auto"
+        if not self.image_band_bits_auto and (isinstance(image_band_bits, bool)
+                                              or not isinstance(image_band_bits, int)):
+            raise ValueError(f"image_band_bits must be a number of bits or auto, got {image_band_bits!r}")
+        # until the engine sizes them for the corpus (fit_image_bands), auto means the 10^8 layout
+        self._set_image_bands(AUTO_BITS_MAX if self.image_band_bits_auto else int(image_band_bits))
+
+    def _set_image_bands(self, bits: int) -> None:
+        self.image_band_bits = int(bits)
         derived = image_band_count(self.image_hamming, self.image_band_bits, self.image_recall)
-        self.image_bands = derived if image_bands is None else int(image_bands)
+        self.image_bands = derived if self.image_bands_given is None else self.image_bands_given
         if self.image_bands < 1:
             raise ValueError(f"image_bands must be at least 1 (or left out: {derived} for image_recall "
-                             f"{self.image_recall} at Hamming {self.image_hamming}), got {image_bands}")
+                             f"{self.image_recall} at Hamming {self.image_hamming}), got {self.image_bands}")
+
+    def fit_image_bands(self, n_images: int) -> None:
+        """`image_band_bits: auto`: the band width for a corpus of about `n_images` hashes.
+        A random hash shares a k-bit bucket with N / 2^k others, so k = ceil(log2 N) keeps the
+        expected random bucket at <= 1 whatever N (candidates per image ~ L * N / 2^k <= L), and
+        a small corpus gets narrow bands, so few of them (`image_band_count`): 12 bits and 38
+        bands up to 4k images, 24 bits and 945 bands from 8M on. Decisions do not depend on it."""
+        if self.image_band_bits_auto:
+            bits = math.ceil(math.log2(max(2, int(n_images))))
+            self._set_image_bands(min(AUTO_BITS_MAX, max(AUTO_BITS_MIN, bits)))
 
     def image_masks(self) -> np.ndarray:
         """The image bands as uint64 masks: `image_bands` fixed random samples of

@@ -158,6 +158,9 @@ def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = Fal
 def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
     """Edges -> connected components -> per component the smallest `rank_key` is kept."""
     live = _live(df)
+    if step.image_band_bits_auto:  # bands as wide as the corpus needs (NearDedup.fit_image_bands)
+        kinds = step.image_kinds
+        step.fit_image_bands(live.filter(F.col("kind").isin(kinds)).count() if kinds else 0)
     comp = connected_components(_edges(step, _keys(step, live), live))
     ranks = _map_rows(live, lambda rows: [{"id": r["id"], "_rank": rank_key(r)} for r in rows],
                       pa.schema([("id", pa.string()), ("_rank", pa.string())]), "id string, _rank string")

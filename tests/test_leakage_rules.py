@@ -357,7 +357,7 @@ def test_posttrain_needs_both_image_and_text_cosines():
 # --- near dedup's new image bands -------------------------------------------------------------------
 
 def test_image_bands_find_every_planted_pair_within_hamming_10():
-    step = NearDedup()
+    step = NearDedup()  # `auto` before the engine fits it to the corpus: the 10^8 layout
     assert (step.image_band_bits, step.image_bands) == (24, image_band_count(10, 24, 0.995)) == (24, 945)
     masks = step.image_masks()
     assert len(set(masks.tolist())) == 945 and {bin(m).count("1") for m in masks.tolist()} == {24}
@@ -392,6 +392,28 @@ def test_image_bands_find_every_planted_pair_within_hamming_10():
     py = step.key_rows(rows[:3] + rows[400:403])
     assert sorted((r["id"], r["key"]) for r in t.to_pylist()) == sorted((r["id"], r["key"]) for r in py)
     assert sum(p is not None for p in t.column("payload").to_pylist()) == 6
+
+
+@pytest.mark.parametrize("n_images,bits", [(100, 12), (5000, 13), (1_000_000, 20), (10_000_000, 24), (10**9, 24)])
+def test_auto_band_width_follows_the_corpus_size(n_images, bits):
+    """`image_band_bits: auto`: k = ceil(log2 N) clamped to 12..24 keeps a random bucket at <= 1
+    other hash on average, and each width keeps recall >= 0.99 on pairs exactly 10 bits apart."""
+    step = NearDedup()
+    step.fit_image_bands(n_images)
+    assert (step.image_band_bits, step.image_bands) == (bits, image_band_count(10, bits, 0.995))
+    assert n_images / 2 ** step.image_band_bits <= 1 or bits == 24
+    rng = np.random.default_rng(bits)
+    flips = np.array([sum(1 << int(b) for b in rng.choice(64, 10, replace=False)) for _ in range(4000)],
+                     dtype=np.uint64)
+    masks = step.image_masks()
+    assert {bin(m).count("1") for m in masks.tolist()} == {bits}
+    found = (((flips[:, None] & masks[None, :]) == 0).sum(axis=1) > 0).mean()
+    assert found >= 0.99, found
+    fixed = NearDedup(image_band_bits=16)
+    fixed.fit_image_bands(n_images)  # an explicit width is kept
+    assert (fixed.image_band_bits, fixed.image_bands) == (16, image_band_count(10, 16, 0.995))
+    with pytest.raises(ValueError, match="image_band_bits"):
+        NearDedup(image_band_bits="wide")
 
 
 def _media_corpus(n: int = 60, seed: int = 8) -> list[dict]:
