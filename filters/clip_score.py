@@ -6,6 +6,11 @@ from the local open_clip cache; nothing is fetched at run time), or a name with 
 checkpoint path, plus `model_config` (a JSON file) for architectures open_clip does not
 know. fp32 on the CPU; bf16 autocast on a GPU. For a video the score aggregates its frames
 (sampled at 2 fps, at most `video_frames`) with `video_aggregate` (mean, max, min).
+
+With `keep_embeddings: true` the step also keeps the normalised image and text embeddings it
+scored with, float16, beside the run in `RUN/embeddings/<step name>/` (Parquet, one row per
+medium; `filters.embeddings` describes the table and reads it back), never in the shards:
+`dedup_semantic` (and anything else) reuses them instead of running the model again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from reelforge.curation.media_io import decode_visual
 from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, drop, get_score, set_score
 from reelforge.curation.step import PercentileCut, PrefetchRowStep, StepContext, register_step
 from reelforge.curation.vlm import halving_batches, resolve_device
+from reelforge.filters.embeddings import ROW_KEY, medium_embeddings, model_tag, row_entries
 
 SCORE = "clip"  # the name of this step's score in the sample's `scores`
 
@@ -116,7 +122,8 @@ class ClipScore(PrefetchRowStep):
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "", model_config: str = "",
                  batch_size: int = 64, threshold: float | None = None, video_aggregate: str = "mean",
                  video_frames: int = 8, conversation_text: str = "assistant", device: str = "auto",
-                 percentile: float | None = None, decode_workers: int = 2, prefetch: int = 2, **kw: Any):
+                 percentile: float | None = None, decode_workers: int = 2, prefetch: int = 2,
+                 keep_embeddings: bool = False, **kw: Any):
         super().__init__(**kw)
         if video_aggregate not in ("mean", "max", "min"):
             raise ValueError("video_aggregate must be mean, max or min")
@@ -136,7 +143,14 @@ class ClipScore(PrefetchRowStep):
         self.percentile = None if percentile is None else float(percentile)
         self.decode_workers = max(1, int(decode_workers))
         self.prefetch = int(prefetch)
+        if not isinstance(keep_embeddings, bool):
+            raise ValueError(f"keep_embeddings must be true or false, got {keep_embeddings!r}")
+        self.keep_embeddings = keep_embeddings
         check_clip_model(model, pretrained, model_config)
+
+    def model_tag(self) -> str:
+        """The `model` column of the kept embeddings (`filters.embeddings.model_tag`)."""
+        return model_tag(self.model, self.pretrained, self.model_config)
 
     def cut(self) -> PercentileCut | None:
         """With `percentile`, each source's lowest-scoring share is dropped after scoring
@@ -152,19 +166,21 @@ class ClipScore(PrefetchRowStep):
                                    resolve_device(self.device, self.context.gpus))
 
     def _pixels_of(self, row: dict):
-        """All media of a row decoded and preprocessed into one tensor."""
-        imgs = [im for m in row["media"] for im in decode_visual(m, self.video_frames)]
-        return self._scorer.torch.stack([self._scorer.preprocess(im) for im in imgs])
+        """All media of a row decoded and preprocessed into one tensor, and the number of
+        frames of each medium (1 for an image)."""
+        per_medium = [decode_visual(m, self.video_frames) for m in row["media"]]
+        imgs = [im for frames in per_medium for im in frames]
+        return self._scorer.torch.stack([self._scorer.preprocess(im) for im in imgs]), [len(f) for f in per_medium]
 
     def prepare(self, rows: list[dict]):
         """Runs in the prefetch thread: decode + resize (+ tokenise) one chunk."""
         live = [i for i, row in enumerate(rows) if row.get("drop_step") is None and row.get("media")]
         done, failed = self.decode_rows(rows, live, self._pixels_of)
-        items = [(i, len(d)) for i, d in done]
-        pixels = [d for _, d in done]
+        items = [(i, len(d), counts) for i, (d, counts) in done]
+        pixels = [d for _, (d, _) in done]
         if not items:
             return items, failed, None, None
-        texts = self._scorer.tokenizer([caption_of(rows[i], self.conversation_text) for i, _ in items])
+        texts = self._scorer.tokenizer([caption_of(rows[i], self.conversation_text) for i, _, _ in items])
         return items, failed, self._scorer.torch.cat(pixels), texts
 
     def compute(self, rows: list[dict], prepared) -> list[dict]:
@@ -177,8 +193,10 @@ class ClipScore(PrefetchRowStep):
         txt_emb = self._batched(self._scorer.embed_tokens, texts)
         agg = {"mean": np.mean, "max": np.max, "min": np.min}[self.video_aggregate]
         pos = 0
-        for k, (i, n) in enumerate(items):
+        for k, (i, n, counts) in enumerate(items):
             sims = img_emb[pos:pos + n] @ txt_emb[k]
+            if self.keep_embeddings:  # the engine writes them beside the run (jobs.semantic)
+                rows[i][ROW_KEY] = row_entries(medium_embeddings(img_emb[pos:pos + n], counts), txt_emb[k])
             pos += n
             score = float(agg(sims))
             set_score(rows[i], SCORE, score)

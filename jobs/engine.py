@@ -27,6 +27,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 
 from reelforge.curation.step import Step, StepContext, run_batches
+from reelforge.jobs.semantic import dedup_semantic, keep_embeddings
 from reelforge.jobs.shuffles import SHUFFLES, percentile_cut
 
 
@@ -57,12 +58,17 @@ def map_rows(step: Step, df: DataFrame, context: StepContext | None = None) -> D
 
 def run_step(step: Step, df: DataFrame, workdir: str | None = None) -> DataFrame:
     """The DataFrame of samples after `step`: its shuffle, or its row pass and then its cut."""
+    if step.shuffle == "dedup_semantic":  # needs the run's folder (kept embeddings, its report section)
+        return dedup_semantic(step, df, workdir, task_context)
     if step.shuffle is not None:
         if step.shuffle not in SHUFFLES:
             raise ValueError(f"step {step.name!r} asks for the shuffle {step.shuffle!r}, which the engine does not "
                              f"know: use one of {', '.join(sorted(SHUFFLES))}")
         return SHUFFLES[step.shuffle](step, df)
-    out = map_rows(step, df, StepContext(workdir=workdir))
+    if getattr(step, "keep_embeddings", None) is not None:  # a CLIP step: embeddings beside the run
+        out = keep_embeddings(step, df, workdir, task_context)
+    else:
+        out = map_rows(step, df, StepContext(workdir=workdir))
     if step.cut() is not None:  # the cut reads the rows twice: the model runs once
         out = percentile_cut(step, out.persist(StorageLevel.MEMORY_AND_DISK))
     return out

@@ -61,7 +61,8 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
         per_source[r["source"]].update(text_tokens=r["tt"] or 0, visual_tokens=r["vt"] or 0, tokens=r["t"] or 0)
     kept = sum(d["kept"] for d in per_source.values())
     dropped = sum(d["dropped"] for d in per_source.values())
-    return {
+    semantic = semantic_sections(recipe)
+    return {**({"semantic": semantic} if semantic else {}),
         "recipe": recipe.name, "master": spark.sparkContext.master,
         "inputs": inputs, "derived": derived, "kept": kept, "dropped": dropped,
         "balanced": inputs + derived == kept + dropped,
@@ -70,6 +71,40 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
                    for k in ("text_tokens", "visual_tokens", "tokens")},
         "sources": dict(sorted(per_source.items())),
     }
+
+
+def semantic_sections(recipe) -> list[dict]:
+    """The eps tables the `dedup_semantic` steps of the recipe wrote (`jobs.semantic`), in step order."""
+    out = []
+    for spec in recipe.steps:
+        if spec.name != "dedup_semantic":
+            continue
+        step = spec.build()
+        try:
+            with open(step.report_path(os.path.join(recipe.output, "_work"))) as f:
+                out.append(json.load(f))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _semantic_markdown(sections: list[dict]) -> list[str]:
+    lines = []
+    for s in sections:
+        src = f"kept by `{s['from_step']}`" if s.get("from_step") else "embedded by this step"
+        lines += ["", f"## Semantic dedup (`{s['step']}`, {s['embedding']} embeddings)", "",
+                  f"{s['embedded']:,} samples embedded ({src}; {s['not_embedded']:,} live samples had no "
+                  f"{s['embedding']} to embed), k-means k={s['k']} ({s['clusters']} clusters, the largest "
+                  f"{s['largest_cluster']:,}; {s['kmeans_s']} s), pairs with cosine > 1 - eps inside a cluster. "
+                  f"The run used eps {s['eps']:g}; the other rows say what another eps would have done, "
+                  "from the same pairs.", "",
+                  "| eps | cosine > | pairs | drops | share of embedded |", "| ---: | ---: | ---: | ---: | ---: |"]
+        for r in s["table"]:
+            mark = "**" if r["eps"] == s["eps"] else ""
+            share = r["drops"] / s["embedded"] if s["embedded"] else 0.0
+            lines.append(f"| {mark}{r['eps']:g}{mark} | {r['min_cosine']:g} | {r['pairs']:,} | "
+                         f"{mark}{r['drops']:,}{mark} | {share:.2%} |")
+    return lines
 
 
 def _fmt_bytes(n: int) -> str:
@@ -132,6 +167,7 @@ def render_markdown(report: dict) -> str:
     t = report.get("tokens", {})
     lines.append(f"| **all** | {report['inputs']} | {report['kept']} | {report['dropped']} | "
                  f"{t.get('text_tokens', 0):,} | {t.get('visual_tokens', 0):,} | {t.get('tokens', 0):,} |")
+    lines += _semantic_markdown(report.get("semantic") or [])
     paths = report.get("paths", {})
     if paths:
         lines += ["", "## Where things are", ""] + [f"- {k}: `{v}`" for k, v in paths.items()]

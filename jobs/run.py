@@ -41,7 +41,8 @@ LOCK = "_reelforge.lock"
 STEP_MARKER = "_REELFORGE"
 PENDING = "shards_pending.json"  # under _work: the shard names a write is about to make
 # what a run writes at the top of its output folder (a folder holding only these is a run's)
-OWNED = {"_work", "shards", "ledger", "samples", "report.json", "report.md", "funnel.png", RUN_MARKER, LOCK}
+OWNED = {"_work", "shards", "ledger", "samples", "report.json", "report.md", "funnel.png", "embeddings", RUN_MARKER,
+         LOCK}
 
 
 class AccountingError(Exception):
@@ -323,12 +324,14 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.jobs.engine import run_step
     from reelforge.jobs.ingest import check_counts, ingest
     from reelforge.jobs.report import build_report, write_report
+    from reelforge.jobs.semantic import check_embeddings
     from reelforge.jobs.shards import write_shards
     from reelforge.jobs.spark import get_spark, spark_schema
 
     t_start = time.time()
     out = recipe.output
     work = os.path.join(out, "_work")
+    check_embeddings(recipe, out)  # from_step names an earlier keeper; RUN/embeddings/ holds this recipe's only
     if spark is None:
         spark = get_spark(master or recipe.spark.get("master"), recipe.spark.get("conf"))
     log(f"reelforge: recipe {recipe.name!r} on {spark.sparkContext.master}, output {out}")
