@@ -16,6 +16,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from reelforge.jobs.run import run_recipe
 
     recipe = load_recipe(args.recipe, out=args.out)
+    if args.keep_work is not None:
+        recipe.keep_work = args.keep_work
     report = run_recipe(recipe, master=args.master)
     print(f"shards: {report['paths']['shards']}\nledger: {report['paths']['ledger']}\n"
           f"report: {report['paths']['report']}")
@@ -189,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("recipe")
     r.add_argument("--master", help="Spark master (default: the recipe's, else local[*])")
     r.add_argument("--out", help="output folder (default: the recipe's output.path)")
+    r.add_argument("--keep-work", dest="keep_work", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep OUT/_work (step outputs a re-run resumes from) once the run is complete; "
+                        "default: the recipe's output.keep_work, else true")
     r.set_defaults(fn=_cmd_run)
     d = sub.add_parser("demo", help="make a small real corpus and run the demo recipe on it")
     d.add_argument("--out", default="demo-out")

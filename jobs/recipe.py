@@ -73,6 +73,7 @@ class Recipe:
     raw: dict
     base_dir: str
     digests: dict | None = field(default=None, repr=False)  # source file -> sha256 of its content
+    keep_work: bool = True  # output.keep_work: false removes <output>/_work once the run is complete
 
     def source_digests(self, cache_path: str | None = None, hash_many=None) -> dict[str, str]:
         """sha256 of every source file's content, computed once per Recipe (see content_digests)."""
@@ -319,7 +320,10 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         output = {"path": output}
     if not isinstance(output, dict):
         raise RecipeError("recipe field `output` must be a mapping with `path` and `shards`.")
-    _check_keys(output, {"path", "shards"}, "output")
+    _check_keys(output, {"path", "shards", "keep_work"}, "output")
+    keep_work = output.get("keep_work", True)
+    if not isinstance(keep_work, bool):
+        raise RecipeError(f"recipe field `output.keep_work` must be true or false, got {keep_work!r}.")
     out_path = out or output.get("path")
     if not out_path:
         raise RecipeError("recipe field `output.path` is missing: name an output folder, or pass --out.")
@@ -343,4 +347,5 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         raise RecipeError("recipe field `spark` must be a mapping with `master` and/or `conf`.")
     _check_keys(spark, {"master", "conf"}, "spark")
     return Recipe(name=str(raw.get("name", "recipe")), seed=seed, sources=sources, steps=steps,
-                  output=os.path.abspath(out_path), shards=shards, spark=spark, raw=raw, base_dir=base_dir)
+                  output=os.path.abspath(out_path), shards=shards, spark=spark, raw=raw, base_dir=base_dir,
+                  keep_work=keep_work)

@@ -17,7 +17,12 @@ The output folder is the run's own, and the run deletes nothing it did not write
   never a report naming shards that are gone. The index and the report are written last,
   each atomically (a temporary name, then os.replace);
 - a run that cannot write (disk full, read-only, I/O error) ends in one sentence
-  (`OutputWriteError`) and leaves no temporary files.
+  (`OutputWriteError`) and leaves no temporary files;
+- `output.keep_work: false` removes `_work/` (the step outputs, their markers, the digest cache,
+  media that steps wrote there) once the run is complete, after the report: the next run then
+  recomputes every step. A run that fails keeps what it finished, so a re-run resumes.
+
+Intermediates (`_work/NN_step/`, the shard write results) are zstd-compressed Parquet.
 """
 
 from __future__ import annotations
@@ -350,7 +355,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
             return path
         t = time.time()
         log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name} ...")
-        build().write.mode("overwrite").parquet(path)
+        build().write.mode("overwrite").option("compression", "zstd").parquet(path)
         spark.catalog.clearCache()  # what a step persisted for itself (its keys, its scored rows) is done
         timings[name] = time.time() - t
         df = spark.read.schema(schema).parquet(path)
@@ -359,9 +364,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
             if problems:
                 raise AccountingError(f"{name} lost records: " + "; ".join(problems[:5])
                                       + (f"; and {len(problems) - 5} more files" if len(problems) > 5 else ""))
-        dropped = df.filter(F.col("drop_step") == name).count()
         _mark(path, fp, seconds=timings[name])
-        log(f"      {name}: {dropped} dropped, {timings[name]:.1f}s")
+        log(f"      {name}: {timings[name]:.1f}s")  # its drops: in the report (no extra Spark job here)
         return path
 
     prev = stage(0, "ingest", lambda: ingest(spark, recipe.sources),
@@ -384,7 +388,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
         shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"])
     write_json_atomic(os.path.join(work, PENDING), sorted(names.values()))
     results_path = os.path.join(work, "write_results")
-    results.write.mode("overwrite").parquet(results_path)
+    results.write.mode("overwrite").option("compression", "zstd").parquet(results_path)
     keyed.unpersist()
     stats = read_stats(stats_dir, names)
     shutil.rmtree(stats_dir, ignore_errors=True)
@@ -412,11 +416,12 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
      .write.mode("overwrite").parquet(ledger_path))
     ledger = spark.read.parquet(ledger_path)
 
-    inputs = spark.read.schema(schema).parquet(os.path.join(work, "00_ingest")).count()
-    fates = {r["fate"]: r["count"] for r in ledger.groupBy("fate").count().collect()}
-    derived = ledger.filter(F.col("parent_id").isNotNull()).count()
-    distinct_ids = ledger.select("id").distinct().count()
-    kept, n_dropped = fates.get("kept", 0), fates.get("dropped", 0)
+    inputs = _parquet_rows(os.path.join(work, "00_ingest"))
+    counts = ledger.agg(F.count(F.when(F.col("fate") == "kept", 1)).alias("kept"),
+                        F.count(F.when(F.col("fate") == "dropped", 1)).alias("dropped"),
+                        F.count("parent_id").alias("derived"), F.countDistinct("id").alias("ids")).collect()[0]
+    derived, distinct_ids = counts["derived"], counts["ids"]
+    kept, n_dropped = counts["kept"], counts["dropped"]
     kept_in_shards = sum(s["samples"] for s in stats)
 
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
@@ -425,7 +430,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
 
     samples_path = os.path.join(out, SAMPLES_DIR)
     write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)
-    in_table = spark.read.parquet(samples_path).count()
+    in_table = _parquet_rows(samples_path)
 
     report = build_report(spark, recipe, final, ledger, stats, inputs, timings, derived)
     report["elapsed_s"] = round(time.time() - t_start, 2)
@@ -445,6 +450,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
         os.replace(os.path.join(staging, name), os.path.join(out, name))
     _remove(staging)
     _remove(os.path.join(work, PENDING))
+    if not recipe.keep_work:  # complete: the index and the report are in place
+        _remove(work)
     plus = f" + {derived} derived" if derived else ""
     log(f"done in {report['elapsed_s']:.1f}s: {inputs} inputs{plus} = {kept} kept + {n_dropped} dropped, "
         f"{len(stats)} shards")
@@ -460,6 +467,13 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     if problems:
         raise AccountingError("sample accounting failed: " + "; ".join(problems))
     return report
+
+
+def _parquet_rows(path: str) -> int:
+    """The rows of a Parquet folder Spark wrote, from the files' footers (no Spark job)."""
+    import pyarrow.dataset as ds
+
+    return ds.dataset(path, format="parquet").count_rows()
 
 
 def _sum_sources(stats: list[dict]) -> dict:
