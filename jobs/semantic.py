@@ -9,8 +9,9 @@ the `dedup_semantic` step.
   its embeddings, no two steps may keep them under one name, and a kept folder no step of the
   recipe keeps any more is removed: `RUN/embeddings/` holds this recipe's embeddings only.
 - `dedup_semantic`: one unit vector per live sample (the kept embeddings joined by id, the rest
-  embedded in the executors), Spark ML's KMeans (seeded; rows hash-partitioned and sorted by
-  id first, so the same data gives the same clusters on one machine or many), then each
+  embedded in the executors), Spark ML's KMeans (seeded, block solver; rows hash-partitioned and
+  sorted by id first, so its sampling sees the same rows in the same order on one machine or
+  many: only the summation order of Spark's aggregation can differ, in the last bits), then each
   k-means cluster is one group (`applyInArrow`) decided by `filters.semantic_dedup
   .cluster_decisions`; drops reach the rows through `jobs.shuffles.mark_drops`, and the
   eps table goes to `_work/semantic/<name>.json` for the run report.
@@ -124,8 +125,8 @@ def embeddings_frame(spark, folder: str, which: str = "image", index: int = 0) -
 _VEC_SCHEMA = pa.schema([("id", pa.string()), ("_rank", pa.string()), ("_v", pa.list_(pa.float32()))])
 _OUT_SCHEMA = pa.schema([("kind", pa.string()), ("id", pa.string()), ("dup_of", pa.string()),
                          ("cos", pa.float64()), ("eps", pa.float64()), ("pairs", pa.int64()),
-                         ("drops", pa.int64())])
-_OUT_DDL = "kind string, id string, dup_of string, cos double, eps double, pairs bigint, drops bigint"
+                         ("drops", pa.int64()), ("size", pa.int64())])
+_OUT_DDL = "kind string, id string, dup_of string, cos double, eps double, pairs bigint, drops bigint, size bigint"
 
 
 def _vectors(step: SemanticDedup, live: DataFrame, workdir: str, context_of: ContextOf) -> DataFrame:
@@ -176,7 +177,7 @@ def _decide(step: SemanticDedup) -> Callable[[pa.Table], pa.Table]:
         drops, table = cluster_decisions(ranks, vecs, eps, table_eps)
         out = [{"kind": "drop", "id": i, "dup_of": k, "cos": c} for i, k, c in drops]
         out += [{"kind": "eps", "eps": e, "pairs": p, "drops": n} for e, (p, n) in table.items()]
-        out.append({"kind": "cluster", "pairs": len(ranks)})
+        out.append({"kind": "cluster", "size": len(ranks)})
         return pa.Table.from_pylist(out, schema=_OUT_SCHEMA)
 
     return per_cluster
@@ -215,7 +216,7 @@ def dedup_semantic(step: SemanticDedup, df: DataFrame, workdir: str | None, cont
                .persist(StorageLevel.MEMORY_AND_DISK))
         stats = {r["eps"]: (r["p"], r["d"]) for r in res.filter(F.col("kind") == "eps").groupBy("eps")
                  .agg(F.sum("pairs").alias("p"), F.sum("drops").alias("d")).collect()}
-        cl = res.filter(F.col("kind") == "cluster").agg(F.count("*").alias("c"), F.max("pairs").alias("m")).first()
+        cl = res.filter(F.col("kind") == "cluster").agg(F.count("*").alias("c"), F.max("size").alias("m")).first()
         section.update(k=k, clusters=cl["c"], largest_cluster=cl["m"] or 0,
                        table=[{"eps": e, "min_cosine": round(1 - e, 6), "pairs": int(stats.get(e, (0, 0))[0]),
                                "drops": int(stats.get(e, (0, 0))[1])} for e in step.table_eps()])
