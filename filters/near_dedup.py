@@ -303,7 +303,7 @@ class NearDedup(Step):
         import pyarrow as pa
         import pyarrow.compute as pc
 
-        text = self._text_keys(recs, every_image)
+        text = self._text_key_table(recs, every_image)
         ids, spaces, payloads, own, band, vals = self._media_keys(recs, every_image)
         own_a = pa.array(own, type=pa.int64())
         first = np.ones(len(own), dtype=bool)
@@ -315,27 +315,45 @@ class NearDedup(Step):
         payload = pc.if_else(pa.array(first), payload, pa.scalar(None, pa.list_(pa.int64())))
         media = pa.table({"id": pa.array(ids, pa.string()).take(own_a), "space": pa.array(spaces, pa.string())
                           .take(own_a), "key": keys, "payload": payload})
-        if not text:
+        if text is None:
             return media
-        return pa.concat_tables([pa.Table.from_pylist(text, schema=media.schema), media])
+        return pa.concat_tables([text.cast(media.schema), media])
 
-    def _text_keys(self, recs: list[dict], every_image: bool) -> list[dict]:
+    def _text_band_keys(self, recs: list[dict], every_image: bool) -> tuple[list[str], np.ndarray]:
+        """The texts' LSH band keys: (ids of the texts with shingles, int64 (texts, bands) band
+        hashes); a text without shingles gets none (all-max signatures would share one giant
+        bucket)."""
         from reelforge.curation.minhash import band_hashes, is_empty, lsh_params, signatures
 
-        out: list[dict] = []
         texts = [(r["id"], all_text(r)) for r in recs if every_image or r["kind"] in self.text_kinds]
-        if texts:
-            bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
-            sigs = signatures([t for _, t in texts], num_perm=self.num_perm, n=self.ngram,
-                              unit=self.unit, seed=self.seed)
-            hb = band_hashes(sigs, bands, rows)
-            empty = is_empty(sigs)
-            for (sid, _), hs, e in zip(texts, hb, empty):
-                if e:  # no shingles: all-max signatures would share one giant bucket
-                    continue
-                for i, h in enumerate(hs):
-                    out.append({"id": sid, "space": "t", "key": f"{i}:{int(h)}", "payload": None})
-        return out
+        if not texts:
+            return [], np.zeros((0, 0), dtype=np.int64)
+        bands, rows = lsh_params(max(0.05, self.threshold - self.candidate_margin), self.num_perm)
+        sigs = signatures([t for _, t in texts], num_perm=self.num_perm, n=self.ngram,
+                          unit=self.unit, seed=self.seed)
+        keep = ~is_empty(sigs)
+        return [sid for (sid, _), k in zip(texts, keep) if k], band_hashes(sigs[keep], bands, rows)
+
+    def _text_keys(self, recs: list[dict], every_image: bool) -> list[dict]:
+        ids, hb = self._text_band_keys(recs, every_image)
+        return [{"id": sid, "space": "t", "key": f"{i}:{int(h)}", "payload": None}
+                for sid, hs in zip(ids, hb) for i, h in enumerate(hs)]
+
+    def _text_key_table(self, recs: list[dict], every_image: bool):
+        """`_text_keys` as an Arrow table, column-wise (None when there is none): the same
+        "<band>:<signed band hash>" keys, text by text, band by band."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        ids, hb = self._text_band_keys(recs, every_image)
+        if not ids:
+            return None
+        n, bands = hb.shape
+        band = pc.cast(pa.array(np.tile(np.arange(bands, dtype=np.int64), n)), pa.string())
+        keys = pc.binary_join_element_wise(band, pc.cast(pa.array(hb.ravel()), pa.string()), ":")
+        return pa.table({"id": pa.array(ids, pa.string()).take(pa.array(np.repeat(np.arange(n), bands))),
+                         "space": pa.array(["t"] * (n * bands), pa.string()), "key": keys,
+                         "payload": pa.nulls(n * bands, pa.list_(pa.int64()))})
 
     def _media_keys(self, recs: list[dict], every_image: bool):
         """The image and video band keys of a batch, column-wise: (node ids, their spaces, their

@@ -30,6 +30,7 @@ _EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string())])
 _DROP_SCHEMA = pa.schema([("id", pa.string()), ("drop_reason", pa.string()), ("drop_detail", pa.string()),
                           ("dup_of", pa.string())])
 _DROP_DDL = "id string, drop_reason string, drop_detail string, dup_of string"
+BROADCAST_ENDS = 1_000_000  # text candidate ends up to this many: their ids are broadcast (~50 MB)
 
 
 def _map_rows(df: DataFrame, fn: Callable[[list[dict]], list[dict]], schema: pa.Schema, ddl: str,
@@ -140,11 +141,20 @@ def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = Fal
     pairs = small.unionByName(big).distinct()
     if across:  # leakage: only pairs of one training sample and one evaluation item
         pairs = pairs.filter(F.col("a").startswith(EVAL_PREFIX) != F.col("b").startswith(EVAL_PREFIX))
-    payload = keys.filter(F.col("payload").isNotNull() | (F.col("space") == "t")) \
-        .select("id", "space", "payload").dropDuplicates(["id", "space"])
-    cand = (pairs.join(payload.withColumnRenamed("id", "a").withColumnRenamed("payload", "pa"), ["a", "space"])
-            .join(payload.withColumnRenamed("id", "b").withColumnRenamed("payload", "pb"), ["b", "space"]))
-    texts = rows.select("id", "kind", "text", "messages", "chosen", "rejected").filter(F.col("id").isNotNull())
+    pairs = pairs.persist()
+    # images and videos verify on their payloads (pHashes); texts on their text, read only for the
+    # ends of text candidate pairs (a few percent of the rows): a semi-join, broadcast when the
+    # ends are few enough, so the corpus's texts are filtered where they lie instead of shuffled
+    payload = keys.filter(F.col("payload").isNotNull()).select("id", "space", "payload") \
+        .dropDuplicates(["id", "space"])
+    cand = (pairs.join(payload.withColumnRenamed("id", "a").withColumnRenamed("payload", "pa"), ["a", "space"], "left")
+            .join(payload.withColumnRenamed("id", "b").withColumnRenamed("payload", "pb"), ["b", "space"], "left")
+            .filter((F.col("space") == "t") | (F.col("pa").isNotNull() & F.col("pb").isNotNull())))
+    tp = pairs.filter(F.col("space") == "t")
+    ends = tp.select(F.col("a").alias("id")).unionByName(tp.select(F.col("b").alias("id"))).distinct()
+    n_ends = ends.count()
+    texts = rows.select("id", "kind", "text", "messages", "chosen", "rejected").filter(F.col("id").isNotNull()) \
+        .join(F.broadcast(ends) if n_ends <= BROADCAST_ENDS else ends, "id", "left_semi")
     cand = (cand.join(texts.select(F.col("id").alias("a"), F.struct(*texts.columns).alias("ra")), "a", "left")
             .join(texts.select(F.col("id").alias("b"), F.struct(*texts.columns).alias("rb")), "b", "left"))
 

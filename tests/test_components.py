@@ -30,7 +30,8 @@ def test_components_match_union_find(spark):
     rand = [(f"n{rng.randrange(400):04d}", f"n{rng.randrange(400):04d}") for _ in range(300)]
     edges = chain + rand + [("x1", "x1")]
     df = spark.createDataFrame(edges, "a string, b string")
-    got = {r["id"]: r["component"] for r in connected_components(df).collect()}
+    got = {r["id"]: r["component"] for r in connected_components(df).collect()}  # one-task union-find
+    rounds = {r["id"]: r["component"] for r in connected_components(df, small_edges=0).collect()}  # star rounds
     want = _union_find([e for e in edges if e[0] != e[1]])
-    assert got == want == components(edges)
+    assert got == rounds == want == components(edges)
     assert got["c0300"] == "c0000"
