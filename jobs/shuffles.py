@@ -171,8 +171,12 @@ def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
     if step.image_band_bits_auto:  # bands as wide as the corpus needs (NearDedup.fit_image_bands)
         kinds = step.image_kinds
         step.fit_image_bands(live.filter(F.col("kind").isin(kinds)).count() if kinds else 0)
-    comp = connected_components(_edges(step, _keys(step, live), live))
-    ranks = _map_rows(live, lambda rows: [{"id": r["id"], "_rank": rank_key(r)} for r in rows],
+    comp = connected_components(_edges(step, _keys(step, live), live)).localCheckpoint()
+    few = comp.count() <= BROADCAST_ENDS  # the usual case: the rows in clusters are a few percent
+    members = live.select("id", "scores", "text", "messages")  # what rank_key reads
+    if few:  # only the rows in clusters are ranked, filtered where they lie
+        members = members.join(F.broadcast(comp.select("id")), "id", "left_semi")
+    ranks = _map_rows(members, lambda rows: [{"id": r["id"], "_rank": rank_key(r)} for r in rows],
                       pa.schema([("id", pa.string()), ("_rank", pa.string())]), "id string, _rank string")
     ranked = comp.join(ranks, "id")
     best = ranked.groupBy("component").agg(F.min("_rank").alias("_best"))
@@ -181,7 +185,7 @@ def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
             .select("id", F.lit("near_duplicate").alias("drop_reason"),
                     F.concat(F.lit("near duplicate of "), F.col("_keep")).alias("drop_detail"),
                     F.col("_keep").alias("dup_of")))
-    return mark_drops(df, dups, step.name)
+    return mark_drops(df, F.broadcast(dups) if few else dups, step.name)  # broadcast: the rows stay put
 
 
 def leakage(step: LeakageFilter, df: DataFrame) -> DataFrame:
