@@ -307,35 +307,3 @@ def test_1d_rollouts_and_loss_batch_unchanged(tok, tok_dir, tmp_path):
     finally:
         h.remove()
     assert (groups[0][0] - new_l[0]).abs().max() > 1e-2
-
-
-@pytest.mark.train
-@pytest.mark.slow
-def test_grpo_stage_runs_with_mrope(tiny, shards, tmp_path):
-    """A GRPO stage with `data.positions: mrope` through the CLI (DeepSpeed) on the demo shards, a video
-    conversation among its prompts (seed 5 puts one in step 3): it trains, logs rewards and KL, exports."""
-    import json
-    import math
-    import os
-
-    from train_common import run_cli, seen_ids, stage, write_stage
-
-    from reelforge.training.loader import ShardLoader
-
-    out = str(tmp_path / "grpo3d")
-    p = write_stage(str(tmp_path / "grpo3d.yaml"), tiny, shards, out, objective="grpo", steps=3, seed=5,
-                    trainable=["projector", "llm"], data={"batch_size": 2, "positions": "mrope"},
-                    loss={"grpo": {"group_size": 3, "max_new_tokens": 8}})
-    run_cli("train", p)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        m = [json.loads(ln) for ln in f if ln.strip()]
-    assert len(m) == 3 and all(math.isfinite(r["loss"]) and "reward" in r and "kl" in r for r in m)
-    assert os.path.exists(os.path.join(out, "final", "llm", "config.json"))
-    # the prompts it trained on, as the loader gives them: one holds a video
-    it = iter(ShardLoader(stage(p)))
-    items = [x for _ in range(3) for x in next(it)["items"]]
-    assert [x.id for x in items] == seen_ids(out)
-    from transformers import AutoTokenizer
-
-    video_pad = AutoTokenizer.from_pretrained(tiny["tokenizer"]).convert_tokens_to_ids("<|video_pad|>")
-    assert any(video_pad in x.input_ids for x in items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import tarfile
 from collections import Counter
@@ -12,6 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from train_common import run_cli, seen_ids, stage, write_stage
+from transformers import AutoTokenizer
+
+from reelforge.training.loader import ShardLoader
 
 
 def _weights(folder: str) -> dict[str, torch.Tensor]:
@@ -138,11 +142,18 @@ def test_stage0_mpo_grpo_run_and_learn(tiny, shards, tmp_path):
     assert all(k in mm[0] for k in ("dpo", "bco", "sft", "delta"))
     assert sum(r["loss"] for r in mm[-3:]) < sum(r["loss"] for r in mm[:3])
 
+    # GRPO with Keye's 3D positions (1D rollouts are checked against the old loop in
+    # tests/test_grpo_positions.py); seed 5 puts a video conversation among its prompts
     outg = str(tmp_path / "grpo")
-    pg = write_stage(str(tmp_path / "grpo.yaml"), tiny, shards, outg, objective="grpo", steps=3,
-                     trainable=["projector", "llm"], data={"batch_size": 2},
+    pg = write_stage(str(tmp_path / "grpo.yaml"), tiny, shards, outg, objective="grpo", steps=3, seed=5,
+                     trainable=["projector", "llm"], data={"batch_size": 2, "positions": "mrope"},
                      loss={"grpo": {"group_size": 3, "max_new_tokens": 8}})
     run_cli("train", pg)
     mg = _metrics(outg)
-    assert len(mg) == 3 and all("reward" in r and "kl" in r for r in mg)
+    assert len(mg) == 3 and all(math.isfinite(r["loss"]) and "reward" in r and "kl" in r for r in mg)
     assert os.path.exists(os.path.join(outg, "final", "llm", "config.json"))
+    it = iter(ShardLoader(stage(pg)))
+    items = [x for _ in range(3) for x in next(it)["items"]]
+    assert [x.id for x in items] == seen_ids(outg)
+    video_pad = AutoTokenizer.from_pretrained(tiny["tokenizer"]).convert_tokens_to_ids("<|video_pad|>")
+    assert any(video_pad in x.input_ids for x in items)
