@@ -82,10 +82,14 @@ def _union_find(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
 
 
 def connected_components(edges: DataFrame, src: str = "a", dst: str = "b", max_rounds: int = 60,
-                         small_edges: int = SMALL_EDGES) -> DataFrame:
-    """Edges (src, dst) of string ids -> DataFrame (id, component) for every node with an edge."""
-    e = _norm(edges.select(F.col(src).alias("u"), F.col(dst).alias("v"))).localCheckpoint()
-    if e.count() <= small_edges:
+                         small_edges: int = SMALL_EDGES, info: dict | None = None) -> DataFrame:
+    """Edges (src, dst) of string ids -> DataFrame (id, component) for every node with an edge.
+    `info`, when given, receives the number of distinct undirected edges as info["edges"]."""
+    e = _norm(edges.select(F.col(src).alias("u"), F.col(dst).alias("v"))).localCheckpoint(eager=False)
+    n = e.count()  # computes and keeps the edges: one job
+    if info is not None:
+        info["edges"] = n
+    if n <= small_edges:
         return e.repartition(1).mapInArrow(_union_find, "id string, component string")
     for _ in range(max_rounds):
         new = _norm(_small_star(_norm(_large_star(e)))).localCheckpoint()

@@ -171,8 +171,9 @@ def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
     if step.image_band_bits_auto:  # bands as wide as the corpus needs (NearDedup.fit_image_bands)
         kinds = step.image_kinds
         step.fit_image_bands(live.filter(F.col("kind").isin(kinds)).count() if kinds else 0)
-    comp = connected_components(_edges(step, _keys(step, live), live)).localCheckpoint()
-    few = comp.count() <= BROADCAST_ENDS  # the usual case: the rows in clusters are a few percent
+    graph: dict = {}
+    comp = connected_components(_edges(step, _keys(step, live), live), info=graph)
+    few = 2 * graph["edges"] <= BROADCAST_ENDS  # rows in clusters (<= 2 per edge): usually a few percent
     members = live.select("id", "scores", "text", "messages")  # what rank_key reads
     if few:  # only the rows in clusters are ranked, filtered where they lie
         members = members.join(F.broadcast(comp.select("id")), "id", "left_semi")

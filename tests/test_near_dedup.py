@@ -116,6 +116,20 @@ def test_text_near_dup_precision_and_recall(spark, text_corpus, tmp_path):
     dropped = [s for s in rep["steps"] if s["step"] == "dedup_near"][0]
     assert set(dropped["reasons"]) == {"near_duplicate"}
 
+    # the engine's decisions are exactly the plain-Python ones (band keys, candidate pairs,
+    # exact Jaccard, components, keep rule on a list): whatever Spark does to be fast
+    # (one-task components, semi-joined texts, broadcast drops) changes no decision
+    import pyarrow.parquet as pq
+
+    from reelforge.curation.schema import rows_of
+    from reelforge.filters.near_dedup import NearDedup, near_duplicates
+
+    rows = rows_of(pq.read_table(os.path.join(out, "_work", "00_ingest")))
+    step = NearDedup(threshold=THRESHOLD, num_perm=128, ngram=5)
+    want = dict(near_duplicates(rows, step.edges(rows)))
+    got = {r["id"]: r["dup_of"] for r in pq.read_table(os.path.join(out, "ledger")).to_pylist() if r["dup_of"]}
+    assert got == want and len(got) >= 80
+
 
 def smooth_field(rng: random.Random, w: int, h: int, t: float = 0.0):
     """A smooth random colour field (photo-like low frequencies), drifting with t."""
