@@ -38,6 +38,7 @@ import time
 from typing import Callable
 
 from reelforge.jobs.recipe import Recipe, RecipeError
+from reelforge.jobs.spark import pid_alive
 
 LEDGER_COLUMNS = ["id", "source", "source_key", "source_location", "kind", "fate", "shard",
                   "step", "reason", "detail", "dup_of", "parent_id"]
@@ -90,15 +91,6 @@ def _mark(path: str, fingerprint: str, **extra) -> None:
 
 
 # --- the output folder: ownership and the lock ----------------------------------------------
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _legacy_run(out: str, entries: list[str], name: str) -> bool:
@@ -170,7 +162,7 @@ def acquire_lock(out: str, name: str) -> str:
             time.sleep(0.5)  # a lock being written (O_EXCL fallback): look again
             holder = _lock_holder(path)
         if holder is not None and holder.get("host") == host and isinstance(holder.get("pid"), int) \
-                and not _pid_alive(holder["pid"]):
+                and not pid_alive(holder["pid"]):
             stale = f"{path}.stale-{os.getpid()}"
             try:
                 os.rename(path, stale)

@@ -78,7 +78,7 @@ def _class_data_sharing() -> str:
         for tmp in glob.glob(glob.escape(archive) + ".tmp-*"):
             pid = tmp.rsplit("-", 1)[1]
             settled = time.time() - os.path.getmtime(tmp) > 30  # the JVM wrote it at its exit
-            if pid.isdigit() and _alive(int(pid)) or not settled:
+            if pid.isdigit() and pid_alive(int(pid)) or not settled:
                 busy = True
             elif os.path.getsize(tmp) > (1 << 20):
                 os.replace(tmp, archive)
@@ -90,7 +90,8 @@ def _class_data_sharing() -> str:
         return ""
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (a lock's or a recorder's holder)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
