@@ -158,20 +158,29 @@ def _plan(height: int, width: int, indices: list[int], fps: float, types: list[i
                                                           "fast_tokens_per_frame", "tokens")}}
 
 
+def _video_info(path: str | int, info: dict | None, timeout_s: float, autorotate: bool) -> tuple:
+    """(info, frame count, fps, height, width) of a video as its frames are decoded (upright with
+    `autorotate`); a video without frames or a rate cannot be planned."""
+    from reelforge.curation.video import probe_video
+
+    info = info or probe_video(path, timeout_s)
+    total, fps = info.get("frames"), info.get("fps")
+    if not total or not fps:
+        raise TokenError("zero_duration", f"video has {total} frames at {fps} fps")
+    height, width = (info["display_height"], info["display_width"]) if autorotate else (info["height"], info["width"])
+    return info, total, fps, height, width
+
+
 def frame_plan(path: str | int, cfg: VisualTokenConfig | None = None, *, info: dict | None = None,
                timeout_s: float = 600.0, autorotate: bool = True, batch_bytes: int = 1 << 30) -> dict[str, Any]:
     """The frame plan of a video file (`info`: a `video.probe_video` result for it, else probed).
 
     keye-vl-1.0 has no frame types: its plan is the indices, timestamps and the one size.
     Frames are decoded in batches of at most `batch_bytes` of full-size RGB."""
-    from reelforge.curation.video import decode_frames, probe_video
+    from reelforge.curation.video import decode_frames
 
     cfg = cfg or VisualTokenConfig()
-    info = info or probe_video(path, timeout_s)
-    total, fps = info.get("frames"), info.get("fps")
-    if not total or not fps:
-        raise TokenError("zero_duration", f"video has {total} frames at {fps} fps")
-    height, width = (info["display_height"], info["display_width"]) if autorotate else (info["height"], info["width"])
+    info, total, fps, height, width = _video_info(path, info, timeout_s, autorotate)
     n = video_nframes(info.get("duration") or 0.0, fps, cfg, total_frames=total)
     idx = plan_indices(total, n)
     if not cfg.slow_fast:
@@ -227,14 +236,10 @@ def fixed_frame_plans(path: str | int, counts: list[int], cfg: VisualTokenConfig
     keye-vl-1.0: the release's per-frame size for n frames (`video_tokens`' rule with this n),
     every frame slow; nothing is decoded. Raises TokenError (`too_few_frames`, ...) or ProbeError."""
     from reelforge.curation.tokens import _v10_frame_max
-    from reelforge.curation.video import decode_frames, probe_video
+    from reelforge.curation.video import decode_frames
 
     cfg = cfg or VisualTokenConfig()
-    info = info or probe_video(path, timeout_s)
-    total, fps = info.get("frames"), info.get("fps")
-    if not total or not fps:
-        raise TokenError("zero_duration", f"video has {total} frames at {fps} fps")
-    height, width = (info["display_height"], info["display_width"]) if autorotate else (info["height"], info["width"])
+    info, total, fps, height, width = _video_info(path, info, timeout_s, autorotate)
     ns = {k: fixed_nframes(k, total, cfg) for k in counts}
     idx = {k: plan_indices(total, n) for k, n in ns.items()}
     if not cfg.slow_fast:
