@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	@# peers the tests compare against, each in its own venv so their pins never move ours
 	@test -x $(VENV)/peers/datatrove/bin/python || $(PYTHON) -m venv $(VENV)/peers/datatrove
-	$(VENV)/peers/datatrove/bin/pip install -q "datatrove[processing]" spacy
+	$(VENV)/peers/datatrove/bin/pip install -q "datatrove[processing]" spacy orjson
 	@# the released Keye-VL processors, side by side (no deps: numpy, pillow and torch stay the project's)
 	$(PIP) install -q --no-deps --upgrade --target $(VENV)/peers/keye-vl-utils-1.0.0 "keye-vl-utils==1.0.0" \
 	  decord requests urllib3 idna certifi charset-normalizer
