@@ -51,20 +51,10 @@ def make_videos(root: str, per_res: int, duration: float) -> list[str]:
 
 
 def pyav_frames(path: str, indices: list[int]):
-    import av
-    import numpy as np
+    """The frame-sampling benchmark's PyAV decoder (frame threads on), clamped at the end like the plan."""
+    from bench_frame_sampling import pyav_frames as decode
 
-    want, last, out = set(indices), max(indices), {}
-    with av.open(path) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for i, frame in enumerate(container.decode(stream)):
-            if i in want:
-                out[i] = frame.to_ndarray(format="rgb24")
-            if i >= last:
-                break
-    last_frame = out[max(out)]
-    return np.stack([out.get(i, last_frame) for i in indices])
+    return decode(path, indices, auto=True, clamp=True)
 
 
 def main() -> None:

@@ -66,7 +66,9 @@ def make_videos(root: str, per_res: int, duration: float, sources: list[str] = S
     return paths
 
 
-def pyav_frames(path: str, indices: list[int], auto: bool) -> np.ndarray:
+def pyav_frames(path: str, indices: list[int], auto: bool, clamp: bool = False) -> np.ndarray:
+    """Frames `indices` decoded in order with PyAV (`auto`: its frame threads); `clamp`: an index
+    past the last frame repeats the last one decoded, as the project's `past_end="clamp"` does."""
     import av
 
     want = set(indices)
@@ -81,6 +83,8 @@ def pyav_frames(path: str, indices: list[int], auto: bool) -> np.ndarray:
                 out[i] = frame.to_ndarray(format="rgb24")
             if i >= last:
                 break
+    if clamp:
+        return np.stack([out.get(i, out[max(out)]) for i in indices])
     return np.stack([out[i] for i in indices])
 
 
