@@ -4,6 +4,8 @@ Every record a file holds becomes exactly one row (`curation.ingest.rows_to_batc
 reader's rows into Arrow batches, a row that will not convert into a `bad_record` row), and
 `check_counts` compares, per file, the records `count_records` finds with the rows ingest
 wrote, so a reader that loses a tail fails the run's accounting instead of passing as balanced.
+Both counts are made in the task that reads the file and come back in an accumulator with the
+write, so the check costs no Spark job of its own.
 """
 
 from __future__ import annotations
@@ -12,15 +14,14 @@ import json
 from typing import Iterable, Iterator
 
 import pyarrow as pa
+from pyspark import Accumulator, AccumulatorParam
 from pyspark.sql import DataFrame
-from pyspark.sql import functions as F
 
 from reelforge.curation.ingest import count_problems, rows_to_batches
 from reelforge.curation.readers import FILE_REASONS, READERS, count_records
 from reelforge.jobs.spark import spark_schema
 
 _FILES = "source string, format string, path string, root string, options string"
-_COUNTS = pa.schema([("source", pa.string()), ("path", pa.string()), ("expected", pa.int64())])
 
 
 def _files(spark, sources):
@@ -30,34 +31,49 @@ def _files(spark, sources):
     return spark.createDataFrame(files, _FILES).repartition(n)
 
 
-def ingest(spark, sources) -> DataFrame:
-    """One Spark task per source file; each yields rows of the sample schema."""
+class _PerFile(AccumulatorParam):
+    """{(source, path): (expected, rows)} merged by key: a retried or re-run task sends the
+    same entry again, so the merge is idempotent (a plain sum would count a file twice)."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, a: dict, b: dict) -> dict:
+        a.update(b)
+        return a
+
+
+def _record_rows(batch: pa.RecordBatch) -> int:
+    """Rows of a batch that stand for records (not a row about a whole file)."""
+    step, reason = batch.column("drop_step").to_pylist(), batch.column("drop_reason").to_pylist()
+    return sum(not (s == "ingest" and r in FILE_REASONS) for s, r in zip(step, reason))
+
+
+def ingest(spark, sources) -> tuple[DataFrame, Accumulator]:
+    """One Spark task per source file; each yields rows of the sample schema and, in the same
+    task, counts the file's records (`count_records`, a reading independent of the reader's) and
+    the record rows it wrote into the returned accumulator, for `check_counts`: no extra job."""
     fdf = _files(spark, sources)
+    counts = spark.sparkContext.accumulator({}, _PerFile())
 
     def read(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             for f in b.to_pylist():
-                yield from rows_to_batches(READERS[f["format"]](f["path"], f["source"], f["root"],
-                                                                json.loads(f["options"])))
+                opts = json.loads(f["options"])
+                rows = 0
+                for out in rows_to_batches(READERS[f["format"]](f["path"], f["source"], f["root"], opts)):
+                    rows += _record_rows(out)
+                    yield out
+                counts.add({(f["source"], f["path"]): (count_records(f["format"], f["path"], opts), rows)})
 
-    return fdf.mapInArrow(read, spark_schema())
+    return fdf.mapInArrow(read, spark_schema()), counts
 
 
-def check_counts(spark, ingested, sources) -> list[str]:
-    """Count each file's records in executors (one small row per file comes back) and compare
-    with the record rows of `ingested`; returns the problems, empty when every record is there."""
-
-    def count(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for b in batches:
-            out = [{"source": f["source"], "path": f["path"],
-                    "expected": count_records(f["format"], f["path"], json.loads(f["options"]))}
-                   for f in b.to_pylist()]
-            yield pa.RecordBatch.from_pylist(out, schema=_COUNTS)
-
-    counted = _files(spark, sources).mapInArrow(count, "source string, path string, expected long")
-    expected = {(r["source"], r["path"]): r["expected"] for r in counted.collect()}
-    file_row = F.coalesce((F.col("drop_step") == "ingest") & F.col("drop_reason").isin(list(FILE_REASONS)),
-                          F.lit(False))
-    got = {(r["source"], r["source_location"]): r["count"]
-           for r in ingested.filter(~file_row).groupBy("source", "source_location").count().collect()}
-    return count_problems(expected, got)
+def check_counts(counts: Accumulator, sources) -> list[str]:
+    """The problems `ingest`'s per-file counts show (after its rows were written), empty when
+    every record of every file is there."""
+    seen = counts.value
+    files = [(s.name, p) for s in sources for p in s.paths]
+    unread = [f"{p} ({name}) was not read by ingest" for name, p in files if (name, p) not in seen]
+    return unread + count_problems({k: seen[k][0] for k in files if k in seen},
+                                   {k: rows for k, (_, rows) in seen.items()})

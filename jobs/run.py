@@ -360,8 +360,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
         log(f"      {name}: {timings[name]:.1f}s")  # its drops: in the report (no extra Spark job here)
         return path
 
-    prev = stage(0, "ingest", lambda: ingest(spark, recipe.sources),
-                 check=lambda df: check_counts(spark, df, recipe.sources))
+    ingested, per_file = ingest(spark, recipe.sources)
+    prev = stage(0, "ingest", lambda: ingested, check=lambda df: check_counts(per_file, recipe.sources))
     for i, spec in enumerate(recipe.steps, 1):
         step = spec.build()
         src = prev  # steps that write media (clips, modes) put them beside the run: the context's workdir

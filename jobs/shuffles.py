@@ -11,9 +11,12 @@ percentile cut, here too). Nothing is collected to the driver.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterable, Iterator
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
@@ -21,7 +24,7 @@ from reelforge.curation.schema import rows_of
 from reelforge.curation.step import Step
 from reelforge.filters.dedup import ExactDedup, duplicate_reason
 from reelforge.filters.leakage import EVAL_PREFIX, LeakageFilter, leak_drop
-from reelforge.filters.near_dedup import RANK_PREFIX, NearDedup, rank_key
+from reelforge.filters.near_dedup import RANK_PREFIX, NearDedup, near_duplicates, rank_key
 from reelforge.jobs.components import connected_components
 
 _KEY_SCHEMA = pa.schema([("id", pa.string()), ("space", pa.string()), ("key", pa.string()),
@@ -31,6 +34,7 @@ _DROP_SCHEMA = pa.schema([("id", pa.string()), ("drop_reason", pa.string()), ("d
                           ("dup_of", pa.string())])
 _DROP_DDL = "id string, drop_reason string, drop_detail string, dup_of string"
 BROADCAST_ENDS = 1_000_000  # text candidate ends up to this many: their ids are broadcast (~50 MB)
+ONE_TASK_ROWS = 5_000  # dedup_near of a corpus up to this many rows: one task (`_dedup_near_one_task`)
 
 
 def _map_rows(df: DataFrame, fn: Callable[[list[dict]], list[dict]], schema: pa.Schema, ddl: str,
@@ -165,9 +169,57 @@ def _edges(step: NearDedup, keys: DataFrame, rows: DataFrame, across: bool = Fal
     return _map_rows(cand, verify, _EDGE_SCHEMA, "a string, b string", arrow_rows=lambda b: b.to_pylist())
 
 
+def rows_hint(df: DataFrame, max_files: int = 64) -> int | None:
+    """An upper bound on the rows of a DataFrame read from a few Parquet files, from their
+    footers (no Spark job); None when it is not such a DataFrame or the files are many."""
+    try:
+        files = df.inputFiles()
+    except Exception:  # noqa: BLE001 - a plan with no files behind it (built on the driver)
+        return None
+    if not files or len(files) > max_files:
+        return None
+    total = 0
+    for f in files:
+        u = urlparse(f)
+        if u.scheme not in ("", "file") or not f.endswith(".parquet"):
+            return None
+        try:
+            total += pq.ParquetFile(unquote(u.path)).metadata.num_rows
+        except (OSError, ValueError):
+            return None
+    return total
+
+
+def one_task_rows() -> int:
+    """Corpora of up to this many rows run `dedup_near` in one task (REELFORGE_ONE_TASK_ROWS)."""
+    return int(os.environ.get("REELFORGE_ONE_TASK_ROWS", ONE_TASK_ROWS))
+
+
+def _dedup_near_one_task(step: NearDedup, live: DataFrame) -> DataFrame:
+    """The whole of `dedup_near` for a small corpus in ONE Spark task: the live rows go to one
+    partition, where the step's own list functions (`NearDedup.edges`, `near_duplicates`: the
+    same keys, buckets, verification, components and keep rule as the distributed path) decide.
+    One job instead of ~30 small ones: what a run of a few thousand rows spends its time on."""
+
+    def run(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        rows = [r for b in batches for r in rows_of(b)]
+        if step.image_band_bits_auto:
+            step.fit_image_bands(sum(r["kind"] in step.image_kinds for r in rows))
+        dups = near_duplicates(rows, step.edges(rows))
+        out = [{"id": i, "drop_reason": "near_duplicate", "drop_detail": f"near duplicate of {k}", "dup_of": k}
+               for i, k in dups]
+        yield pa.RecordBatch.from_pylist(out, schema=_DROP_SCHEMA)
+
+    return live.repartition(1).mapInArrow(run, _DROP_DDL)
+
+
 def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
-    """Edges -> connected components -> per component the smallest `rank_key` is kept."""
+    """Edges -> connected components -> per component the smallest `rank_key` is kept. A corpus
+    of at most `one_task_rows()` rows (Parquet footers) is decided in one task instead."""
     live = _live(df)
+    hint = rows_hint(df)
+    if hint is not None and hint <= one_task_rows():
+        return mark_drops(df, F.broadcast(_dedup_near_one_task(step, live)), step.name)
     if step.image_band_bits_auto:  # bands as wide as the corpus needs (NearDedup.fit_image_bands)
         kinds = step.image_kinds
         step.fit_image_bands(live.filter(F.col("kind").isin(kinds)).count() if kinds else 0)
