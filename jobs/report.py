@@ -8,20 +8,56 @@ import os
 from pyspark.sql import functions as F
 
 
-def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, timings: dict,
-                 derived: int = 0) -> dict:
-    steps = ["ingest"] + [s.name for s in recipe.steps] + ["write"]
-    drops: dict[str, dict[str, int]] = {s: {} for s in steps}
-    for r in ledger.filter(F.col("fate") == "dropped").groupBy("step", "reason").count().collect():
-        drops.setdefault(r["step"], {})[r["reason"]] = r["count"]
+def ledger_summary(ledger) -> dict:
+    """What the run's accounting and its report need from the ledger, in two small jobs: the
+    rows by (source, fate, step, reason) with their derived ones, and the distinct ids."""
+    groups = [r.asDict() for r in ledger.groupBy("source", "fate", "step", "reason")
+              .agg(F.count(F.lit(1)).alias("n"), F.count("parent_id").alias("derived")).collect()]
+    ids = ledger.select(F.countDistinct("id").alias("ids")).collect()[0]["ids"]
+    return {"groups": groups, "ids": ids, "derived": sum(g["derived"] for g in groups),
+            "kept": sum(g["n"] for g in groups if g["fate"] == "kept"),
+            "dropped": sum(g["n"] for g in groups if g["fate"] == "dropped")}
+
+
+def _token_sums(df):
     media_bytes = F.aggregate(F.coalesce(F.col("media"), F.array()), F.lit(0).cast("long"),
                               lambda acc, m: acc + F.coalesce(m["length"], F.lit(0).cast("long")))
-    by_step = {r["s"]: r for r in
-               final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"))
-               .agg(F.sum(media_bytes).alias("b"), F.sum("text_tokens").alias("tt"),
-                    F.sum("visual_tokens").alias("vt"), F.sum("tokens").alias("t")).collect()}
-    bytes_by_step = {k: r["b"] or 0 for k, r in by_step.items()}
-    tokens_by_step = {k: r["t"] or 0 for k, r in by_step.items()}
+    return (F.sum(media_bytes).alias("b"), F.sum("text_tokens").alias("tt"), F.sum("visual_tokens").alias("vt"),
+            F.sum("tokens").alias("t"))
+
+
+def build_report(spark, recipe, final, ledger, summary: dict, stats: list[dict], inputs: int,
+                 timings: dict) -> dict:
+    """The run report from the ledger summary (`ledger_summary`) and one pass over the final rows
+    (bytes and tokens by the step that dropped them and by source)."""
+    derived = summary["derived"]
+    steps = ["ingest"] + [s.name for s in recipe.steps] + ["write"]
+    drops: dict[str, dict[str, int]] = {s: {} for s in steps}
+    per_source: dict[str, dict] = {}
+    for g in summary["groups"]:
+        d = per_source.setdefault(g["source"], {"inputs": 0, "kept": 0, "dropped": 0, "reasons": {}})
+        d[g["fate"]] += g["n"]
+        d["inputs"] += g["n"]
+        if g["fate"] == "dropped":
+            step_drops = drops.setdefault(g["step"], {})
+            step_drops[g["reason"]] = step_drops.get(g["reason"], 0) + g["n"]
+            d["reasons"][g["reason"]] = d["reasons"].get(g["reason"], 0) + g["n"]
+    by_step: dict[str, dict] = {}
+    live_by_source: dict[str, dict] = {}
+    for r in final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"), "source").agg(*_token_sums(final)).collect():
+        acc = by_step.setdefault(r["s"], {"b": 0, "t": 0})
+        acc["b"] += r["b"] or 0
+        acc["t"] += r["t"] or 0
+        if r["s"] == "":
+            live_by_source[r["source"]] = {"text_tokens": r["tt"] or 0, "visual_tokens": r["vt"] or 0,
+                                           "tokens": r["t"] or 0}
+    if drops.get("write"):  # rows the shard writer could not write: live above, not kept
+        lost = ledger.filter((F.col("fate") == "dropped") & (F.col("step") == "write")).select("id")
+        for r in final.join(lost, "id").groupBy("source").agg(*_token_sums(final)).collect():
+            for k, v in (("text_tokens", r["tt"]), ("visual_tokens", r["vt"]), ("tokens", r["t"])):
+                live_by_source[r["source"]][k] -= v or 0
+    bytes_by_step = {k: v["b"] for k, v in by_step.items()}
+    tokens_by_step = {k: v["t"] for k, v in by_step.items()}
     survived_bytes = bytes_by_step.get("", 0)
     born: dict[str, int] = {}
     if derived:
@@ -49,23 +85,14 @@ def build_report(spark, recipe, final, ledger, stats: list[dict], inputs: int, t
         t_in = row["tokens_out"]
     rows[-1]["media_bytes_out"] = survived_bytes
     rows[-1]["shard_bytes"] = sum(s["bytes"] for s in stats)
-    per_source: dict[str, dict] = {}
-    for r in ledger.groupBy("source", "fate").count().collect():
-        d = per_source.setdefault(r["source"], {"inputs": 0, "kept": 0, "dropped": 0})
-        d[r["fate"]] += r["count"]
-        d["inputs"] += r["count"]
-    kept_ids = ledger.filter(F.col("fate") == "kept").select("id")
-    for r in (final.join(kept_ids, "id").groupBy("source")
-              .agg(F.sum("text_tokens").alias("tt"), F.sum("visual_tokens").alias("vt"),
-                   F.sum("tokens").alias("t")).collect()):
-        per_source[r["source"]].update(text_tokens=r["tt"] or 0, visual_tokens=r["vt"] or 0, tokens=r["t"] or 0)
-    kept = sum(d["kept"] for d in per_source.values())
-    dropped = sum(d["dropped"] for d in per_source.values())
+    for name, d in per_source.items():
+        d.update(live_by_source.get(name, {"text_tokens": 0, "visual_tokens": 0, "tokens": 0}))
+        d["reasons"] = dict(sorted(d["reasons"].items(), key=lambda kv: (-kv[1], kv[0])))
     semantic = semantic_sections(recipe)
     return {**({"semantic": semantic} if semantic else {}),
         "recipe": recipe.name, "master": spark.sparkContext.master,
-        "inputs": inputs, "derived": derived, "kept": kept, "dropped": dropped,
-        "balanced": inputs + derived == kept + dropped,
+        "inputs": inputs, "derived": derived, "kept": summary["kept"], "dropped": summary["dropped"],
+        "balanced": inputs + derived == summary["kept"] + summary["dropped"],
         "shards": len(stats), "steps": rows,
         "tokens": {k: sum(d.get(k, 0) for d in per_source.values())
                    for k in ("text_tokens", "visual_tokens", "tokens")},
@@ -159,14 +186,16 @@ def render_markdown(report: dict) -> str:
                      f"{s['tokens_in']:,} | {s['tokens_out']:,} | {s['seconds']} | {reasons} |")
     lines += ["", "Tokens are known from the `tokens` step on; samples dropped before it count 0.",
               "", "## Sources (kept tokens)", "",
-              "| source | inputs | kept | dropped | text tokens | visual tokens | tokens |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+              "| source | inputs | kept | dropped | text tokens | visual tokens | tokens | dropped for |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for name, d in report["sources"].items():
+        why = d.get("reasons", {})
+        reasons = ", ".join(f"{k} {v}" for k, v in list(why.items())[:4]) + (", ..." if len(why) > 4 else "")
         lines.append(f"| {name} | {d['inputs']} | {d['kept']} | {d['dropped']} | {d.get('text_tokens', 0):,} | "
-                     f"{d.get('visual_tokens', 0):,} | {d.get('tokens', 0):,} |")
+                     f"{d.get('visual_tokens', 0):,} | {d.get('tokens', 0):,} | {reasons or '-'} |")
     t = report.get("tokens", {})
     lines.append(f"| **all** | {report['inputs']} | {report['kept']} | {report['dropped']} | "
-                 f"{t.get('text_tokens', 0):,} | {t.get('visual_tokens', 0):,} | {t.get('tokens', 0):,} |")
+                 f"{t.get('text_tokens', 0):,} | {t.get('visual_tokens', 0):,} | {t.get('tokens', 0):,} | |")
     lines += _semantic_markdown(report.get("semantic") or [])
     paths = report.get("paths", {})
     if paths:

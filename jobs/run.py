@@ -320,7 +320,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.curation.shards import read_stats
     from reelforge.jobs.engine import run_step
     from reelforge.jobs.ingest import check_counts, ingest
-    from reelforge.jobs.report import build_report, write_report
+    from reelforge.jobs.report import build_report, ledger_summary, write_report
     from reelforge.jobs.semantic import check_embeddings
     from reelforge.jobs.shards import write_shards
     from reelforge.jobs.spark import get_spark, spark_schema
@@ -409,11 +409,9 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     ledger = spark.read.parquet(ledger_path)
 
     inputs = _parquet_rows(os.path.join(work, "00_ingest"))
-    counts = ledger.agg(F.count(F.when(F.col("fate") == "kept", 1)).alias("kept"),
-                        F.count(F.when(F.col("fate") == "dropped", 1)).alias("dropped"),
-                        F.count("parent_id").alias("derived"), F.countDistinct("id").alias("ids")).collect()[0]
-    derived, distinct_ids = counts["derived"], counts["ids"]
-    kept, n_dropped = counts["kept"], counts["dropped"]
+    summary = ledger_summary(ledger)
+    derived, distinct_ids = summary["derived"], summary["ids"]
+    kept, n_dropped = summary["kept"], summary["dropped"]
     kept_in_shards = sum(s["samples"] for s in stats)
 
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
@@ -424,7 +422,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)
     in_table = _parquet_rows(samples_path)
 
-    report = build_report(spark, recipe, final, ledger, stats, inputs, timings, derived)
+    report = build_report(spark, recipe, final, ledger, summary, stats, inputs, timings)
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),
                        "ledger": ledger_path, "samples": samples_path, "report": os.path.join(out, "report.md")}

@@ -114,3 +114,44 @@ def test_ingest_counts_come_back_with_the_write(spark, tmp_path):
     fresh.add({("docs", a): (8, 8)})  # b.jsonl never reported: a file no task read
     (problem,) = check_counts(fresh, recipe.sources)
     assert "b.jsonl" in problem and "was not read" in problem
+
+
+def test_report_from_one_ledger_pass_counts_what_reached_the_shards(spark, tmp_path):
+    """The report's figures from `ledger_summary` + one pass over the final rows: a sample the
+    shard writer could not write is live in the final rows but neither kept nor counted in the
+    source's kept tokens; drops are counted per step and per source and reason."""
+    from types import SimpleNamespace
+
+    from reelforge.curation.schema import empty_row
+    from reelforge.jobs.report import build_report, ledger_summary
+    from reelforge.jobs.run import LEDGER_COLUMNS
+    from reelforge.jobs.spark import sample_frame
+
+    def row(i, source, tokens, drop=None):
+        return dict(empty_row(), id=i, source=source, kind="text", text="t", text_tokens=tokens, visual_tokens=0,
+                    tokens=tokens, drop_step=drop and drop[0], drop_reason=drop and drop[1])
+
+    final = sample_frame(spark, [row("a", "s1", 10), row("b", "s1", 20),
+                                 row("c", "s1", 40, ("dedup_near", "near_duplicate")),
+                                 row("d", "s2", 5), row("e", "s2", 7, ("quality", "too_short"))])
+    fates = {"a": ("kept", None, None), "b": ("dropped", "write", "media_unreadable"),
+             "c": ("dropped", "dedup_near", "near_duplicate"), "d": ("kept", None, None),
+             "e": ("dropped", "quality", "too_short")}
+    src = {"a": "s1", "b": "s1", "c": "s1", "d": "s2", "e": "s2"}
+    ledger = spark.createDataFrame(
+        [tuple({"id": i, "source": src[i], "fate": f, "step": s, "reason": r}.get(c) for c in LEDGER_COLUMNS)
+         for i, (f, s, r) in fates.items()], ", ".join(f"{c} string" for c in LEDGER_COLUMNS))
+    summary = ledger_summary(ledger)
+    assert (summary["kept"], summary["dropped"], summary["ids"], summary["derived"]) == (2, 3, 5, 0)
+    recipe = SimpleNamespace(name="r", steps=[SimpleNamespace(name="quality"), SimpleNamespace(name="dedup_near")],
+                             output=str(tmp_path))
+    rep = build_report(spark, recipe, final, ledger, summary, [], 5, {})
+    s1, s2 = rep["sources"]["s1"], rep["sources"]["s2"]
+    assert (s1["inputs"], s1["kept"], s1["dropped"], s1["tokens"]) == (3, 1, 2, 10)  # b: live but not written
+    assert s1["reasons"] == {"media_unreadable": 1, "near_duplicate": 1}
+    assert (s2["kept"], s2["tokens"], s2["reasons"]) == (1, 5, {"too_short": 1})
+    assert rep["tokens"]["tokens"] == 15 and rep["balanced"]
+    steps = {s["step"]: s for s in rep["steps"]}
+    assert [s["out"] for s in rep["steps"]] == [5, 4, 3, 2]
+    assert steps["dedup_near"]["tokens_in"] == 75 and steps["dedup_near"]["tokens_out"] == 35
+    assert steps["write"]["reasons"] == {"media_unreadable": 1}
