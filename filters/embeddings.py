@@ -15,17 +15,25 @@ by its threshold afterwards):
                      is the L2-normalised mean of its sampled frames' (normalised) embeddings
     text    binary   the sample's text embedding (the caption the step scored), the same bytes
                      on every row of the sample
+    text_hash string `text_hash` of that caption (blake2b-64, hex): a reader that wants the
+                     embedding of some text of the sample (`leakage` embeds every turn of a
+                     conversation, the CLIP step by default its assistant turns) reuses it only
+                     when the hashes agree, so a different or since rewritten text is embedded again
     model   string   the open_clip fields that made them, as compact JSON
                      ({"model", "pretrained", "model_config"}): `model_fields` reads it back
     dim     int32    the embedding width
 
 A single-medium sample has one row (index 0); steps that want one vector per sample
 (`dedup_semantic`) read index 0, the first medium. Readers: `read_embeddings` (numpy),
-`read_embedding_table` (every row, Arrow); the Spark side is `jobs.semantic.embeddings_frame`.
+`read_embedding_table` (every row, Arrow); the Spark side is `jobs.semantic.embeddings_frame`
+(one medium) and `jobs.semantic.kept_embeddings` (the folder a `from_step` names, checked).
+A reader reuses them only for the same model: `same_model` compares the `model` column with
+its own open_clip fields (paths compared as real paths).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -35,7 +43,8 @@ import pyarrow as pa
 FOLDER = "embeddings"  # under the run's output folder
 DTYPE = np.dtype("<f2")
 TABLE_SCHEMA = pa.schema([("id", pa.string()), ("index", pa.int32()), ("image", pa.binary()),
-                          ("text", pa.binary()), ("model", pa.string()), ("dim", pa.int32())])
+                          ("text", pa.binary()), ("text_hash", pa.string()), ("model", pa.string()),
+                          ("dim", pa.int32())])
 # what a CLIP step hands the engine per sample, under the row key below (the engine adds model and dim)
 ROW_KEY = "_embeddings"
 ROW_TYPE = pa.list_(pa.struct([("index", pa.int32()), ("image", pa.binary()), ("text", pa.binary())]))
@@ -61,6 +70,28 @@ def model_fields(tag: str) -> dict:
     """{"model", "pretrained", "model_config"} from a `model` column value."""
     d = json.loads(tag)
     return {"model": d["model"], "pretrained": d.get("pretrained") or "", "model_config": d.get("model_config") or ""}
+
+
+def _where(value: str) -> str:
+    """A path as its real path (symlinks and `..` resolved); a tag or name that is no file, as given."""
+    return os.path.realpath(value) if value and os.path.exists(value) else value
+
+
+def same_model(tag: str, model: str, pretrained: str | None, model_config: str | None) -> bool:
+    """Whether the embeddings of `model` column value `tag` were made by these open_clip fields:
+    the same architecture name, and the same checkpoint (a tag, or a file at the same real
+    path) and model config."""
+    try:
+        f = model_fields(tag)
+    except (ValueError, KeyError, TypeError):
+        return False
+    return (f["model"] == model and _where(f["pretrained"]) == _where(pretrained or "")
+            and _where(f["model_config"]) == _where(model_config or ""))
+
+
+def text_hash(text: str) -> str:
+    """The `text_hash` column: blake2b-64 (hex) of the text a text embedding is of."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
 
 
 def to_bytes(v: np.ndarray) -> bytes:

@@ -17,7 +17,15 @@ Three rules (`rule`), the first the default, both Keye-VL rules as the report st
   against the evaluation item's images at cosine > `image_cosine` (0.98) AND the CLIP text
   encoder's embeddings of the sample's text against the item's text at cosine > `text_cosine`
   (0.50). The model is the clip step's (`model`, `pretrained`, `model_config`, loaded with
-  `filters.clip_score.load_scorer`); evaluation items are embedded once, on the driver.
+  `filters.clip_score.load_scorer`); evaluation items are embedded once, on the driver. With
+  `from_step: clip` the corpus side reuses what that CLIP step kept (`keep_embeddings: true`,
+  `filters.embeddings`) when it was made by this same model: a sample's kept image embedding
+  per medium, and its kept text embedding when its `text_hash` is that of the text this rule
+  embeds (every turn of a conversation; the CLIP step embeds its assistant turns by default),
+  so only what the CLIP step did not embed goes through the encoder here. Another model, or no
+  complete folder: everything is embedded here, as without `from_step`. The step's report
+  section (`_work/leakage/<name>-<hash>.json`) says which, why, and how many images and texts
+  were reused and embedded.
 - `hamming`: pHash Hamming distance <= `image_hamming` (10) against any evaluation image.
 
 Under every rule, the text of every sample is also checked the way near dedup checks text
@@ -43,9 +51,16 @@ import numpy as np
 
 from reelforge.curation.schema import all_text
 from reelforge.curation.step import register_step
+from reelforge.filters.embeddings import from_bytes, text_hash
 from reelforge.filters.near_dedup import NearDedup
 
 EVAL_PREFIX = "eval:"
+# what the engine joins onto a corpus row from the kept embeddings of `from_step` (jobs.semantic.leakage_embeddings)
+KEPT_IMAGES = "_kept_images"      # [{index, image}]: the kept image embedding of each medium, by its index
+KEPT_TEXT = "_kept_text"          # the kept text embedding (float16 bytes)
+KEPT_TEXT_HASH = "_kept_text_hash"  # text_hash of the text it is of
+# counters of the corpus side, summed over the batches into the report section
+COUNTERS = ("samples", "images_reused", "images_embedded", "texts_reused", "texts_embedded", "encoder_calls")
 RULES = ("keye_pretrain", "keye_posttrain", "hamming")
 _MASK64 = (1 << 64) - 1
 _BITSET_SEED = 1
@@ -249,7 +264,7 @@ class LeakageFilter(NearDedup):
     def __init__(self, eval_sets: list[dict] | None = None, rule: str = "keye_pretrain", jaccard: float = 0.95,
                  image_cosine: float = 0.98, text_cosine: float = 0.50, text: bool = True,
                  model: str = "ViT-B-32", pretrained: str = "", model_config: str = "", device: str = "auto",
-                 batch_size: int = 64, **kw: Any):
+                 batch_size: int = 64, from_step: str = "", **kw: Any):
         super().__init__(**kw)
         sets = eval_sets or []
         if not sets:
@@ -277,6 +292,17 @@ class LeakageFilter(NearDedup):
         self.model, self.pretrained, self.model_config = model, pretrained, model_config
         self.device = device
         self.batch_size = int(batch_size)
+        if not isinstance(from_step, str) or (from_step and not from_step.isidentifier()):
+            raise ValueError(f"from_step must be the name of a step, such as clip, got {from_step!r}")
+        if from_step and rule != "keye_posttrain":
+            raise ValueError(f"from_step reuses a CLIP step's kept embeddings, which only rule keye_posttrain "
+                             f"uses (rule is {rule}): drop from_step")
+        self.from_step = from_step
+        self._fields = json.dumps({"eval_sets": sets, "rule": rule, "jaccard": self.jaccard,
+                                   "image_cosine": self.image_cosine, "text_cosine": self.text_cosine,
+                                   "text": self.text, "model": model, "pretrained": pretrained,
+                                   "model_config": model_config, "from_step": from_step, **kw},
+                                  sort_keys=True, default=str)  # as the recipe gave them
         if rule == "keye_posttrain":
             from reelforge.filters.clip_score import check_clip_model
 
@@ -286,6 +312,17 @@ class LeakageFilter(NearDedup):
             if model_config and not os.path.exists(model_config):
                 raise ValueError(f"model_config {model_config} does not exist")
             check_clip_model(model, pretrained, model_config)
+
+    # -- the run's files ----------------------------------------------------------------------
+    def report_name(self) -> str:
+        """The file (under `_work/leakage/`) holding this step's report section: named by its
+        recipe fields, so two such steps in a recipe keep apart."""
+        import hashlib
+
+        return f"{self.name}-{hashlib.sha256(self._fields.encode()).hexdigest()[:12]}.json"
+
+    def report_path(self, workdir: str) -> str:
+        return os.path.join(workdir, "leakage", self.report_name())
 
     # -- parameters -----------------------------------------------------------------------------
     def image_lsh_params(self) -> tuple[int, int]:
@@ -367,10 +404,13 @@ class LeakageFilter(NearDedup):
 
         return caption_of(row, "all")
 
-    def _embed_images(self, media: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings, decoded?) of image media; an image that cannot be decoded gets a zero row."""
+    def _embed_images(self, media: list[dict], stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, decoded?) of image media; an image that cannot be decoded gets a zero row.
+        `stats` counts the images that went through the image encoder, and its calls."""
         from reelforge.curation.media_io import decode_visual
 
+        if not media:
+            return np.zeros((0, 1), np.float32), np.zeros(0, dtype=bool)
         sc = self._clip()
         pix, ok = [], np.zeros(len(media), dtype=bool)
         for i, m in enumerate(media):
@@ -384,34 +424,95 @@ class LeakageFilter(NearDedup):
             return np.zeros((len(media), 1), np.float32), ok
         x = sc.torch.stack(pix)
         emb = np.concatenate([sc.embed_pixels(x[s:s + self.batch_size]) for s in range(0, len(x), self.batch_size)])
+        if stats is not None:
+            stats["images_embedded"] = stats.get("images_embedded", 0) + len(x)
+            stats["encoder_calls"] = stats.get("encoder_calls", 0) + -(-len(x) // self.batch_size)
         out = np.zeros((len(media), emb.shape[1]), np.float32)
         out[ok] = emb
         return out, ok
 
-    def _embed_texts(self, texts: list[str]) -> np.ndarray:
-        """CLIP text embeddings; an empty text gets a NaN row (it matches nothing)."""
-        sc = self._clip()
+    def _embed_texts(self, texts: list[str], stats: dict | None = None) -> np.ndarray:
+        """CLIP text embeddings; an empty text gets a NaN row (it matches nothing). `stats`
+        counts the texts that went through the text encoder, and its calls."""
         some = [i for i, t in enumerate(texts) if t.strip()]
         if not some:
             return np.full((len(texts), 1), np.nan, np.float32)
+        sc = self._clip()
         emb = np.concatenate([sc.embed_texts([texts[i] for i in some[s:s + self.batch_size]])
                               for s in range(0, len(some), self.batch_size)])
+        if stats is not None:
+            stats["texts_embedded"] = stats.get("texts_embedded", 0) + len(some)
+            stats["encoder_calls"] = stats.get("encoder_calls", 0) + -(-len(some) // self.batch_size)
         out = np.full((len(texts), emb.shape[1]), np.nan, np.float32)
         out[some] = emb
         return out
 
+    # -- the corpus side of keye_posttrain: kept embeddings, or the encoder -------------------------------
+    def _image_embeddings(self, recs: list[dict], owner: list[int], where: list[int], media: list[dict],
+                          index: LeakIndex, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings, usable?) of the image media (medium `where[i]` of sample `owner[i]`): the
+        kept embedding of that medium when the row carries one (KEPT_IMAGES), else the encoder's."""
+        dim = index.image_emb.shape[1] if index.image_emb is not None and index.image_emb.ndim == 2 else 0
+        kept = [{e["index"]: e["image"] for e in (r.get(KEPT_IMAGES) or []) if e.get("image") is not None}
+                for r in recs]
+        emb = np.zeros((len(media), max(dim, 1)), np.float32)
+        ok = np.zeros(len(media), dtype=bool)
+        todo = []
+        for k, (s, j) in enumerate(zip(owner, where)):
+            b = kept[s].get(j)
+            if b is not None and dim and len(b) == 2 * dim:
+                emb[k], ok[k] = from_bytes(b), True
+            else:
+                todo.append(k)
+        stats["images_reused"] = stats.get("images_reused", 0) + len(media) - len(todo)
+        if todo:
+            got, good = self._embed_images([media[k] for k in todo], stats)
+            if got.shape[1] != emb.shape[1]:  # nothing decoded (one zero column), or no evaluation image
+                good = good & (got.shape[1] == emb.shape[1])
+            else:
+                emb[todo] = got
+            ok[todo] = good
+        return emb, ok
+
+    def _text_embeddings(self, recs: list[dict], samples: list[int], dim: int, stats: dict) -> np.ndarray:
+        """(len(recs), dim) text embeddings of `samples` (NaN rows elsewhere, and for an empty
+        text): the kept one when its text_hash is that of `clip_text(row)`, else the encoder's."""
+        txt = np.full((len(recs), dim), np.nan, np.float32)
+        todo, texts = [], []
+        for s in samples:
+            cap = self.clip_text(recs[s])
+            if not cap.strip():
+                continue  # no text: no match (a kept embedding of the empty text is not used)
+            b, h = recs[s].get(KEPT_TEXT), recs[s].get(KEPT_TEXT_HASH)
+            if b is not None and h is not None and len(b) == 2 * dim and h == text_hash(cap):
+                txt[s] = from_bytes(b)
+                stats["texts_reused"] = stats.get("texts_reused", 0) + 1
+            else:
+                todo.append(s)
+                texts.append(cap)
+        if todo:
+            got = self._embed_texts(texts, stats)
+            if got.shape[1] == dim:
+                txt[todo] = got
+        return txt
+
     # -- the decision over a batch of training samples -------------------------------------------------
-    def leaks_of(self, recs: list[dict], index: LeakIndex) -> dict[str, str]:
+    def leaks_of(self, recs: list[dict], index: LeakIndex, stats: dict | None = None) -> dict[str, str]:
         """Training sample id -> the evaluation item it leaks (the smallest id when several
-        match), for a batch of live rows, under `rule` (plus the text rule with `text`)."""
+        match), for a batch of live rows, under `rule` (plus the text rule with `text`). Under
+        keye_posttrain a row carrying kept embeddings (KEPT_IMAGES, KEPT_TEXT, KEPT_TEXT_HASH)
+        is not embedded again; `stats` (when given) counts what was reused and embedded."""
+        stats = {} if stats is None else stats
+        stats["samples"] = stats.get("samples", 0) + len(recs)
         hits: set[tuple[int, int]] = set()
         if self.text:
             hits |= text_hits(self, [all_text(r) for r in recs], index)
-        owner, hashes, media = [], [], []
+        owner, where, hashes, media = [], [], [], []
         for s, r in enumerate(recs):
-            for m in r.get("media") or []:
+            for j, m in enumerate(r.get("media") or []):
                 if m["kind"] == "image" and (m.get("phash") or self.rule == "keye_posttrain"):
                     owner.append(s)
+                    where.append(j)
                     hashes.append((m.get("phash") or [0])[0])
                     media.append(m)
         if media and len(index.image_item):
@@ -422,14 +523,9 @@ class LeakageFilter(NearDedup):
             elif self.rule == "hamming":
                 hits |= {(owner[q], e) for q, e in hamming_image_hits(hashes, index, self.image_hamming)}
             else:
-                emb, ok = self._embed_images(media)
+                emb, ok = self._image_embeddings(recs, owner, where, media, index, stats)
                 keep = np.flatnonzero(ok)
-                with_image = sorted({owner[i] for i in keep})
-                txt = np.full((len(recs), 1), np.nan, np.float32)
-                if with_image:
-                    got = self._embed_texts([self.clip_text(recs[s]) for s in with_image])
-                    txt = np.full((len(recs), got.shape[1]), np.nan, np.float32)
-                    txt[with_image] = got
+                txt = self._text_embeddings(recs, sorted({owner[i] for i in keep}), emb.shape[1], stats)
                 hits |= posttrain_hits(emb[keep], np.array(owner)[keep], txt, index, self.image_cosine,
                                        self.text_cosine)
         out: dict[str, str] = {}

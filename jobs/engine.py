@@ -60,6 +60,8 @@ def run_step(step: Step, df: DataFrame, workdir: str | None = None) -> DataFrame
     """The DataFrame of samples after `step`: its shuffle, or its row pass and then its cut."""
     if step.shuffle == "dedup_semantic":  # needs the run's folder (kept embeddings, its report section)
         return dedup_semantic(step, df, workdir, task_context)
+    if step.shuffle == "leakage":  # needs the run's folder too (a CLIP step's kept embeddings, its report section)
+        return SHUFFLES["leakage"](step, df, workdir)
     if step.shuffle is not None:
         if step.shuffle not in SHUFFLES:
             raise ValueError(f"step {step.name!r} asks for the shuffle {step.shuffle!r}, which the engine does not "
