@@ -27,8 +27,8 @@ _FILES = "source string, format string, path string, root string, options string
 def _files(spark, sources):
     files = [(s.name, s.format, p, s.root, json.dumps(s.options, sort_keys=True))
              for s in sources for p in s.paths]
-    n = max(1, min(len(files), 4096))
-    return spark.createDataFrame(files, _FILES).repartition(n)
+    n = max(1, min(len(files), 4096))  # a partition per file (up to 4096), without a shuffle
+    return spark.createDataFrame(spark.sparkContext.parallelize(files, n), _FILES)
 
 
 class _PerFile(AccumulatorParam):

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import errno
 import glob
+import importlib
 import json
 import os
 import re
 import shutil
 import socket
+import threading
 import time
 from typing import Callable
 
@@ -326,6 +328,8 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.jobs.spark import get_spark, spark_schema
 
     t_start = time.time()
+    # the funnel plot's matplotlib (~1 s of imports) loads while the driver waits on the JVM
+    threading.Thread(target=_preload_matplotlib, daemon=True).start()
     out = recipe.output
     work = os.path.join(out, "_work")
     check_embeddings(recipe, out)  # from_step names an earlier keeper; RUN/embeddings/ holds this recipe's only
@@ -457,6 +461,16 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     if problems:
         raise AccountingError("sample accounting failed: " + "; ".join(problems))
     return report
+
+
+def _preload_matplotlib() -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # what plot_funnel sets: files, no display
+        importlib.import_module("matplotlib.pyplot")
+    except Exception:  # noqa: BLE001 - the report imports it again and says what is wrong
+        pass
 
 
 def _parquet_rows(path: str) -> int:
