@@ -149,146 +149,121 @@ def accuracy(vocab: np.ndarray, num_perm: int, n: int, seed: int, pairs: int = 1
     return {k: float(np.mean(v)) for k, v in err.items() if v}
 
 
-def profile(docs: list[str], num_perm: int, n: int, seed: int) -> dict[str, float] | None:
+def profile(docs: list[str], num_perm: int, n: int, seed: int, clock) -> dict[str, float] | None:
     """Microseconds per document of each stage of the numba path (best of 5 runs each, so on a
     busy machine the remainder line can come out slightly negative)."""
-    if mh.backend() != "numba" or n < 1:
+    if mh.backend() != "numba" or not hasattr(mh, "_nb_word_bounds"):
         return None
+    import numba
 
-    @mh._jit
-    def words_only(buf, off, cls, tb, th, lo, hi, ln):  # separator scan + one xxh64 per word
+    @numba.njit(nogil=True)  # no on-disk cache: it would not see edits of the kernels it calls
+    def stages(buf, off, cls, n, coef, a, b, upto):
+        mh._nb_fold_ascii(buf)
+        size = int(np.max(off[1:] - off[:-1])) + 2
+        nw = size // 2 + 1
+        tb = np.empty(size + 1, np.int64)
+        th, lo, hi = np.empty(nw, np.uint64), np.empty(nw, np.uint64), np.empty(nw, np.uint64)
+        ln, hh, h32 = np.empty(nw, np.int64), np.empty(nw, np.uint64), np.empty(nw, np.uint32)
+        out = np.empty((off.size - 1, a.size), np.uint32)
         total = 0
         for d in range(off.size - 1):
-            total += mh._nb_word_tokens(buf, off[d], off[d + 1], cls, tb, th, lo, hi, ln)
-        return total
-
-    @mh._jit
-    def words_and_ngrams(buf, off, cls, n, tb, th, lo, hi, ln, v1, v2, v3, v4, hh):  # + the n-gram hashes
-        total = np.uint64(0)
-        for d in range(off.size - 1):
-            ntok = mh._nb_word_tokens(buf, off[d], off[d + 1], cls, tb, th, lo, hi, ln)
+            ntok = mh._nb_word_bounds(buf, off[d], off[d + 1], cls, tb)  # case fold + separator scan
+            total += ntok
+            if upto == 0 or ntok == 0:
+                continue
+            mh._nb_word_hashes(buf, tb, ntok, th, lo, hi, ln)  # one word_hash per word
+            if upto == 1:
+                continue
             m = min(n, ntok)
-            ns = ntok - m + 1 if ntok else 0
-            for j0 in range(0, ns, 512):
-                cnt = min(512, ns - j0)
-                mh._nb_word_block(th, j0, cnt, m, v1, v2, v3, v4, hh)
-                total += hh[0]
+            mh._nb_ngram_hashes(th, m, ntok - m + 1, coef, hh)  # n multiply-adds per shingle
+            if upto == 2:
+                continue
+            mh._nb_affine32_min(hh, ntok - m + 1, a, b, h32, out, d)  # fmix32, permutations, minima
         return total
 
     def best(f, *args) -> float:
         f(*args)
         t = []
         for _ in range(5):
-            t0 = time.perf_counter()
+            t0 = clock()
             f(*args)
-            t.append(time.perf_counter() - t0)
+            t.append(clock() - t0)
         return min(t) / len(docs) * 1e6
 
-    buf, off = mh._encode_batch(docs, mh._prepare_for_kernel, pad=16)
-    cls = mh._separator_table()
-    size = int(np.diff(off).max()) + 4
-    tb, th = np.empty(size, np.int64), np.empty(size, np.uint64)
-    lo, hi, ln = np.empty(size, np.uint64), np.empty(size, np.uint64), np.empty(size, np.int64)
-    blocks = [np.empty(512, np.uint64) for _ in range(5)]
-    a, b = mh.permutations(num_perm, seed)
-    a64, b64 = mh.permutations(1, 0, "legacy")
-    out = np.empty((len(docs), num_perm), np.uint32)
-    prep = best(mh._encode_batch, docs, mh._prepare_for_kernel, 16)
-    words = best(words_only, buf, off, cls, tb, th, lo, hi, ln)
-    ngrams = best(words_and_ngrams, buf, off, cls, n, tb, th, lo, hi, ln, *blocks)
-    kernel = best(mh._nb_signatures, buf, off, cls, n, False, a, b, a64, b64, False, out)
+    buf, off = mh._encode_batch(docs, mh._prepare_for_kernel, pad=mh._KERNEL_PAD)
+    args = (buf, off, mh._separator_table(), n, mh.ngram_coefficients(n + 1), *mh.permutations(num_perm, seed))
+    prep = best(mh._encode_batch, docs, mh._prepare_for_kernel, mh._KERNEL_PAD)
+    upto = [best(stages, *args, k) for k in range(4)]
     total = best(mh.signatures, docs, num_perm, n, "word", seed)
     return {
         "python_prep_nfkc_encode_join": prep,
-        "scan_and_word_xxh64": words,
-        "ngram_xxh64": ngrams - words,
-        "permutations_and_min": kernel - ngrams,
-        "other_(total_minus_stages)": total - prep - kernel,  # each stage is a separate best-of-5
+        "case_fold_and_separator_scan": upto[0],
+        "word_hashes": upto[1] - upto[0],
+        "ngram_multiply_shift": upto[2] - upto[1],
+        "fmix32_permutations_and_min": upto[3] - upto[2],
+        "other_(total_minus_stages)": total - prep - upto[3],  # each stage is a separate best-of-5
         "total": total,
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--docs", type=int, default=100_000)
-    ap.add_argument("--ds-docs", type=int, default=2000, help="datasketch runs on this many of the documents")
-    ap.add_argument("--batch", type=int, default=2000, help="texts per signatures() call (an Arrow batch)")
-    ap.add_argument("--num-perm", type=int, default=128)
-    ap.add_argument("--n", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--cpu", type=int, default=None, help="core to pin to (default: the first allowed)")
-    args = ap.parse_args()
-    from datasketch import MinHash
-
-    try:
-        import rensa
-    except ImportError:
-        rensa = None
-    cpu = pin_to_one_core(args.cpu)
+def one_pass(args, vocab, clock, rensa, MinHash, first: bool) -> dict:
+    """One pass over the documents: per chunk, the project, then the Python shingling, then each
+    peer on the same chunk (so a slow spell of the machine hits every tool alike)."""
     P, n, seed = args.num_perm, args.n, args.seed
-    vocab = make_vocab(0)
-
-    t0 = time.perf_counter()
-    mh.signatures(["warm up the compiled kernel"], P, n)
-    warm = time.perf_counter() - t0
-
     t = {"project": 0.0, "shingling": 0.0, "encode": 0.0, "ds": 0.0, "ds_bulk": 0.0, "rensa": 0.0, "rensa_bulk": 0.0}
-    counts = {"ds": 0, "shingled": 0}
-    words = shingle_count = 0
-    bytes_total = 0
-    done = 0
+    st = {"ds": 0, "words": 0, "shingles": 0, "bytes": 0, "docs": 0}
     chunk_index = 0
     prof_docs: list[str] = []
-    while done < args.docs:
-        count = min(args.batch, args.docs - done)
+    while st["docs"] < args.docs:
+        count = min(args.batch, args.docs - st["docs"])
         docs = make_docs(vocab, count, 1000 + chunk_index)
         chunk_index += 1
-        bytes_total += sum(map(len, docs))
-        if len(prof_docs) < 3000:
+        if first and len(prof_docs) < 3000:
             prof_docs.extend(docs[: 3000 - len(prof_docs)])
 
-        t0 = time.perf_counter()
+        t0 = clock()
         sigs = mh.signatures(docs, P, n, "word", seed)
-        t["project"] += time.perf_counter() - t0
+        t["project"] += clock() - t0
         assert sigs.shape == (count, P)
 
-        t0 = time.perf_counter()
+        t0 = clock()
         sh = [mh.shingles(d, n) for d in docs]
-        t["shingling"] += time.perf_counter() - t0
-        counts["shingled"] += count
-        shingle_count += sum(map(len, sh))
-        words += sum(d.count(" ") + 1 for d in docs)
+        t["shingling"] += clock() - t0
 
         if rensa is not None:
-            t0 = time.perf_counter()
+            t0 = clock()
             for s in sh:
                 m = rensa.RMinHash(P, seed)
                 m.update(s)
                 m.digest()
-            t["rensa"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t["rensa"] += clock() - t0
+            t0 = clock()
             rensa.RMinHash.digest_matrix_from_token_sets(sh, P, seed)
-            t["rensa_bulk"] += time.perf_counter() - t0
+            t["rensa_bulk"] += clock() - t0
 
-        k = min(count, args.ds_docs - counts["ds"])
+        k = min(count, args.ds_docs - st["ds"])
         if k > 0:
-            t0 = time.perf_counter()
+            t0 = clock()
             bsh = [[s.encode() for s in x] for x in sh[:k]]
-            t["encode"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t["encode"] += clock() - t0
+            t0 = clock()
             for x in bsh:
                 m = MinHash(P, seed)
                 m.update_batch(x)
                 m.hashvalues  # noqa: B018
-            t["ds"] += time.perf_counter() - t0
+            t["ds"] += clock() - t0
             if hasattr(MinHash, "bulk"):
-                t0 = time.perf_counter()
+                t0 = clock()
                 MinHash.bulk(bsh, num_perm=P, seed=seed)
-                t["ds_bulk"] += time.perf_counter() - t0
-            counts["ds"] += k
-        done += count
+                t["ds_bulk"] += clock() - t0
+            st["ds"] += k
+        if first:
+            st["bytes"] += sum(map(len, docs))
+            st["shingles"] += sum(map(len, sh))
+            st["words"] += sum(d.count(" ") + 1 for d in docs)
+        st["docs"] += count
 
-    N, Nd = done, counts["ds"]
+    N, Nd = st["docs"], st["ds"]
     shingle_s_per_doc = t["shingling"] / N
     encode_s_per_doc = t["encode"] / Nd if Nd else 0.0
     rate = {
@@ -309,16 +284,72 @@ def main() -> None:
         "rensa_rminhash": e2e(rate["rensa_rminhash"], shingle_s_per_doc),
         "rensa_bulk": e2e(rate["rensa_bulk"], shingle_s_per_doc),
     }
-    prof = profile(prof_docs, P, n, seed)
-    acc = accuracy(vocab, P, n, seed)
 
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    print(f"MinHash signatures, 1 core (cpu {cpu}), {N} docs ({bytes_total / N:.0f} bytes, {words / N:.0f} words, "
-          f"{shingle_count / N:.0f} word {n}-grams per doc on average), num_perm={P}, seed={seed}")
+    ratios = {
+        "project/rensa_core": ratio(rate["project"], rate["rensa_rminhash"]),
+        "project/rensa_end_to_end": ratio(rate["project"], e2e_rate["rensa_rminhash"]),
+        "project/rensa_bulk_core": ratio(rate["project"], rate["rensa_bulk"]),
+        "project/datasketch_core": ratio(rate["project"], rate["datasketch_update_batch"]),
+        "project/datasketch_end_to_end": ratio(rate["project"], e2e_rate["datasketch_update_batch"]),
+        "project/datasketch_bulk_core": ratio(rate["project"], rate["datasketch_bulk"]),
+        "rensa_core/datasketch_core": ratio(rate["rensa_rminhash"], rate["datasketch_update_batch"]),
+    }
+    return {"rate": rate, "e2e": e2e_rate, "ratios": ratios, "shingling": 1 / shingle_s_per_doc, "stats": st,
+            "prof_docs": prof_docs}
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.median(values)) if values else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--docs", type=int, default=100_000)
+    ap.add_argument("--ds-docs", type=int, default=2000, help="datasketch runs on this many of the documents")
+    ap.add_argument("--batch", type=int, default=2000, help="texts per signatures() call (an Arrow batch)")
+    ap.add_argument("--num-perm", type=int, default=128)
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=3, help="passes over the documents; medians are reported")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
+                    help="cpu: this process's CPU time (time.process_time), wall: time.perf_counter")
+    ap.add_argument("--cpu", type=int, default=None, help="core to pin to (default: the first allowed)")
+    args = ap.parse_args()
+    from datasketch import MinHash
+
+    try:
+        import rensa
+    except ImportError:
+        rensa = None
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    cpu = pin_to_one_core(args.cpu)
+    P, n, seed = args.num_perm, args.n, args.seed
+    vocab = make_vocab(0)
+
+    t0 = time.perf_counter()
+    mh.signatures(["warm up the compiled kernel"], P, n)
+    warm = time.perf_counter() - t0
+
+    passes = [one_pass(args, vocab, clock, rensa, MinHash, first=(r == 0)) for r in range(max(1, args.repeat))]
+    st = passes[0]["stats"]
+    N, Nd = st["docs"], st["ds"]
+    rate = {k: _median([p["rate"][k] for p in passes]) for k in passes[0]["rate"]}
+    e2e_rate = {k: _median([p["e2e"][k] for p in passes]) for k in passes[0]["e2e"]}
+    ratios = {k: _median([p["ratios"][k] for p in passes]) for k in passes[0]["ratios"]}
+    per_pass = [p["ratios"]["project/rensa_core"] for p in passes]
+    shingling = _median([p["shingling"] for p in passes])
+    prof = profile(passes[0]["prof_docs"], P, n, seed, clock)
+    acc = accuracy(vocab, P, n, seed)
+
+    print(f"MinHash signatures, 1 core (cpu {cpu}), {N} docs ({st['bytes'] / N:.0f} bytes, {st['words'] / N:.0f} words, "
+          f"{st['shingles'] / N:.0f} word {n}-grams per doc on average), num_perm={P}, seed={seed}")
     print(f"backend: {mh.backend()}; first call (numba compile or cache load): {warm:.2f} s, not timed below")
-    print(f"Python shingling for the peers (curation.minhash.shingles): {1 / shingle_s_per_doc:,.0f} docs/s")
+    print(f"clock: {args.clock}; medians of {len(passes)} passes, every tool timed on each chunk in turn")
+    print(f"Python shingling for the peers (curation.minhash.shingles): {shingling:,.0f} docs/s")
     print()
     print(f"{'':28s} {'core docs/s':>13s} {'end-to-end docs/s':>18s} {'docs timed':>11s}")
     rows = [("project signatures()", "project", N), ("datasketch update_batch", "datasketch_update_batch", Nd),
@@ -330,25 +361,18 @@ def main() -> None:
             continue
         print(f"{label:28s} {rate[key]:13,.0f} {e2e_rate[key]:18,.0f} {cnt:11,d}")
     print("  (core: shingle lists given, their making not timed; end-to-end: + Python shingling"
-          " (+ encode for datasketch). The project is always end-to-end.)")
+          " (+ encode for datasketch). The project is always end-to-end: text in, signatures out.)")
     if Nd < N:
         print(f"  datasketch timed on the first {Nd} docs and extrapolated as docs/s")
     print()
-    ratios = {
-        "project/rensa_core": ratio(rate["project"], rate["rensa_rminhash"]),
-        "project/rensa_end_to_end": ratio(rate["project"], e2e_rate["rensa_rminhash"]),
-        "project/rensa_bulk_core": ratio(rate["project"], rate["rensa_bulk"]),
-        "project/datasketch_core": ratio(rate["project"], rate["datasketch_update_batch"]),
-        "project/datasketch_end_to_end": ratio(rate["project"], e2e_rate["datasketch_update_batch"]),
-        "project/datasketch_bulk_core": ratio(rate["project"], rate["datasketch_bulk"]),
-        "rensa_core/datasketch_core": ratio(rate["rensa_rminhash"], rate["datasketch_update_batch"]),
-    }
     for k, v in ratios.items():
         if v is not None:
             print(f"{k:32s} {v:8.2f}x")
+    if per_pass[0] is not None:
+        print(f"  project/rensa_core per pass: {', '.join(f'{v:.2f}' for v in per_pass)}")
     if prof:
         print()
-        print(f"where the project's time goes (us/doc, numba backend, {len(prof_docs)} docs, best of 5):")
+        print(f"where the project's time goes (us/doc, numba backend, {len(passes[0]['prof_docs'])} docs, best of 5):")
         for k, v in prof.items():
             print(f"  {k:32s} {v:7.2f}")
     print()
@@ -357,10 +381,10 @@ def main() -> None:
         print(f"  {k:12s} {v:.4f}")
     print(json.dumps({
         "docs": N, "datasketch_docs": Nd, "num_perm": P, "n": n, "unit": "word", "seed": seed, "cpu": cpu,
-        "backend": mh.backend(), "avg_bytes": bytes_total / N, "avg_shingles": shingle_count / N,
-        "first_call_s": warm, "shingling_docs_per_s": 1 / shingle_s_per_doc,
+        "clock": args.clock, "repeat": len(passes), "backend": mh.backend(), "avg_bytes": st["bytes"] / N,
+        "avg_shingles": st["shingles"] / N, "first_call_s": warm, "shingling_docs_per_s": shingling,
         "core_docs_per_s": rate, "end_to_end_docs_per_s": e2e_rate, "ratios": ratios,
-        "profile_us_per_doc": prof, "mae_vs_exact_jaccard": acc,
+        "project_over_rensa_core_per_pass": per_pass, "profile_us_per_doc": prof, "mae_vs_exact_jaccard": acc,
     }))
 
 

@@ -1,13 +1,22 @@
 """MinHash signatures of normalised word or character n-grams, fast, for near-duplicate removal.
 
-What a signature is, exactly (so that anyone can recompute it, e.g. with the `xxhash` package):
+What a signature is, exactly (so that anyone can recompute it in a few lines):
 
     normalise(text)        NFKC, lowercase, punctuation -> space, whitespace collapsed
     shingles(text, n, u)   word n-grams joined by one space, or code-point n-grams
     h(s)                   the 32-bit shingle hash, `shingle_hash(s, unit)`:
                              char: low 32 bits of xxh64(utf8(s))
-                             word: low 32 bits of xxh64(w_1 || ... || w_n), where w_i is the
-                                   4-byte little-endian low 32 bits of xxh64(utf8(word_i))
+                             word: ngram_hash(word_hash(w_1), ..., word_hash(w_m)), m = n words
+                                   (or fewer: a text shorter than n words is one shingle), with
+                             word_hash(w)  up to 16 bytes: low 32 bits of fmix64(lo * P1 + hi * P2
+                                           + len * P3 mod 2**64), lo/hi = bytes 0-7/8-15 of
+                                           utf8(w) little-endian (zero-padded), fmix64 =
+                                           MurmurHash3's finalizer, P1..P3 = xxh64's primes;
+                                           longer words: low 32 bits of xxh64(utf8(w))
+                             ngram_hash(w) (c_m + sum_i c_i * w_i mod 2**64) >> 32, c_i the i-th
+                                           output of SplitMix64 seeded with 0 (vector
+                                           multiply-shift: strongly universal, one multiply-add
+                                           per word)
     sig[k]                 min over the shingles s of perm_k(h(s)), datasketch's permutations
 
 `perm_k` is datasketch's (>= 2.0) default "affine32" scheme, bit for bit: the hash is pre-mixed
@@ -17,22 +26,30 @@ with the 32-bit MurmurHash3 finalizer, then `a_k * h + b_k mod 2**32`, with (a_k
 (also bit for bit, including datasketch's uint64 wrap-around of `a_k * h`).
 
 Why the signatures differ from datasketch's: only the shingle hash. datasketch's default is
-`sha1_hash32`, a cryptographic hash called from Python once per shingle (~1 us each); ours is
-xxh64 in compiled code (a few ns), and for words it hashes each word once and then the sequence
-of n word hashes, instead of every word n times. Both are uniform 32-bit hashes of the shingle,
-so the Jaccard estimates are equally good. The tests prove the hash is the ONLY difference:
-`signatures_like_datasketch` (sha1 swapped back in) equals `datasketch.MinHash(num_perm, seed)
-.update_batch(shingle bytes).hashvalues`, and `signatures` equals `datasketch.MinHash(num_perm,
-seed, hashfunc=partial(shingle_hash, unit=unit))` on the same shingle bytes.
+`sha1_hash32`, a cryptographic hash called from Python once per shingle (~1 us each); ours costs
+a few ns in compiled code: every word is hashed once (a 16-byte mix, no byte loop) and each
+n-gram is n multiply-adds of its word hashes, instead of hashing n words' bytes per shingle.
+Both are uniform 32-bit hashes of the shingle (distinct shingles collide with probability
+~2**-32 either way), so the Jaccard estimates are equally good. The tests prove the hash is the
+ONLY difference: `signatures_like_datasketch` (sha1 swapped back in) equals
+`datasketch.MinHash(num_perm, seed).update_batch(shingle bytes).hashvalues`, and `signatures`
+equals `datasketch.MinHash(num_perm, seed, hashfunc=partial(shingle_hash, unit=unit))` on the
+same shingle bytes. (Until issue 14 a word n-gram was hashed as xxh64 of its packed xxh64 word
+hashes: the same estimator with other values, so signatures stored by that version do not
+compare with these.)
 
 Speed: Python does one C-level pass per document (`str.isascii`; NFKC + `lower()` for non-ASCII
 texts only; `encode`). Everything else runs in one numba kernel over the batch's concatenated
-UTF-8 bytes, with no Python object per word or shingle: the separator scan (branch-free on
-ASCII), ASCII case folding inside the hash reads, one xxh64 per word, the n-gram hashes
-vectorised over blocks of 512 shingles, then the num_perm permutations with their running minima
-(a vectorised loop). Without numba, a vectorised numpy backend gives the same signatures, slower
-(per-document normalisation in Python; hashing and permutations over the whole batch in numpy).
-See benchmarks/bench_minhash.py for figures against datasketch and rensa.
+UTF-8 bytes, with no Python object per word or shingle: ASCII case folding of the whole batch
+8 bytes a step; for an ASCII text the separator scan takes 64 bytes a step (one vector compare
+per run of ASCII separators gives a 64-bit mask; word starts and ends are its bit changes),
+other texts go a code point a step; the word hashes, the n-gram hashes and the fmix32 pre-mix
+are each one vectorised loop over the document; the permutations take two a pass over the
+document's hashes (a min-reduction LLVM vectorises; on the reference machine, an AMD EPYC with
+AVX-512, it is bound by the 32-bit multiplies, 128 x shingles of them, ~45% of the time).
+Without numba, a vectorised numpy backend gives the same signatures, slower (per-document
+normalisation in Python; hashing and permutations over the whole batch in numpy). See
+benchmarks/bench_minhash.py for figures against datasketch and rensa.
 
 Signatures are uint32 (N, num_perm): every value fits 32 bits in both schemes (datasketch
 itself stores affine32 values as uint32), and it halves memory and shuffle bytes against uint64.
@@ -78,12 +95,27 @@ def _separator_table() -> np.ndarray:
     construction.
     """
     table = np.zeros(0x110000, dtype=np.uint8)
-    cat = unicodedata.category
     for cp in range(0x110000):
-        c = chr(cp)
-        if c.isspace() or cat(c)[0] == "P":
+        if _is_separator(chr(cp)):
             table[cp] = 1
     return table
+
+
+def _is_separator(c: str) -> bool:
+    return c.isspace() or unicodedata.category(c)[0] == "P"
+
+
+def _ascii_separator_runs() -> list[tuple[int, int]]:
+    """The ASCII separators as runs (first, last) of consecutive code points: the kernel's
+    64-bytes-at-once classifier compares against these ranges."""
+    runs: list[tuple[int, int]] = []
+    for cp in range(128):
+        if _is_separator(chr(cp)):
+            if runs and runs[-1][1] == cp - 1:
+                runs[-1] = (runs[-1][0], cp)
+            else:
+                runs.append((cp, cp))
+    return runs
 
 
 @functools.lru_cache(maxsize=1)
@@ -200,13 +232,77 @@ def xxh64(data: bytes, seed: int = 0) -> int:
     return h ^ (h >> 32)
 
 
-def shingle_hash(shingle: bytes | str, unit: Unit = "word") -> int:
-    """The 32-bit shingle hash of `signatures` (low 32 bits of an xxh64, seed 0 throughout).
+_FMIX64_C1, _FMIX64_C2 = 0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53  # MurmurHash3's 64-bit finalizer
+SHORT_WORD = 16  # bytes: longer words are hashed with xxh64
 
-    unit="char": xxh64 of the shingle's UTF-8 bytes. unit="word": xxh64 of the concatenated
-    4-byte little-endian 32-bit word hashes (low 32 bits of xxh64 of each word's UTF-8 bytes),
-    i.e. a hash of the sequence of word hashes: the kernel hashes each word once, not n times,
-    and 5 packed words (20 bytes) take xxh64's short path. Pass
+
+def _fmix64(h: int) -> int:
+    h ^= h >> 33
+    h = (h * _FMIX64_C1) & _MASK64
+    h ^= h >> 33
+    h = (h * _FMIX64_C2) & _MASK64
+    return h ^ (h >> 33)
+
+
+def word_hash(word: bytes | str) -> int:
+    """The 32-bit hash of one word (its UTF-8 bytes, already normalised), as `signatures` uses it.
+
+    Up to SHORT_WORD (16) bytes: lo, hi = the bytes 0-7 and 8-15 as little-endian integers
+    (missing bytes are 0), then the low 32 bits of fmix64(lo * P1 + hi * P2 + length * P3
+    mod 2**64), fmix64 being MurmurHash3's 64-bit finalizer and P1..P3 xxh64's primes: an
+    injective combination of the (lo, hi) pair for a given length, then a bijective mix, so a
+    collision is one of the final 32-bit cut. Longer words: low 32 bits of xxh64 (seed 0).
+    """
+    if isinstance(word, str):
+        word = word.encode("utf-8", "surrogatepass")
+    n = len(word)
+    if n > SHORT_WORD:
+        return xxh64(word) & _MASK32
+    lo = int.from_bytes(word[:8], "little")
+    hi = int.from_bytes(word[8:], "little")
+    return _fmix64((lo * _P1 + hi * _P2 + n * _P3) & _MASK64) & _MASK32
+
+
+def _splitmix64(i: int) -> int:
+    """Output i (0-based) of SplitMix64 seeded with 0."""
+    z = ((i + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+@functools.lru_cache(maxsize=32)
+def ngram_coefficients(count: int) -> np.ndarray:
+    """c_0 .. c_{count-1}, the 64-bit multipliers of `ngram_hash`: SplitMix64's first outputs
+    (seed 0), uint64, read-only."""
+    c = np.array([_splitmix64(i) for i in range(count)], dtype=np.uint64)
+    c.flags.writeable = False
+    return c
+
+
+def ngram_hash(word_hashes: Sequence[int]) -> int:
+    """The 32-bit hash of a word n-gram from its m 32-bit word hashes w_0 .. w_{m-1}:
+
+        (c_m + c_0 * w_0 + ... + c_{m-1} * w_{m-1} mod 2**64) >> 32
+
+    with c_i = `ngram_coefficients`: vector multiply-shift (Dietzfelbinger; Thorup, "High Speed
+    Hashing for Integers and Strings", 2015), strongly universal for random c, i.e. any two
+    different n-grams collide with probability 2**-32, and one multiply-add per word.
+    """
+    m = len(word_hashes)
+    c = ngram_coefficients(m + 1)
+    acc = int(c[m])
+    for ci, w in zip(c.tolist(), word_hashes):
+        acc += ci * (int(w) & _MASK32)
+    return (acc & _MASK64) >> 32
+
+
+def shingle_hash(shingle: bytes | str, unit: Unit = "word") -> int:
+    """The 32-bit shingle hash of `signatures`.
+
+    unit="word": `ngram_hash` of the `word_hash`es of the shingle's space-separated words, i.e.
+    every word is hashed once and each n-gram costs n multiply-adds, not a hash of its bytes.
+    unit="char": low 32 bits of xxh64 (seed 0) of the shingle's UTF-8 bytes. Pass
     `functools.partial(shingle_hash, unit=...)` as datasketch's `hashfunc` to reproduce
     `signatures` with `datasketch.MinHash`.
     """
@@ -216,7 +312,7 @@ def shingle_hash(shingle: bytes | str, unit: Unit = "word") -> int:
         return xxh64(shingle) & _MASK32
     if unit != "word":
         raise ValueError(f"unit must be 'word' or 'char', got {unit!r}")
-    return xxh64(b"".join((xxh64(w) & _MASK32).to_bytes(4, "little") for w in shingle.split(b" "))) & _MASK32
+    return ngram_hash([word_hash(w) for w in shingle.split(b" ")])
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,8 +401,8 @@ def signatures_reference(texts: Sequence[str | None], num_perm: int = 128, n: in
 
 
 def _encode_batch(texts: Iterable[str | None], prepare, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Concatenated UTF-8 bytes of prepare(text) for every text (+ `pad` zero bytes), and int64
-    offsets (N + 1) of the texts in it.
+    """Concatenated UTF-8 bytes of prepare(text) for every text (+ `pad` zero bytes, and with a
+    pad up to a multiple of 8 bytes), writable, and int64 offsets (N + 1) of the texts in it.
 
     `surrogatepass` keeps lone surrogates (impossible in Arrow strings, possible in Python)
     as their 3-byte forms instead of raising.
@@ -316,8 +412,8 @@ def _encode_batch(texts: Iterable[str | None], prepare, pad: int = 0) -> tuple[n
     if encoded:
         np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)), out=offsets[1:])
     if pad:
-        encoded.append(bytes(pad))
-    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        encoded.append(bytes(pad + (-(int(offsets[-1]) + pad) % 8)))  # whole 8-byte words
+    buf = np.frombuffer(bytearray().join(encoded), dtype=np.uint8)  # writable: the kernel folds case in place
     return buf, offsets
 
 
@@ -410,6 +506,29 @@ def xxh64_spans(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray, seed: 
     return h
 
 
+def _word_hashes_np(buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """`word_hash` of every byte span buf[starts[i] : starts[i] + lengths[i]], vectorised
+    (uint64 holding 32-bit values)."""
+    starts = np.asarray(starts, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = np.concatenate([np.asarray(buf, dtype=np.uint8).ravel(), np.zeros(SHORT_WORD, dtype=np.uint8)])
+    col = np.arange(SHORT_WORD)
+    raw = padded[starts[:, None] + col]
+    raw[col >= lengths[:, None]] = 0
+    lohi = raw.view("<u8")  # (words, 2): bytes 0-7 and 8-15, little-endian
+    with np.errstate(over="ignore"):
+        h = lohi[:, 0] * _U64(_P1) + lohi[:, 1] * _U64(_P2) + lengths.astype(np.uint64) * _U64(_P3)
+        h ^= h >> _U64(33)
+        h *= _U64(_FMIX64_C1)
+        h ^= h >> _U64(33)
+        h *= _U64(_FMIX64_C2)
+        h ^= h >> _U64(33)
+    long = np.flatnonzero(lengths > SHORT_WORD)
+    if long.size:
+        h[long] = xxh64_spans(buf, starts[long], lengths[long])
+    return h & _U64(_MASK32)
+
+
 def _shingle_hashes_np(buf: np.ndarray, offsets: np.ndarray, n: int, unit: Unit) -> tuple[np.ndarray, np.ndarray]:
     """(doc index, 32-bit shingle hash) of every shingle of already-normalised UTF-8 documents,
     sorted by document."""
@@ -431,8 +550,16 @@ def _shingle_hashes_np(buf: np.ndarray, offsets: np.ndarray, n: int, unit: Unit)
     lead = np.flatnonzero(local <= ntok[tdoc] - m[tdoc])  # tokens that start a shingle, in doc order
     docs = tdoc[lead]
     if unit == "word":
-        th = (xxh64_spans(buf, tstart, tend - tstart) & _U64(_MASK32)).astype("<u4")  # each word once
-        hv = xxh64_spans(th.view(np.uint8), 4 * lead, 4 * m[docs])  # then the packed hashes of n words
+        th = _word_hashes_np(buf, tstart, tend - tstart)  # each word once
+        c = ngram_coefficients(n + 1)
+        md = m[docs]
+        hv = c[md]  # then c_m + sum of c_i * w_i over the m words of each shingle
+        last = th.size - 1
+        with np.errstate(over="ignore"):
+            for i in range(n):
+                term = c[i] * th[np.minimum(lead + i, last)]
+                hv += np.where(i < md, term, _U64(0))
+        return docs, hv >> _U64(32)
     else:
         bounds = np.append(tstart, buf.size)  # documents abut: a token ends where the next one starts
         hv = xxh64_spans(buf, tstart[lead], bounds[lead + m[docs]] - tstart[lead])
@@ -607,40 +734,25 @@ def _nb_fmix32(h):
     return np.uint32(h)
 
 
+_U64_F1, _U64_F2 = np.uint64(_FMIX64_C1), np.uint64(_FMIX64_C2)
+
+
 @_jit
-def _nb_xxh64_short(lo, hi, length):
-    """xxh64 (seed 0) of a string of `length` < 16 bytes whose first 16 bytes (ASCII-lowercased,
-    little-endian) are lo, hi; bytes past `length` are ignored. No data-dependent branches:
-    every optional step is computed and kept or dropped by a select, so a loop over many words
-    vectorises (LLVM) instead of mispredicting a branch per word."""
-    h = _U64_P5 + np.uint64(length)
-    # one 8-byte step if length >= 8
-    h1 = _nb_rotl(h ^ _nb_round(np.uint64(0), lo), 27) * _U64_P1 + _U64_P4
-    eight = length >= 8
-    h = h1 if eight else h
-    rest = hi if eight else lo  # the bytes after the 8-byte step, from the low end
-    # a 4-byte step if bit 2 of the length is set
-    h4 = _nb_rotl(h ^ ((rest & _U64_M32) * _U64_P1), 23) * _U64_P2 + _U64_P3
-    four = (length & 4) != 0
-    h = h4 if four else h
-    rest = (rest >> np.uint64(32)) if four else rest
-    # up to 3 single bytes
-    nb = length & 3
-    b0 = _nb_rotl(h ^ ((rest & np.uint64(0xFF)) * _U64_P5), 11) * _U64_P1
-    h = b0 if nb >= 1 else h
-    b1 = _nb_rotl(h ^ (((rest >> np.uint64(8)) & np.uint64(0xFF)) * _U64_P5), 11) * _U64_P1
-    h = b1 if nb >= 2 else h
-    b2 = _nb_rotl(h ^ (((rest >> np.uint64(16)) & np.uint64(0xFF)) * _U64_P5), 11) * _U64_P1
-    h = b2 if nb >= 3 else h
+def _nb_fmix64(h):
     h ^= h >> np.uint64(33)
-    h *= _U64_P2
-    h ^= h >> np.uint64(29)
-    h *= _U64_P3
-    h ^= h >> np.uint64(32)
+    h *= _U64_F1
+    h ^= h >> np.uint64(33)
+    h *= _U64_F2
+    h ^= h >> np.uint64(33)
     return h
 
 
-_BLOCK = 512  # shingles hashed and permuted per step: bounded scratch, long vectorised loops
+@_jit
+def _nb_low_bytes(x, n):
+    """The low n bytes of x (n <= 0: none, n >= 8: all). Branch-free, no shift by 64."""
+    k = min(max(n, 0), 7)
+    mask = (np.uint64(1) << np.uint64(8 * k)) - np.uint64(1)
+    return x & (mask if n < 8 else ~np.uint64(0))
 
 
 @_jit
@@ -656,15 +768,110 @@ def _nb_utf8(buf, i, c):
 
 
 @_jit
-def _nb_word_tokens(buf, s, e, cls, tb, th, lo, hi, ln):
-    """Hash every word of buf[s:e] into th (low 32 bits of xxh64 of its ASCII-lowercased bytes);
-    returns the word count. Words are the maximal runs of non-separator code points.
-    tb, lo, hi, ln: scratch."""
-    # word boundaries, without a branch per byte on ASCII text: a word starts or ends wherever
-    # the separator flag changes; the position is stored unconditionally and the counter only
-    # advances at a change (tb = start, end, start, end, ...)
-    prev = np.int64(1)
+def _nb_fold_ascii(buf):
+    """ASCII A-Z -> a-z over the whole (writable, 8-byte padded) buffer, 8 bytes a step; bytes
+    >= 0x80 (every byte of a multi-byte UTF-8 sequence) are left alone."""
+    words = buf.view(np.uint64)
+    for i in range(words.size):
+        words[i] = _nb_fold(words[i])
+
+
+@_jit
+def _nb_is_ascii(buf, s, e):
+    """Whether buf[s:e] has no byte >= 0x80 (8 bytes a load: a byte-wise loop is ~30x slower)."""
+    acc = np.uint64(0)
+    i = s
+    while i + 8 <= e:
+        acc |= _nb_read64(buf, i)
+        i += 8
+    while i < e:
+        acc |= np.uint64(buf[i])
+        i += 1
+    return (acc & _U64_80) == 0
+
+
+if _numba is not None:
+    from llvmlite import ir as _ir
+    from numba.core import types as _nbtypes
+    from numba.cpython.unsafe.numbers import trailing_zeros as _nb_ctz
+    from numba.extending import intrinsic as _intrinsic
+
+    _SEP_RUNS = _ascii_separator_runs()
+
+    @_intrinsic
+    def _nb_sep_mask64(typingctx, buf, i):
+        """uint64 whose bit k says whether ASCII byte buf[i + k] is a separator, k < 64: one
+        64-byte vector load and a compare per run of `_ascii_separator_runs` (plain LLVM vector
+        IR: AVX-512 compares into a mask register, other targets get their own lowering)."""
+        def codegen(context, builder, signature, args):
+            ary = context.make_array(signature.args[0])(context, builder, args[0])
+            vty = _ir.VectorType(_ir.IntType(8), 64)
+            vptr = builder.bitcast(builder.gep(ary.data, [args[1]]), vty.as_pointer())
+            if getattr(vptr.type, "is_opaque", False):
+                v = builder.load(vptr, align=1, typ=vty)
+            else:
+                v = builder.load(vptr, align=1)
+            hit = None
+            for lo, hi in _SEP_RUNS:
+                if lo == hi:
+                    c = builder.icmp_unsigned("==", v, _ir.Constant(vty, [lo] * 64))
+                else:
+                    c = builder.icmp_unsigned("<=", builder.sub(v, _ir.Constant(vty, [lo] * 64)),
+                                              _ir.Constant(vty, [hi - lo] * 64))
+                hit = c if hit is None else builder.or_(hit, c)
+            return builder.bitcast(hit, _ir.IntType(64))
+
+        return _nbtypes.uint64(buf, i), codegen
+
+    @_intrinsic
+    def _nb_popcount(typingctx, x):
+        """The number of set bits of a uint64, as int64 (LLVM's ctpop)."""
+        def codegen(context, builder, signature, args):
+            return builder.ctpop(args[0])
+
+        return _nbtypes.int64(_nbtypes.uint64), codegen
+
+
+_ALL64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_KERNEL_PAD = 64  # zero bytes after the last text: the kernel reads up to 64 bytes past a text's start
+
+
+@_jit
+def _nb_word_bounds(buf, s, e, cls, tb):
+    """The words of buf[s:e] (maximal runs of non-separator code points): tb = start, end,
+    start, end, ...; returns the word count. ASCII text (buf readable to e + 64): 64 bytes a
+    step, as a bit mask of separators (`_nb_sep_mask64`); the word starts and ends are where
+    the mask changes, taken lowest bit first. Other text: a code point a step, without a
+    branch per byte: the position is stored unconditionally and the counter only advances
+    where the separator flag changes."""
     nb = 0
+    if _nb_is_ascii(buf, s, e):
+        carry = np.uint64(1)  # a separator before the text
+        i = s
+        while i < e:
+            m = _nb_sep_mask64(buf, i)
+            if e - i < 64:
+                m |= _ALL64 << np.uint64(e - i)  # past the end counts as separators
+            ch = m ^ ((m << np.uint64(1)) | carry)
+            carry = m >> np.uint64(63)
+            k = nb
+            nb += _nb_popcount(ch)
+            while ch:  # 4 unconditional stores a round: positions past nb are scratch
+                tb[k] = i + np.int64(_nb_ctz(ch))
+                ch &= ch - np.uint64(1)
+                tb[k + 1] = i + np.int64(_nb_ctz(ch))
+                ch &= ch - np.uint64(1)
+                tb[k + 2] = i + np.int64(_nb_ctz(ch))
+                ch &= ch - np.uint64(1)
+                tb[k + 3] = i + np.int64(_nb_ctz(ch))
+                ch &= ch - np.uint64(1)
+                k += 4
+            i += 64
+        if carry == 0:
+            tb[nb] = e
+            nb += 1
+        return nb >> 1
+    prev = np.int64(1)
     i = s
     while i < e:
         c = buf[i]
@@ -681,78 +888,44 @@ def _nb_word_tokens(buf, s, e, cls, tb, th, lo, hi, ln):
     if prev == 0:
         tb[nb] = e
         nb += 1
-    ntok = nb >> 1
-    # the first 16 bytes of every word (scalar loads), then all short words hashed in one
-    # branch-free loop (vectorised), then words of 16+ bytes redone with the general xxh64
-    nlong = 0
+    return nb >> 1
+
+
+@_jit
+def _nb_word_hashes(buf, tb, ntok, th, lo, hi, ln):
+    """th[t] = word_hash of word t (tb from _nb_word_bounds; buf already case-folded). The first
+    16 bytes of every word (scalar loads), then all of them mixed in one branch-free loop
+    (vectorised), then words over SHORT_WORD bytes redone with xxh64. lo, hi, ln: scratch."""
     for t in range(ntok):
         ws = tb[2 * t]
-        wl = tb[2 * t + 1] - ws
-        lo[t] = _nb_fold(_nb_read64(buf, ws))
-        hi[t] = _nb_fold(_nb_read64(buf, ws + 8))
-        ln[t] = wl
-        tb[2 * nlong] = t  # compaction over the already-read start: the long words' indices
-        tb[2 * nlong + 1] = ws
-        nlong += wl >= 16
+        lo[t] = _nb_read64(buf, ws)
+        hi[t] = _nb_read64(buf, ws + 8)
+        ln[t] = tb[2 * t + 1] - ws
+    nlong = 0
     for t in range(ntok):
-        th[t] = _nb_xxh64_short(lo[t], hi[t], ln[t]) & _U64_M32
-    for q in range(nlong):
-        t = tb[2 * q]
-        th[t] = _nb_xxh64(buf, tb[2 * q + 1], ln[t], True) & _U64_M32
-    return ntok
+        L = ln[t]
+        x = _nb_low_bytes(lo[t], L) * _U64_P1 + _nb_low_bytes(hi[t], L - 8) * _U64_P2 + np.uint64(L) * _U64_P3
+        th[t] = _nb_fmix64(x) & _U64_M32
+        nlong += L > SHORT_WORD
+    if nlong:
+        for t in range(ntok):
+            if ln[t] > SHORT_WORD:
+                th[t] = _nb_xxh64(buf, tb[2 * t], ln[t], False) & _U64_M32
 
 
 @_jit
-def _nb_pair(th, t):
-    """The 8 packed bytes of word hashes t and t + 1 (4 little-endian bytes each)."""
-    return (th[t] & _U64_M32) | (th[t + 1] << np.uint64(32))
-
-
-@_jit
-def _nb_word_block(th, j0, cnt, m, v1, v2, v3, v4, hh):
-    """hh[:cnt] = low 32 bits of xxh64 of the packed 32-bit word hashes th[j : j + m] (4m bytes),
-    j = j0 .. j0 + cnt - 1. Structure-of-arrays: each step is one loop over the block, which
-    LLVM vectorises. th holds 32-bit values in uint64 slots."""
-    r = 0
-    if m >= 8:  # 32-byte stripes
-        for j in range(cnt):
-            v1[j] = _U64_V1
-            v2[j] = _U64_P2
-            v3[j] = np.uint64(0)
-            v4[j] = _U64_V4
-        while r + 8 <= m:
-            for j in range(cnt):
-                t = j0 + j + r
-                v1[j] = _nb_round(v1[j], _nb_pair(th, t))
-                v2[j] = _nb_round(v2[j], _nb_pair(th, t + 2))
-                v3[j] = _nb_round(v3[j], _nb_pair(th, t + 4))
-                v4[j] = _nb_round(v4[j], _nb_pair(th, t + 6))
-            r += 8
-        for j in range(cnt):
-            h = _nb_rotl(v1[j], 1) + _nb_rotl(v2[j], 7) + _nb_rotl(v3[j], 12) + _nb_rotl(v4[j], 18)
-            h = (h ^ _nb_round(np.uint64(0), v1[j])) * _U64_P1 + _U64_P4
-            h = (h ^ _nb_round(np.uint64(0), v2[j])) * _U64_P1 + _U64_P4
-            h = (h ^ _nb_round(np.uint64(0), v3[j])) * _U64_P1 + _U64_P4
-            h = (h ^ _nb_round(np.uint64(0), v4[j])) * _U64_P1 + _U64_P4
-            hh[j] = h + np.uint64(4 * m)
-    else:
-        for j in range(cnt):
-            hh[j] = _U64_P5 + np.uint64(4 * m)
-    while r + 2 <= m:  # 8-byte steps
-        for j in range(cnt):
-            hh[j] = _nb_rotl(hh[j] ^ _nb_round(np.uint64(0), _nb_pair(th, j0 + j + r)), 27) * _U64_P1 + _U64_P4
-        r += 2
-    if r < m:  # a 4-byte step for an odd word count
-        for j in range(cnt):
-            hh[j] = _nb_rotl(hh[j] ^ ((th[j0 + j + r] & _U64_M32) * _U64_P1), 23) * _U64_P2 + _U64_P3
-    for j in range(cnt):
-        h = hh[j]
-        h ^= h >> np.uint64(33)
-        h *= _U64_P2
-        h ^= h >> np.uint64(29)
-        h *= _U64_P3
-        h ^= h >> np.uint64(32)
-        hh[j] = h & _U64_M32
+def _nb_ngram_hashes(th, m, ns, coef, hh):
+    """hh[j] = ngram_hash(th[j : j + m]) for j < ns: c_m + sum of c_i * w_{j+i}, high 32 bits;
+    one vectorised multiply-add loop per word position."""
+    base = coef[m]
+    for j in range(ns):
+        hh[j] = base
+    for i in range(m):
+        ci = coef[i]
+        for j in range(ns):
+            hh[j] += ci * th[j + i]
+    for j in range(ns):
+        hh[j] >>= np.uint64(32)
 
 
 @_jit
@@ -796,10 +969,60 @@ def _nb_char_tokens(buf, s, e, cls, norm, tstart):
 
 
 @_jit
-def _nb_signatures(buf, offsets, cls, n, char_unit, a32, b32, a64, b64, legacy, out):
+def _nb_affine32_min(hh, ns, a, b, h32, out, d):
+    """out[d, k] = min over j < ns of a_k * fmix32(hh[j]) + b_k mod 2**32 (datasketch's affine32).
+    Two permutations per pass over the shingles: each loaded hash serves two multiply-adds, and
+    the inner loop (a min-reduction over j) vectorises."""
+    for j in range(ns):
+        h32[j] = _nb_fmix32(np.uint32(hh[j]))
+    num_perm = a.size
+    k = 0
+    while k + 2 <= num_perm:
+        a0 = a[k]
+        b0 = b[k]
+        a1 = a[k + 1]
+        b1 = b[k + 1]
+        m0 = _U32_MAX
+        m1 = _U32_MAX
+        for j in range(ns):
+            h = h32[j]
+            m0 = min(m0, np.uint32(a0 * h + b0))
+            m1 = min(m1, np.uint32(a1 * h + b1))
+        out[d, k] = m0
+        out[d, k + 1] = m1
+        k += 2
+    if k < num_perm:
+        a0 = a[k]
+        b0 = b[k]
+        m0 = _U32_MAX
+        for j in range(ns):
+            m0 = min(m0, np.uint32(a0 * h32[j] + b0))
+        out[d, k] = m0
+
+
+@_jit
+def _nb_legacy_min(hh, ns, a, b, out, d):
+    """out[d, k] = min over j < ns of (a_k * hh[j] + b_k mod 2**64) mod (2**61 - 1), low 32 bits
+    (datasketch's legacy scheme, including its uint64 wrap-around of a_k * h)."""
+    for k in range(a.size):
+        ak = a[k]
+        bk = b[k]
+        mn = np.uint64(_U32_MAX)
+        for j in range(ns):
+            x = ak * hh[j] + bk  # wraps mod 2**64, as in datasketch's uint64 numpy code
+            x = (x & _U64_MERSENNE) + (x >> np.uint64(61))  # 2**61 = 1 mod p: a branch-free x % p
+            x = x - _U64_MERSENNE if x >= _U64_MERSENNE else x
+            mn = min(mn, x & _U64_M32)
+        out[d, k] = np.uint32(mn)
+
+
+@_jit
+def _nb_signatures(buf, offsets, cls, n, char_unit, coef, a32, b32, a64, b64, legacy, out):
     """Fill out[d] for every document d of buf[offsets[d]:offsets[d + 1]] (NFKC'd and lowercased
-    unless ASCII; ASCII A-Z are folded here). cls: the separator table, see _separator_table.
-    Scratch memory: ~25 bytes per byte of the longest document, plus fixed blocks."""
+    unless ASCII; ASCII A-Z are folded here, in place, so buf must be writable and a whole
+    number of 8-byte words). cls: the separator table, see _separator_table. coef:
+    ngram_coefficients(n + 1). Scratch memory: ~60 bytes per byte of the longest document."""
+    _nb_fold_ascii(buf)
     ndocs = offsets.size - 1
     maxlen = 0
     for d in range(ndocs):
@@ -808,79 +1031,57 @@ def _nb_signatures(buf, offsets, cls, n, char_unit, a32, b32, a64, b64, legacy, 
     if char_unit:
         norm = np.empty(size + 8, dtype=np.uint8)
         tstart = np.empty(size, dtype=np.int64)
+        nsh = size  # shingles: at most one per code point
         tb = np.empty(1, dtype=np.int64)
-        th = np.empty(1, dtype=np.uint64)
-        lo = np.empty(1, dtype=np.uint64)
-        hi = np.empty(1, dtype=np.uint64)
-        ln = np.empty(1, dtype=np.int64)
+        nw = 1
     else:
         norm = np.empty(1, dtype=np.uint8)
         tstart = np.empty(1, dtype=np.int64)
-        tb = np.empty(size + 1, dtype=np.int64)  # word starts and ends: at most bytes + 1
-        th = np.empty(size // 2 + 1, dtype=np.uint64)  # words: at most (bytes + 1) / 2
-        lo = np.empty(size // 2 + 1, dtype=np.uint64)
-        hi = np.empty(size // 2 + 1, dtype=np.uint64)
-        ln = np.empty(size // 2 + 1, dtype=np.int64)
-    v1 = np.empty(_BLOCK, dtype=np.uint64)
-    v2 = np.empty(_BLOCK, dtype=np.uint64)
-    v3 = np.empty(_BLOCK, dtype=np.uint64)
-    v4 = np.empty(_BLOCK, dtype=np.uint64)
-    hh = np.empty(_BLOCK, dtype=np.uint64)
-    h32 = np.empty(_BLOCK, dtype=np.uint32)
+        tb = np.empty(size + 8, dtype=np.int64)  # word starts and ends: at most bytes + 1, + 3 scratch
+        nw = size // 2 + 1  # words: at most (bytes + 1) / 2
+        nsh = nw
+    th = np.empty(nw, dtype=np.uint64)
+    lo = np.empty(nw, dtype=np.uint64)
+    hi = np.empty(nw, dtype=np.uint64)
+    ln = np.empty(nw, dtype=np.int64)
+    hh = np.empty(nsh, dtype=np.uint64)
+    h32 = np.empty(nsh, dtype=np.uint32)
     num_perm = out.shape[1]
     for d in range(ndocs):
-        for k in range(num_perm):  # datasketch's empty MinHash; stays so without shingles
-            out[d, k] = _U32_MAX
         if char_unit:
             ntok = _nb_char_tokens(buf, offsets[d], offsets[d + 1], cls, norm, tstart)
         else:
-            ntok = _nb_word_tokens(buf, offsets[d], offsets[d + 1], cls, tb, th, lo, hi, ln)
+            ntok = _nb_word_bounds(buf, offsets[d], offsets[d + 1], cls, tb)
         if ntok == 0:
+            for k in range(num_perm):  # datasketch's empty MinHash
+                out[d, k] = _U32_MAX
             continue
         m = min(n, ntok)  # tokens per shingle: n, or all of a shorter text's
         ns = ntok - m + 1
-        for j0 in range(0, ns, _BLOCK):
-            cnt = min(_BLOCK, ns - j0)
-            # 32-bit shingle hashes of this block
-            if char_unit:
-                for j in range(cnt):
-                    t = j0 + j
-                    hh[j] = _nb_xxh64(norm, tstart[t], tstart[t + m] - tstart[t], False) & _U64_M32
-            else:
-                _nb_word_block(th, j0, cnt, m, v1, v2, v3, v4, hh)
-            # permutations and running minima; the inner loops vectorise over the block
-            if legacy:
-                for k in range(num_perm):
-                    ak = a64[k]
-                    bk = b64[k]
-                    mn = np.uint64(out[d, k])
-                    for j in range(cnt):
-                        x = ak * hh[j] + bk  # wraps mod 2**64, as in datasketch's uint64 numpy code
-                        x = (x & _U64_MERSENNE) + (x >> np.uint64(61))  # 2**61 = 1 mod p: a branch-free x % p
-                        x = x - _U64_MERSENNE if x >= _U64_MERSENNE else x
-                        mn = min(mn, x & _U64_M32)
-                    out[d, k] = np.uint32(mn)
-            else:
-                for j in range(cnt):
-                    h32[j] = _nb_fmix32(np.uint32(hh[j]))
-                for k in range(num_perm):
-                    ak = a32[k]
-                    bk = b32[k]
-                    mn = out[d, k]
-                    for j in range(cnt):
-                        mn = min(mn, np.uint32(ak * h32[j] + bk))
-                    out[d, k] = mn
+        # 32-bit shingle hashes of the whole document
+        if char_unit:
+            for j in range(ns):
+                hh[j] = _nb_xxh64(norm, tstart[j], tstart[j + m] - tstart[j], False) & _U64_M32
+        else:
+            _nb_word_hashes(buf, tb, ntok, th, lo, hi, ln)
+            _nb_ngram_hashes(th, m, ns, coef, hh)
+        # permutations and minima
+        if legacy:
+            _nb_legacy_min(hh, ns, a64, b64, out, d)
+        else:
+            _nb_affine32_min(hh, ns, a32, b32, h32, out, d)
 
 
 def _signatures_numba(texts, num_perm, n, unit, seed, scheme) -> np.ndarray:
-    buf, offsets = _encode_batch(texts, _prepare_for_kernel, pad=16)  # 16-byte reads near the end stay in bounds
+    buf, offsets = _encode_batch(texts, _prepare_for_kernel, pad=_KERNEL_PAD)
     a, b = permutations(num_perm, seed, scheme)
     out = np.empty((offsets.size - 1, num_perm), dtype=np.uint32)
     legacy = scheme == "legacy"
     # the unused pair is a read-only placeholder too, so both schemes share one compiled kernel
     a32, b32 = permutations(1, 0, "affine32") if legacy else (a, b)
     a64, b64 = (a, b) if legacy else permutations(1, 0, "legacy")
-    _nb_signatures(buf, offsets, _separator_table(), n, unit == "char", a32, b32, a64, b64, legacy, out)
+    _nb_signatures(buf, offsets, _separator_table(), n, unit == "char", ngram_coefficients(n + 1),
+                   a32, b32, a64, b64, legacy, out)
     return out
 
 

@@ -121,6 +121,53 @@ def test_kernel_normalisation_fuzz(unit, n):
         assert not bad, (backend, bad[:3])
 
 
+def test_kernel_ascii_blocks():
+    """ASCII texts take the kernel's 64-bytes-a-step separator masks: every ASCII code point
+    (controls included), words and separator runs across the 64-byte block edges, texts of
+    63, 64, 65, 127, 128, 129 bytes, a word ending exactly at a block edge, long words."""
+    rng = random.Random(13)
+    pool = [chr(c) for c in range(1, 128)]
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 300))) for _ in range(200)]
+    texts += ["".join(rng.choice("ab ,") for _ in range(k)) for k in (63, 64, 65, 127, 128, 129, 191, 192, 193)]
+    texts += ["x" * 64, "x" * 63 + " ", " " * 64 + "y", "w " * 64, "A" * 17 + " " + "b" * 16 + " " + "C" * 200]
+    for unit, n in (("word", 1), ("word", 5), ("char", 3)):
+        want = mh.signatures_reference(texts, 8, n, unit)
+        for backend in BACKENDS:
+            got = mh.signatures(texts, 8, n, unit, backend=backend)
+            bad = [t for t, g, w in zip(texts, got, want) if not np.array_equal(g, w)]
+            assert not bad, (unit, n, backend, bad[:3])
+
+
+def test_word_and_ngram_hash_definitions():
+    """The documented shingle hash, written out independently of the module's helpers."""
+    def fmix64(h):
+        for c in (0xFF51AFD7ED558CCD, 0xC4CEB9FE1A85EC53):
+            h ^= h >> 33
+            h = (h * c) % 2**64
+        return h ^ (h >> 33)
+
+    def word(w: bytes) -> int:
+        if len(w) > 16:
+            import xxhash
+
+            return xxhash.xxh64_intdigest(w) % 2**32
+        lo, hi = int.from_bytes(w[:8], "little"), int.from_bytes(w[8:16], "little")
+        return fmix64((lo * 0x9E3779B185EBCA87 + hi * 0xC2B2AE3D27D4EB4F + len(w) * 0x165667B19E3779F9) % 2**64) % 2**32
+
+    def splitmix64(i):
+        z = (i + 1) * 0x9E3779B97F4A7C15 % 2**64
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 % 2**64
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EB % 2**64
+        return z ^ (z >> 31)
+
+    for shingle in ["a", "the quick brown fox jumps", "été à paris", "x" * 16 + " " + "y" * 17, "one two"]:
+        ws = [word(w) for w in shingle.encode().split(b" ")]
+        m = len(ws)
+        want = (splitmix64(m) + sum(splitmix64(i) * w for i, w in enumerate(ws))) % 2**64 >> 32
+        assert mh.shingle_hash(shingle, "word") == want, shingle
+    assert mh.word_hash(b"") == fmix64(0) % 2**32
+
+
 def test_xxh64_reference_and_vectorised():
     assert mh.xxh64(b"") == 0xEF46DB3751D8E999  # published test vectors
     assert mh.xxh64(b"abc") == 0x44BC2CF5AD770999
