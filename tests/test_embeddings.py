@@ -72,6 +72,10 @@ def test_check_embeddings_refuses_and_prunes(tmp_path):
         check_embeddings(recipe(("clip", {}), sem), out)
     with pytest.raises(RecipeError, match="already keeps embeddings"):
         check_embeddings(recipe(keep, keep), out)
+    leak = ("leakage", {"from_step": "clip", "rule": "keye_posttrain"})  # leakage's from_step: the same check
+    check_embeddings(recipe(keep, leak), out)
+    with pytest.raises(RecipeError, match=r"leakage.from_step` names 'clip', but no earlier .* drop `from_step`\."):
+        check_embeddings(recipe(("clip", {}), leak), out)
     check_embeddings(recipe(("clip", {})), out)  # nothing keeps clip's any more
     assert not os.path.exists(embeddings_folder(out, "clip"))
 

@@ -130,6 +130,10 @@ def test_rule_fields_default_to_keye_and_are_validated(tmp_path):
         leak_step(tmp_path, rule="keye_posttrain")
     with pytest.raises(ValueError, match="eval_sets"):
         LeakageFilter(eval_sets=[])
+    with pytest.raises(ValueError, match="only rule keye_posttrain"):
+        leak_step(tmp_path, rule="hamming", from_step="clip")
+    with pytest.raises(ValueError, match="from_step must be the name of a step"):
+        leak_step(tmp_path, from_step="no such step")
 
 
 # --- keye_pretrain: bit-set MinHash, LSH, exact Jaccard ----------------------------------------------
@@ -579,3 +583,191 @@ def test_spark_keye_posttrain_equals_plain_open_clip(spark, tmp_path):
     print(f"keye_posttrain (tiny random CLIP): dropped {sorted(got)}")
     assert got == want
     assert {"m.jsonl:1", "m.jsonl:2", "m.jsonl:3", "m.jsonl:4", "m.jsonl:11"} <= got  # the planted copies
+
+
+# --- keye_posttrain reusing a CLIP step's kept embeddings (from_step) ------------------------------------
+
+def _pydoc_words() -> list[str]:
+    from pydoc_data.topics import topics
+
+    return sorted({w.lower() for k in sorted(topics) for w in topics[k].split() if w.isalpha() and len(w) > 3})
+
+
+def test_posttrain_reuses_kept_embeddings_only_for_the_same_text(tmp_path):
+    """leaks_of over rows carrying kept embeddings (what the engine joins on, KEPT_*): the same
+    decisions as embedding them; a kept text embedding is used only when its text_hash is that of
+    the text the rule embeds (a conversation's every turn; the CLIP step embedded its assistant
+    turn), and what is not kept goes through the encoder, counted."""
+    from reelforge.curation.tiny_clip import build_tiny_clip
+    from reelforge.filters.clip_score import caption_of, load_scorer
+    from reelforge.filters.embeddings import text_hash, to_bytes
+    from reelforge.filters.leakage import KEPT_IMAGES, KEPT_TEXT, KEPT_TEXT_HASH
+
+    d, ckpt = build_tiny_clip(str(tmp_path / "model"))
+    cfg = os.path.join(d, "reelforge-tiny-clip.json")
+    step = leak_step(tmp_path, rule="keye_posttrain", text=False, model="reelforge-tiny-clip", pretrained=ckpt,
+                     model_config=cfg, device="cpu", image_cosine=0.9985, text_cosine=0.99)
+    rng = random.Random(5)
+    words = _pydoc_words()
+    pics = [drawing(rng) for _ in range(4)]
+
+    def medium(im: Image.Image, name: str) -> dict:
+        _write(im, tmp_path / f"{name}.png")
+        return {"kind": "image", "uri": str(tmp_path / f"{name}.png"), "member": None, "offset": None,
+                "phash": [ph(im)]}
+
+    qa = [(" ".join(rng.sample(words, 6)) + "?", rng.choice(words)) for _ in range(3)]
+    ev = [{"id": f"{EVAL_PREFIX}bench:q.jsonl:{i}", "kind": "image_text", "text": f"{q} {a}", "messages": None,
+           "chosen": None, "rejected": None, "media": [medium(pics[i], f"e{i}")]} for i, (q, a) in enumerate(qa)]
+    index = step.build_index(ev)
+    base = {"chosen": None, "rejected": None}
+    recs = [  # a captioned copy of item 0; a conversation about a copy of item 1; an unrelated sample
+        {**base, "id": "cap", "kind": "image_text", "text": ev[0]["text"], "messages": None,
+         "media": [medium(near_copies(pics[0])["resized"], "c0")]},
+        {**base, "id": "conv", "kind": "conversation", "text": None,
+         "messages": [{"role": "user", "content": f"<image> {qa[1][0]}"}, {"role": "assistant", "content": qa[1][1]}],
+         "media": [medium(near_copies(pics[1])["jpeg"], "c1")]},
+        {**base, "id": "other", "kind": "image_text", "text": " ".join(rng.sample(words, 8)), "messages": None,
+         "media": [medium(pics[3], "u3")]}]
+    plain: dict = {}
+    want = step.leaks_of(recs, index, plain)
+    assert want == {"cap": ev[0]["id"], "conv": ev[1]["id"]}
+    assert (plain["images_embedded"], plain["texts_embedded"], plain.get("images_reused")) == (3, 3, 0)
+
+    sc = load_scorer("reelforge-tiny-clip", ckpt, cfg, "cpu")  # what a clip step (conversation_text: assistant) keeps
+    kept = []
+    for r in recs:
+        cap = caption_of(r, "assistant")
+        img = sc.embed_images([decode_visual_one(r["media"][0])])[0]
+        kept.append({**r, KEPT_IMAGES: [{"index": 0, "image": to_bytes(img)}],
+                     KEPT_TEXT: to_bytes(sc.embed_texts([cap])[0]), KEPT_TEXT_HASH: text_hash(cap)})
+    stats: dict = {}
+    assert step.leaks_of(kept, index, stats) == want
+    # every image kept; the conversation's kept text is its assistant turn only: that one text is embedded
+    assert (stats["images_reused"], stats.get("images_embedded", 0)) == (3, 0)
+    assert (stats["texts_reused"], stats["texts_embedded"], stats["encoder_calls"]) == (2, 1, 1)
+    # a text rewritten since the CLIP step ran (its hash differs) is embedded again, with the same decision
+    kept[0] = {**kept[0], KEPT_TEXT_HASH: text_hash("an older caption")}
+    stats = {}
+    assert step.leaks_of(kept, index, stats) == want and stats["texts_embedded"] == 2
+
+
+def decode_visual_one(m: dict) -> Image.Image:
+    from reelforge.curation.media_io import decode_visual
+
+    (im,) = decode_visual(m, 1)
+    return im
+
+
+def _leak_section(out: str, step: LeakageFilter) -> dict:
+    with open(step.report_path(os.path.join(out, "_work"))) as f:
+        return json.load(f)
+
+
+def reuse_corpus(root) -> tuple[dict, dict, dict[str, set]]:
+    """Under `root` (a pathlib.Path): two tiny random CLIPs (model/, and other/ with other weights),
+    40 benchmark items (ev/e.jsonl: a drawing, a question, an answer) and a corpus m.jsonl of 80
+    planted copies (the item's picture resized or re-encoded, with the item's text), 300 unrelated
+    pictures and texts, and 40 hard negatives (the picture with another text, the text with
+    another picture). Returns (the clip step's model fields, the leakage step's fields, the
+    source keys of each group: planted, unrelated, hard)."""
+    from reelforge.curation.tiny_clip import build_tiny_clip
+
+    build_tiny_clip(str(root / "model"))
+    build_tiny_clip(str(root / "other"), seed=1)  # the same architecture, other weights
+    rng = random.Random(41)
+    words = _pydoc_words()
+    for d in ("img", "ev"):
+        (root / d).mkdir()
+    bench = [drawing(rng) for _ in range(40)]
+    ev, rows = [], []
+    groups: dict[str, set] = {"planted": set(), "unrelated": set(), "hard": set()}
+    for i, im in enumerate(bench):
+        _write(im, root / "ev" / f"e{i}.png")
+        ev.append({"image": f"e{i}.png", "question": " ".join(rng.sample(words, 6)) + "?",
+                   "answer": rng.choice(words)})
+    (root / "ev" / "e.jsonl").write_text("".join(json.dumps(x) + "\n" for x in ev))
+
+    def add(im: Image.Image, name: str, caption: str, group: str) -> None:
+        _write(im, root / "img" / f"{name}.png")
+        rows.append({"image": f"img/{name}.png", "caption": caption})
+        groups[group].add(f"m.jsonl:{len(rows)}")
+
+    for i, im in enumerate(bench):  # 80 planted copies: the picture resized or re-encoded, the item's text
+        text = f"{ev[i]['question']} {ev[i]['answer']}"
+        for kind in ("resized", "jpeg"):
+            add(near_copies(im)[kind], f"c{i}_{kind}", text, "planted")
+    for j in range(300):  # unrelated pictures and texts
+        add(drawing(rng), f"u{j}", " ".join(rng.sample(words, 8)), "unrelated")
+    for i in range(20):  # the picture without the text, the text without the picture: no leak
+        add(near_copies(bench[i])["resized"], f"h{i}_image", " ".join(rng.sample(words, 8)), "hard")
+        add(drawing(rng), f"h{i}_text", f"{ev[i]['question']} {ev[i]['answer']}", "hard")
+    (root / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tiny = {"model": "reelforge-tiny-clip", "pretrained": "model/reelforge-tiny-clip.pt",
+            "model_config": "model/reelforge-tiny-clip.json", "device": "cpu"}
+    leak = {"eval_sets": [{"name": "bench", "path": "ev/e.jsonl"}], "rule": "keye_posttrain", "text": False,
+            "image_cosine": 0.9985, "text_cosine": 0.99, **tiny}
+    return tiny, leak, groups
+
+
+@pytest.mark.slow
+def test_spark_keye_posttrain_reuses_the_clip_steps_kept_embeddings(spark, tmp_path):
+    """clip (keep_embeddings) then leakage (keye_posttrain, from_step: clip): the same drops as the
+    same leakage step embedding everything itself, and the executors ran no CLIP encoder on the
+    corpus (the step's counters, summed from the executors' batches into its report section, are
+    0 with reuse and count every corpus image and text without). A leakage step whose model is
+    not the one recorded with the embeddings embeds everything itself, and says why.
+
+    The tiny random CLIP puts any two drawings at image cosine ~0.99 and any two short texts up to
+    ~0.95, so the thresholds here are 0.9985 and 0.99 (planted copies: >= 0.9995 and 1.0)."""
+    from reelforge.jobs.recipe import StepSpec, load_recipe
+    from reelforge.jobs.run import run_recipe
+
+    tiny, leak, groups = reuse_corpus(tmp_path)
+    planted, unrelated, hard = groups["planted"], groups["unrelated"], groups["hard"]
+    n = sum(len(g) for g in groups.values())
+    out = str(tmp_path / "out")
+
+    def run(leakage: dict) -> tuple[dict, dict, dict]:
+        recipe = {"name": "reuse", "sources": [{"name": "m", "format": "jsonl", "path": "m.jsonl"}],
+                  "steps": [{"probe": {}}, {"clip": {**tiny, "keep_embeddings": True}}, {"leakage": leakage}],
+                  "output": {"path": "out", "shards": {"max_samples": 1000}}}
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        r = load_recipe(str(tmp_path / "recipe.yaml"), out=out)
+        rep = run_recipe(r, spark=spark, log=lambda *a: None)
+        import pyarrow.parquet as pq
+
+        dropped = {r["source_key"]: r["reason"] for r in pq.read_table(os.path.join(out, "ledger")).to_pylist()
+                   if r["fate"] == "dropped"}
+        section = _leak_section(out, StepSpec("leakage", r.steps[2].params).build())
+        return rep, dropped, section
+
+    rep_a, reused, sec_a = run({**leak, "from_step": "clip"})
+    rep_b, computed, sec_b = run(leak)  # the clip stage is reused from the first run: only leakage runs again
+    secs = {k: next(s["seconds"] for s in rep["steps"] if s["step"] == "leakage") for k, rep in
+            (("reused", rep_a), ("computed", rep_b))}
+    print(f"leakage with kept embeddings: {len(reused)} drops, {sec_a['seconds']} s in the step "
+          f"({secs['reused']} s stage); embedding itself: {len(computed)} drops, {sec_b['seconds']} s "
+          f"({secs['computed']} s stage); encoder on the corpus: {sec_a['images_embedded']} images, "
+          f"{sec_a['texts_embedded']} texts, {sec_a['encoder_calls']} calls with reuse; "
+          f"{sec_b['images_embedded']} images, {sec_b['texts_embedded']} texts, {sec_b['encoder_calls']} calls without")
+    assert reused == computed  # the same drops, the same reasons
+    assert set(reused.values()) == {"leak:bench"}
+    assert len(planted & set(reused)) >= 30 and not (unrelated | hard) & set(reused)
+    assert planted <= set(reused)  # every planted copy, in fact
+    assert sec_a["embeddings"] == "reused" and sec_a["from_step"] == "clip" and "clip" in sec_a["why"]
+    assert (sec_a["images_reused"], sec_a["texts_reused"]) == (n, n)
+    assert sec_a["images_embedded"] == sec_a["texts_embedded"] == sec_a["encoder_calls"] == 0
+    assert sec_a["drops"] == sec_b["drops"] == {"leak:bench": len(reused)}
+    # the counters are live: without from_step the executors embed every corpus image and text
+    assert sec_b["embeddings"] == "computed" and "no from_step" in sec_b["why"]
+    assert (sec_b["images_embedded"], sec_b["texts_embedded"]) == (n, n) and sec_b["encoder_calls"] > 0
+    assert sec_b["images_reused"] == sec_b["texts_reused"] == 0 and sec_a["samples"] == sec_b["samples"] == n
+
+    # another model than the one recorded with the embeddings: embedded here, and the section says why
+    other = {"pretrained": "other/reelforge-tiny-clip.pt", "model_config": "other/reelforge-tiny-clip.json"}
+    rep_c, _, sec_c = run({**leak, **other, "from_step": "clip"})
+    assert rep_c["balanced"]
+    assert sec_c["embeddings"] == "computed" and "another model" in sec_c["why"], sec_c
+    assert sec_c["kept_model"] != sec_c["model"] and str(tmp_path / "other") in sec_c["model"]
+    assert (sec_c["images_embedded"], sec_c["texts_embedded"]) == (n, n) and sec_c["images_reused"] == 0
