@@ -107,6 +107,25 @@ class Caption:
 
 
 @dataclass
+class Response:
+    """One response a model generated for the sample's prompt (the `sample` step), and what the
+    `reward` step (`mixers/reward.py`) made of it. Kept in `responses`, in the order generated."""
+
+    text: str = col(required=True)
+    model: str = col(required=True)  # the model folder or name that generated it
+    seed: Optional[int] = col()  # the sampling seed (None: greedy decoding)
+    mode: Optional[str] = col()  # the cold-start mode it was asked in (thinking, non_thinking, ...)
+    temperature: Optional[float] = col()
+    top_p: Optional[float] = col()
+    params: Optional[str] = col(codec="json")  # any other generation setting, as a JSON object string
+    # filled by the reward step
+    answer: Optional[str] = col()  # the answer extracted from `text` (a choice letter, a number, yes/no, a span)
+    rewards: Optional[dict[str, float]] = col()  # each reward by name: correct, format, consistency, repetition, judge
+    reward: Optional[float] = col()  # their weighted total (the recipe's `weights`)
+    passed: Optional[bool] = col()  # the pass rule (`pass_on` >= `pass_threshold`); None: nothing to pass on
+
+
+@dataclass
 class Sample:
     id: str = col(required=True, table=True, ledger="id")
     kind: str = col(required=True, table=True, ledger="kind")
@@ -125,6 +144,9 @@ class Sample:
     # every step's score by name (clip, vlm, quality, ...): set_score / get_score
     scores: Optional[dict[str, float]] = col(table=True)
     captions: Optional[list[Caption]] = col()  # recaptions, each with its model and prompt
+    responses: Optional[list[Response]] = col()  # generated responses to the prompt, with their rewards
+    pass_rate: Optional[float] = col(table=True)  # share of the responses that passed (the reward step)
+    difficulty: Optional[str] = col(table=True)  # the pass rate's bucket: unsolved, hard, ..., solved, no_reference
     text_tokens: Optional[int] = col(shard="tokens.text_tokens", table=True, always=True)
     visual_tokens: Optional[int] = col(shard="tokens.visual_tokens", table=True, always=True)
     tokens: Optional[int] = col(shard="tokens.tokens", table=True, always=True)
@@ -173,7 +195,7 @@ def rows_of(batch: "pa.RecordBatch | pa.Table") -> list[dict]:
 
 # --- generated from the declarations: shard JSON, samples table, ledger ---------------------
 
-_HINTS = {cls: typing.get_type_hints(cls) for cls in (Sample, Media, Message, Caption)}
+_HINTS = {cls: typing.get_type_hints(cls) for cls in (Sample, Media, Message, Caption, Response)}
 _MASK64 = (1 << 64) - 1
 
 
@@ -236,7 +258,7 @@ def _plan(cls: type) -> tuple[_Plan, ...]:
     return tuple(out)
 
 
-_PLANS = {cls: _plan(cls) for cls in (Sample, Media, Message, Caption)}
+_PLANS = {cls: _plan(cls) for cls in (Sample, Media, Message, Caption, Response)}
 
 
 def _encode(cls: type, d: dict, members: Optional[list[str]] = None, member: Optional[str] = None) -> dict:
@@ -346,10 +368,15 @@ def row_to_sample(row: dict) -> Sample:
     messages = ([Message(**m) for m in row["messages"]]
                 if row.get("messages") is not None else None)
     captions = [Caption(**c) for c in row["captions"]] if row.get("captions") is not None else None
-    scores = row.get("scores")
-    if scores is not None and not isinstance(scores, dict):
-        scores = dict(scores)
-    return Sample(**{**row, "media": media, "messages": messages, "captions": captions, "scores": scores})
+    responses = ([Response(**{**r, "rewards": _as_dict(r.get("rewards"))}) for r in row["responses"]]
+                 if row.get("responses") is not None else None)
+    return Sample(**{**row, "media": media, "messages": messages, "captions": captions, "responses": responses,
+                     "scores": _as_dict(row.get("scores"))})
+
+
+def _as_dict(m: Any) -> Optional[dict]:
+    """A map column as a dict (Arrow's default reads it as [(key, value)])."""
+    return m if m is None or isinstance(m, dict) else dict(m)
 
 
 def alive(row: dict) -> bool:
@@ -410,7 +437,7 @@ def all_text(row: dict) -> str:
 
 __all__ = [
     "ARROW_SCHEMA", "COLUMNS", "Caption", "IMAGE_PLACEHOLDER", "KINDS", "LEDGER_FIELDS", "LEDGER_ONLY",
-    "Media", "Message", "SHARD_FIELDS", "Sample", "TABLE_FIELDS", "VIDEO_PLACEHOLDER", "all_text", "alive",
+    "Media", "Message", "Response", "SHARD_FIELDS", "Sample", "TABLE_FIELDS", "VIDEO_PLACEHOLDER", "all_text", "alive",
     "col", "drop", "empty_row", "from_shard_json", "get_score", "make_id", "row_to_sample", "rows_of",
     "sample_to_row", "set_score", "to_shard_json",
 ]

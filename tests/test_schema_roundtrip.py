@@ -103,6 +103,17 @@ def _fill_step():
                         {"text": "an older recaption", "model": "m-old", "prompt": "Describe.", "task": "caption"},
                         {"text": "a red rectangle on nothing", "model": "m-new", "prompt": "Describe it.",
                          "task": "caption"}]
+                    # two sampled responses as the sample and reward steps leave them (issue 15)
+                    row["responses"] = [
+                        {"text": "<think>2 + 2 = 4</think><answer>4</answer>", "model": "m-policy", "seed": 0,
+                         "mode": "thinking", "temperature": 1.0, "top_p": 0.95, "params": '{"max_new_tokens": 64}',
+                         "answer": "4", "rewards": {"correct": 1.0, "format": 1.0, "repetition": 1.0 - 2.0 ** -30,
+                                                    "judge": 0.1 + 0.2},
+                         "reward": 2.75, "passed": True},
+                        {"text": "5 5 5 5 5 5 5 5", "model": "m-policy", "seed": 1, "mode": "non_thinking",
+                         "temperature": 0.7, "top_p": 1.0, "params": "not JSON: kept as written",
+                         "answer": "5", "rewards": {"correct": 0.0, "format": 1.0}, "reward": 0.0, "passed": False}]
+                    row["pass_rate"], row["difficulty"] = 0.5, "medium"
                     for m in row.get("media") or []:
                         fill_dc(Media, m, "media")
                     if row["kind"] == "image_text":
@@ -180,15 +191,24 @@ def test_every_field_round_trips_from_reader_to_loader(spark, tmp_path, monkeypa
             if name in S.LEDGER_FIELDS:
                 assert ledger[sid][S.LEDGER_FIELDS[name]] == want[name], f"{name} of {sid} differs in the ledger"
 
-    # nested records: every field of Media, Message, Caption reached the child and came back
-    for cls, field in ((S.Media, "media"), (S.Message, "messages"), (S.Caption, "captions")):
+    # nested records: every field of Media, Message, Caption, Response reached the child and came back
+    for cls, field in ((S.Media, "media"), (S.Message, "messages"), (S.Caption, "captions"),
+                       (S.Response, "responses")):
         for sub in dataclasses.fields(cls):
             if sub.metadata.get("rebased"):
                 continue  # checked by _same_media: they point at the shard now
             assert all(e[sub.name] is not None for e in child[field]), f"{field}.{sub.name}: fill step left it unset"
 
-    # the scores by name, and the loader's caption policies over the recaptions
+    # the responses and their rewards by name, in the loader's view and the schema's dataclasses
     c = loaded[child["id"]]
+    r0, r1 = c["responses"]
+    assert r0["rewards"]["judge"] == 0.1 + 0.2 and r0["passed"] is True and r1["passed"] is False
+    assert r0["params"] == '{"max_new_tokens": 64}' and r1["params"] == "not JSON: kept as written"
+    assert shard_json[child["id"]]["responses"][0]["params"] == {"max_new_tokens": 64}  # an object in the shard
+    assert S.row_to_sample(c).responses[1] == S.Response(**child["responses"][1])
+    assert (table[child["id"]]["pass_rate"], table[child["id"]]["difficulty"]) == (0.5, "medium")
+
+    # the scores by name, and the loader's caption policies over the recaptions
     assert S.get_score(c, "clip") == 0.1 + 0.2 and S.get_score(c, "quality") == -1.5
     for sid in kept:
         assert S.get_score(loaded[sid], "a_score_no_code_knows") == 2.0 ** -40
