@@ -6,14 +6,21 @@ sentence capitals, commas and full stops, generated deterministically chunk by c
 documents never sit in memory at once). 128 permutations, word 5-grams, seed 1.
 
     .venv/bin/python benchmarks/bench_minhash.py [--docs 100000] [--ds-docs 2000] [--batch 2000]
-        [--num-perm 128] [--n 5] [--cpu 0]
+        [--num-perm 128] [--n 5] [--repeat 3] [--clock cpu|wall] [--cpu 0]
 
 Everything runs in this one process pinned to ONE core (os.sched_setaffinity), with
 RAYON_NUM_THREADS=1 and RENSA_PIPELINE_QUEUE_CAP=0 so that rensa does not use a second thread
-either. Rows:
+either. The clock is this process's CPU time by default (`--clock cpu`, time.process_time):
+on a shared machine the time slices other processes take from the core do not count, which
+is what "per core" means; `--clock wall` gives wall time. `--repeat` passes over the same
+documents; within a pass every chunk of --batch documents goes through every tool in turn
+(project, shingling, rensa, rensa bulk, datasketch), so a slow spell hits all alike, and each
+figure printed is the median over the passes (the per-pass project/rensa ratios are printed
+too). Rows:
 
   project            signatures(texts) per batch of --batch texts: text in, signatures out
-                     (normalisation, shingling, hashing, permutations: all of it is timed)
+                     (NFKC/encode, case folding, the separator scan, word and n-gram hashes,
+                     permutations and minima: all of it is timed)
   datasketch         MinHash(num_perm, seed).update_batch(shingle bytes) per document, timed on
                      the first --ds-docs documents only and reported as docs/s (extrapolated)
   datasketch bulk    MinHash.bulk(list of shingle-byte lists), same subset
@@ -31,6 +38,12 @@ sketch (3 rounds of one-bucket-per-token, inspired by Fast Similarity Sketching)
 O(shingles), not O(shingles x num_perm), and its values are not comparable with datasketch's.
 The accuracy table (mean absolute error against the exact Jaccard of the shingle sets over
 pairs of varied similarity) shows what each estimator gives for its speed.
+
+The profile block splits the project's time by stage (each stage a best-of-5 of the kernel cut
+after it): Python's share (NFKC for non-ASCII texts, encode, join), the case fold + separator
+scan (64 bytes a step on ASCII texts), the word hashes, the n-gram multiply-shift hashes, and
+fmix32 + the 128 permutations with their minima, which on an AVX-512 core is bound by the
+32-bit multiplies (num_perm x shingles of them) and is about half of the total.
 
 Prints a table and, last, one JSON line with every figure. Figures, not assertions.
 """

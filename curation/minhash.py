@@ -1021,7 +1021,7 @@ def _nb_signatures(buf, offsets, cls, n, char_unit, coef, a32, b32, a64, b64, le
     """Fill out[d] for every document d of buf[offsets[d]:offsets[d + 1]] (NFKC'd and lowercased
     unless ASCII; ASCII A-Z are folded here, in place, so buf must be writable and a whole
     number of 8-byte words). cls: the separator table, see _separator_table. coef:
-    ngram_coefficients(n + 1). Scratch memory: ~60 bytes per byte of the longest document."""
+    ngram_coefficients(n + 1). Scratch memory: ~30 bytes per byte of the longest document."""
     _nb_fold_ascii(buf)
     ndocs = offsets.size - 1
     maxlen = 0
