@@ -92,27 +92,32 @@ class VLM:
     def encode(self, prompts: Sequence[str], visuals: Sequence[Sequence[tuple[str, Any]]]):
         """Model inputs for a batch: each prompt follows its images ('image', PIL) and videos
         ('video', list of PIL frames) in one user turn, rendered by the model's chat template."""
-        images: list = []
-        videos: list = []
         texts = []
         for prompt, vis in zip(prompts, visuals):
-            content: list[dict] = []
+            content: list[dict] = [{"type": kind} for kind, _ in vis]
+            content.append({"type": "text", "text": prompt})
+            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
+                                                            add_generation_prompt=True, tokenize=False))
+        return self.encode_texts(texts, visuals)
+
+    def encode_texts(self, texts: Sequence[str], visuals: Sequence[Sequence[tuple[str, Any]]]):
+        """Model inputs for chat texts already rendered, each with its images and videos in the order
+        its vision blocks appear."""
+        images: list = []
+        videos: list = []
+        for vis in visuals:
             for kind, x in vis:
-                content.append({"type": kind})
                 if kind == "image":
                     images.append(x)
                 else:
                     videos.append(np.stack([np.asarray(f) for f in x]))
-            content.append({"type": "text", "text": prompt})
-            texts.append(self.processor.apply_chat_template([{"role": "user", "content": content}],
-                                                            add_generation_prompt=True, tokenize=False))
         kw: dict[str, Any] = {}
         if images:
             kw["images"] = images
         if videos:
             kw["videos"] = videos
             kw["do_sample_frames"] = False  # frames were sampled already, evenly, by the step
-        return self.processor(text=texts, padding=True, return_tensors="pt", **kw)
+        return self.processor(text=list(texts), padding=True, return_tensors="pt", **kw)
 
     def _to_device(self, inputs):
         out = inputs.to(self.device)

@@ -21,7 +21,8 @@ from reelforge.curation.step import STEPS
 # Step modules outside `reelforge.filters` (every module of `reelforge.filters` is imported
 # anyway: a new filter is one new file there, registered with @register_step).
 STEP_MODULES = ("reelforge.curation.probe", "reelforge.curation.clips", "reelforge.curation.token_count",
-                "reelforge.curation.recaption", "reelforge.mixers.modes", "reelforge.mixers.reward")
+                "reelforge.curation.recaption", "reelforge.mixers.modes", "reelforge.mixers.reward",
+                "reelforge.mixers.sample", "reelforge.mixers.selection")
 
 
 def step_modules() -> list[str]:

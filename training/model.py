@@ -232,6 +232,58 @@ class ReelVLM(nn.Module):
             out["loss"] = nll.sum() / n.clamp(min=1) + 0.0 * logits.sum() * (n == 0)
         return out
 
+    @torch.no_grad()
+    def generate(self, input_ids: list[int], images: list[torch.Tensor], generators: list, max_new_tokens: int,
+                 eos_ids: list[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 repetition_penalty: float = 1.0, banned: list[int] | tuple = ()) -> list[list[int]]:
+        """len(generators) completions of one prompt (token ids, without the end token), with a KV cache and the
+        LLM's own 1D positions. Row r draws every token with `generators[r]` alone (None, or temperature 0:
+        greedy), after transformers' repetition penalty, temperature, top-k and top-p, so a completion depends
+        on its generator's seed and not on the other rows (the `sample` step's rule). A row stops at any of
+        `eos_ids`; `banned` ids (the vision pads) are never drawn."""
+        from transformers.generation.logits_process import (
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        n = len(generators)
+        device = self.projector.fc1.weight.device
+        ids = torch.tensor([input_ids], device=device)
+        greedy = temperature <= 0
+        procs: list = [RepetitionPenaltyLogitsProcessor(repetition_penalty)] if repetition_penalty != 1.0 else []
+        if not greedy:
+            procs += [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+            procs += [TopKLogitsWarper(top_k)] if top_k else []
+            procs += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+        seen = ids.expand(n, -1)  # the ids so far, as the repetition penalty reads them
+        out = self.llm(inputs_embeds=self.embed(ids, images).expand(n, -1, -1), use_cache=True)
+        past, logits = out.past_key_values, out.logits[:, -1]
+        stop, done = set(eos_ids), [False] * n
+        seqs: list[list[int]] = [[] for _ in range(n)]
+        for _ in range(max_new_tokens):
+            scores = logits.float()
+            if banned:
+                scores[:, list(banned)] = float("-inf")
+            for p in procs:
+                scores = p(seen, scores)
+            nxt = [int(scores[r].argmax()) if greedy or generators[r] is None else
+                   int(torch.multinomial(torch.softmax(scores[r:r + 1], -1), 1, generator=generators[r])[0, 0])
+                   for r in range(n)]
+            for r, t in enumerate(nxt):
+                if not done[r]:
+                    done[r] = t in stop
+                    if not done[r]:
+                        seqs[r].append(t)
+            if all(done):
+                break
+            step = torch.tensor(nxt, device=device).unsqueeze(1)
+            seen = torch.cat([seen, step], 1)
+            out = self.llm(input_ids=step, past_key_values=past, use_cache=True)
+            past, logits = out.past_key_values, out.logits[:, -1]
+        return seqs
+
 
 class ContrastiveViT(nn.Module):
     """Stage 0: the vision tower and a SigLIP text tower, sigmoid loss over image-text pairs."""
