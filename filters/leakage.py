@@ -37,7 +37,7 @@ Evaluation sets are small (thousands of items), so they are indexed once on the 
 (`LeakageFilter.build_index`: band keys in sorted arrays, pHashes, embeddings) and the index is
 broadcast; each training batch is then matched in its executor (`LeakageFilter.leaks_of`) with
 no shuffle of the corpus. The decisions are the plain functions below; the engine
-(`jobs.shuffles.leakage`) only broadcasts the index and joins the drops back.
+(`jobs.leakage.leakage`) only broadcasts the index and joins the drops back.
 """
 
 from __future__ import annotations

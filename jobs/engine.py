@@ -27,6 +27,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame
 
 from reelforge.curation.step import Step, StepContext, run_batches
+from reelforge.jobs.leakage import leakage
 from reelforge.jobs.semantic import dedup_semantic, keep_embeddings
 from reelforge.jobs.shuffles import SHUFFLES, percentile_cut
 
@@ -61,11 +62,11 @@ def run_step(step: Step, df: DataFrame, workdir: str | None = None) -> DataFrame
     if step.shuffle == "dedup_semantic":  # needs the run's folder (kept embeddings, its report section)
         return dedup_semantic(step, df, workdir, task_context)
     if step.shuffle == "leakage":  # needs the run's folder too (a CLIP step's kept embeddings, its report section)
-        return SHUFFLES["leakage"](step, df, workdir)
+        return leakage(step, df, workdir)
     if step.shuffle is not None:
         if step.shuffle not in SHUFFLES:
             raise ValueError(f"step {step.name!r} asks for the shuffle {step.shuffle!r}, which the engine does not "
-                             f"know: use one of {', '.join(sorted(SHUFFLES))}")
+                             f"know: use one of {', '.join(sorted([*SHUFFLES, 'dedup_semantic', 'leakage']))}")
         return SHUFFLES[step.shuffle](step, df)
     if getattr(step, "keep_embeddings", None) is not None:  # a CLIP step: embeddings beside the run
         out = keep_embeddings(step, df, workdir, task_context)

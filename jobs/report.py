@@ -89,7 +89,8 @@ def build_report(spark, recipe, final, ledger, summary: dict, stats: list[dict],
         d.update(live_by_source.get(name, {"text_tokens": 0, "visual_tokens": 0, "tokens": 0}))
         d["reasons"] = dict(sorted(d["reasons"].items(), key=lambda kv: (-kv[1], kv[0])))
     semantic = semantic_sections(recipe)
-    return {**({"semantic": semantic} if semantic else {}),
+    leakage = semantic_sections(recipe, "leakage")
+    return {**({"semantic": semantic} if semantic else {}), **({"leakage": leakage} if leakage else {}),
         "recipe": recipe.name, "master": spark.sparkContext.master,
         "inputs": inputs, "derived": derived, "kept": summary["kept"], "dropped": summary["dropped"],
         "balanced": inputs + derived == summary["kept"] + summary["dropped"],
@@ -100,11 +101,13 @@ def build_report(spark, recipe, final, ledger, summary: dict, stats: list[dict],
     }
 
 
-def semantic_sections(recipe) -> list[dict]:
-    """The eps tables the `dedup_semantic` steps of the recipe wrote (`jobs.semantic`), in step order."""
+def semantic_sections(recipe, name: str = "dedup_semantic") -> list[dict]:
+    """The sections the recipe's `name` steps wrote under _work (`dedup_semantic`: its eps tables,
+    `jobs.semantic`; `leakage`: reused or computed embeddings, counters, drops per set,
+    `jobs.leakage`), in step order."""
     out = []
     for spec in recipe.steps:
-        if spec.name != "dedup_semantic":
+        if spec.name != name:
             continue
         step = spec.build()
         try:
@@ -131,6 +134,20 @@ def _semantic_markdown(sections: list[dict]) -> list[str]:
             share = r["drops"] / s["embedded"] if s["embedded"] else 0.0
             lines.append(f"| {mark}{r['eps']:g}{mark} | {r['min_cosine']:g} | {r['pairs']:,} | "
                          f"{mark}{r['drops']:,}{mark} | {share:.2%} |")
+    return lines
+
+
+def _leakage_markdown(sections: list[dict]) -> list[str]:
+    lines = []
+    for s in sections:
+        drops = ", ".join(f"{k} {v:,}" for k, v in sorted(s.get("drops", {}).items())) or "none"
+        lines += ["", f"## Leakage (`{s['step']}`, rule {s['rule']})", "",
+                  f"{s.get('eval_items', 0):,} evaluation items indexed once; drops: {drops}; {s.get('seconds', 0)} s."]
+        if s.get("embeddings") in ("reused", "computed"):
+            lines.append(f"CLIP embeddings of the corpus **{s['embeddings']}** ({s.get('why', '')}): "
+                         f"images {s.get('images_reused', 0):,} reused / {s.get('images_embedded', 0):,} embedded, "
+                         f"texts {s.get('texts_reused', 0):,} reused / {s.get('texts_embedded', 0):,} embedded, "
+                         f"{s.get('encoder_calls', 0):,} encoder calls.")
     return lines
 
 
@@ -197,6 +214,7 @@ def render_markdown(report: dict) -> str:
     lines.append(f"| **all** | {report['inputs']} | {report['kept']} | {report['dropped']} | "
                  f"{t.get('text_tokens', 0):,} | {t.get('visual_tokens', 0):,} | {t.get('tokens', 0):,} | |")
     lines += _semantic_markdown(report.get("semantic") or [])
+    lines += _leakage_markdown(report.get("leakage") or [])
     paths = report.get("paths", {})
     if paths:
         lines += ["", "## Where things are", ""] + [f"- {k}: `{v}`" for k, v in paths.items()]

@@ -1,4 +1,4 @@
-"""The Spark side of the steps that need a shuffle: exact dedup, near dedup, leakage.
+"""The Spark side of the steps that need a shuffle: exact dedup, near dedup (leakage: `jobs.leakage`).
 
 The steps (`filters.dedup`, `filters.near_dedup`, `filters.leakage`) decide in plain Python:
 a row's key, its LSH band keys, whether a candidate pair is an edge, which sample a cluster
@@ -23,7 +23,7 @@ from pyspark.sql import functions as F
 from reelforge.curation.schema import rows_of
 from reelforge.curation.step import Step
 from reelforge.filters.dedup import ExactDedup, duplicate_reason
-from reelforge.filters.leakage import EVAL_PREFIX, LeakageFilter, leak_drop
+from reelforge.filters.leakage import EVAL_PREFIX
 from reelforge.filters.near_dedup import RANK_PREFIX, NearDedup, near_duplicates, rank_key
 from reelforge.jobs.components import connected_components
 
@@ -241,64 +241,4 @@ def dedup_near(step: NearDedup, df: DataFrame) -> DataFrame:
     return mark_drops(df, F.broadcast(dups) if few else dups, step.name)  # broadcast: the rows stay put
 
 
-def leakage(step: LeakageFilter, df: DataFrame, workdir: str | None = None) -> DataFrame:
-    """The evaluation items are indexed once on the driver (`step.build_index`: band keys,
-    pHashes, CLIP embeddings) and broadcast; every batch of live rows is matched against the
-    index in its executor (`step.leaks_of`), so the corpus is not shuffled. Each matching
-    sample leaves as `leak:<set>` of the smallest evaluation item it matches.
-
-    Under keye_posttrain with `from_step`, the live rows are first joined (by id: one shuffle,
-    in place of the CLIP encoder) with what that CLIP step kept, when its model is the step's
-    own (`jobs.semantic.leakage_embeddings`): the executors then embed only what was not kept
-    (`step.leaks_of`), and the evaluation side is still embedded once, on the driver. The
-    matching runs once, here (its drops persisted), so the report section (`step.report_path`:
-    reused or computed and why, images and texts reused and embedded, drops per set) is written
-    before the rows are marked."""
-    import json
-    import time
-
-    from pyspark import StorageLevel
-
-    from reelforge.filters.leakage import COUNTERS
-    from reelforge.jobs.semantic import leakage_embeddings, write_section
-
-    t0 = time.time()
-    kept, section = leakage_embeddings(step, df.sparkSession, workdir)
-    section.update({"step": step.name, "rule": step.rule, **{k: 0 for k in COUNTERS}, "drops": {}})
-    ev_rows = step.eval_rows()
-    section["eval_items"] = len(ev_rows)
-    if not ev_rows:
-        section["seconds"] = round(time.time() - t0, 2)
-        if workdir:
-            write_section(step.report_path(workdir), section)
-        return df
-    index = df.sparkSession.sparkContext.broadcast(step.build_index(ev_rows))
-    rows = _live(df) if kept is None else _live(df).join(kept, "id", "left")
-
-    def drops(recs: list[dict]) -> list[dict]:
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        res = ctx.resources().get("gpu") if ctx is not None else None
-        step.gpus = tuple(res.addresses) if res is not None and res.addresses else ()
-        stats: dict = {}
-        hits = step.leaks_of(recs, index.value, stats)
-        out = [dict(zip(("id", "drop_reason", "drop_detail", "dup_of"), (sid, *leak_drop(ev), None)))
-               for sid, ev in sorted(hits.items())]
-        # the batch's counters ride on a row without an id (no row takes it: mark_drops joins by id)
-        return out + [{"id": None, "drop_reason": None, "drop_detail": json.dumps(stats), "dup_of": None}]
-
-    found = _map_rows(rows, drops, _DROP_SCHEMA, _DROP_DDL).persist(StorageLevel.MEMORY_AND_DISK)
-    for r in found.filter(F.col("id").isNull()).select("drop_detail").collect():  # one row per batch
-        for k, v in json.loads(r["drop_detail"]).items():
-            section[k] = section.get(k, 0) + v
-    decisions = found.filter(F.col("id").isNotNull())
-    section["drops"] = {r["drop_reason"]: r["count"] for r in decisions.groupBy("drop_reason").count().collect()}
-    section["seconds"] = round(time.time() - t0, 2)
-    if workdir:
-        write_section(step.report_path(workdir), section)
-    return mark_drops(df, decisions, step.name)
-
-
-SHUFFLES: dict[str, Callable[..., DataFrame]] = {"dedup_exact": dedup_exact, "dedup_near": dedup_near,
-                                                "leakage": leakage}
+SHUFFLES: dict[str, Callable[..., DataFrame]] = {"dedup_exact": dedup_exact, "dedup_near": dedup_near}

@@ -763,6 +763,11 @@ def test_spark_keye_posttrain_reuses_the_clip_steps_kept_embeddings(spark, tmp_p
     assert sec_b["embeddings"] == "computed" and "no from_step" in sec_b["why"]
     assert (sec_b["images_embedded"], sec_b["texts_embedded"]) == (n, n) and sec_b["encoder_calls"] > 0
     assert sec_b["images_reused"] == sec_b["texts_reused"] == 0 and sec_a["samples"] == sec_b["samples"] == n
+    # the run report carries the section, and report.md says what was reused
+    assert rep_a["leakage"] == [sec_a] and rep_b["leakage"] == [sec_b]
+    with open(os.path.join(out, "report.md")) as f:
+        md = f.read()
+    assert "## Leakage (`leakage`, rule keye_posttrain)" in md and "**computed**" in md  # the last run: b
 
     # another model than the one recorded with the embeddings: embedded here, and the section says why
     other = {"pretrained": "other/reelforge-tiny-clip.pt", "model_config": "other/reelforge-tiny-clip.json"}
