@@ -27,7 +27,7 @@ The prompt itself then leaves with `split_into_selections` (detail: the rules th
 or, when no rule derived anything, with its rule's reason (`no_passing_response`, `no_pair`,
 `pass_rate_out_of_range`, `difficulty_not_kept`; `not_selected` naming each rule's reason when
 several rules are set), so the ledger balances: inputs + derived = kept + dropped. Samples with
-neither `responses` nor `pass_rate` (not scored) pass untouched.
+neither responses nor a `pass_rate` (not scored) pass untouched.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ class SelectStep(RowStep):
     def process(self, batch: list[dict]) -> list[dict]:
         out: list[dict] = []
         for row in batch:
-            if not alive(row) or (row.get("responses") is None and row.get("pass_rate") is None) or \
+            if not alive(row) or (not row.get("responses") and row.get("pass_rate") is None) or \
                     (self.kinds is not None and row.get("kind") not in self.kinds) or \
                     (self.sources is not None and row.get("source") not in self.sources):
                 out.append(row)

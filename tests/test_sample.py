@@ -316,24 +316,31 @@ def _sample_corpus(tmp_path, tiny_vlm) -> dict:
     return {"recipe": str(tmp_path / "r.yaml"), "want": want, "refs": refs, "ids": ids}
 
 
-def _check_run(out: str, corpus: dict) -> dict:
-    """The sample step's responses (its _work output) equal the plain loop's; the chain's derived samples in
-    the shards; the ledger balanced. Returns the derived samples by id."""
+def read_shards(out: str) -> dict[str, dict]:
+    """Every sample in a run's shards, parsed as the training loader parses it, by id."""
     import webdataset as wds
 
-    from reelforge.mixers.reward import extract_answer, normalise
     from reelforge.training.loader import Encoder
-
-    sampled = {r["source_key"]: r for r in rows_of(pq.read_table(os.path.join(out, "_work", "01_sample")))}
-    assert {k: [x["text"] for x in r["responses"]] for k, r in sampled.items()} == corpus["want"]
-    for r in sampled.values():
-        assert [x["seed"] for x in r["responses"]] == [response_seed(11, r["id"], j) for j in range(3)]
 
     shards = {}
     for raw in wds.WebDataset(sorted(glob.glob(os.path.join(out, "shards", "*.tar"))), shardshuffle=False,
                               nodesplitter=None, workersplitter=None):
         s = Encoder.parse(raw)
         shards[s["id"]] = s
+    return shards
+
+
+def _check_run(out: str, corpus: dict) -> dict:
+    """The sample step's responses (its _work output) equal the plain loop's; the chain's derived samples in
+    the shards; the ledger balanced. Returns the derived samples by id."""
+    from reelforge.mixers.reward import extract_answer, normalise
+
+    sampled = {r["source_key"]: r for r in rows_of(pq.read_table(os.path.join(out, "_work", "01_sample")))}
+    assert {k: [x["text"] for x in r["responses"]] for k, r in sampled.items()} == corpus["want"]
+    for r in sampled.values():
+        assert [x["seed"] for x in r["responses"]] == [response_seed(11, r["id"], j) for j in range(3)]
+
+    shards = read_shards(out)
     ledger = {r["id"]: r for r in rows_of(pq.read_table(os.path.join(out, "ledger")))}
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["balanced"] and report["inputs"] == 4 and report["derived"] == 8

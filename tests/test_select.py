@@ -5,7 +5,6 @@ Spark recipe whose ledger accounts for every derived sample (inputs + derived = 
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 
@@ -188,34 +187,17 @@ def test_bad_parameters_are_one_sentence(params, says):
 
 # -- in Spark: the ledger accounts for every derived sample -------------------------------------------------------
 
-def _plant_scored_step():
-    """A test-only step standing in for the `sample` step: each prompt's responses come from
-    `meta.planted` (defined here so Spark ships it to the workers by value)."""
-    from reelforge.curation.step import RowStep, register_step
-
-    @register_step("plant_scored")
-    class Plant(RowStep):
-        def process_row(self, row: dict) -> dict:
-            meta = json.loads(row.get("meta") or "{}")
-            if "planted" in meta:
-                row["responses"] = [{"text": t, "model": "planted", "seed": j, "mode": "non_thinking"}
-                                    for j, t in enumerate(meta["planted"])]
-            return row
-
-    return Plant
-
-
 @pytest.mark.spark
 def test_select_in_a_recipe_balances_the_ledger(spark, tmp_path):
-    import webdataset as wds
+    from test_reward import _plant_step  # plants meta.planted as non-thinking responses
+    from test_sample import read_shards
 
     import reelforge.mixers.reward  # noqa: F401 - registers the steps (the recipe loader's step list)
     import reelforge.mixers.selection  # noqa: F401
     from reelforge.jobs.cli import main
     from reelforge.mixers.stats import read_sample_stats
-    from reelforge.training.loader import Encoder
 
-    _plant_scored_step()
+    _plant_step()
     recs = [
         {"messages": [{"role": "user", "content": "What is 2 + 2?"}], "answer": "4",
          "planted": ["4", "5", "four", "4 4 4 4 4 4 4 4 4 4 4 4"]},  # pass rate 0.5: best_of_n, pairs, rl_prompts
@@ -225,7 +207,7 @@ def test_select_in_a_recipe_balances_the_ledger(spark, tmp_path):
     ]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     recipe = {"name": "select", "seed": 0, "sources": [{"name": "p", "format": "jsonl", "path": "p.jsonl"}],
-              "steps": [{"plant_scored": {}}, {"reward": {"kinds": ["conversation"]}},
+              "steps": [{"plant_responses": {}}, {"reward": {"kinds": ["conversation"]}},
                         {"select": {"rules": ["best_of_n", "pairs", "rl_prompts"]}}],
               "output": {"path": "out", "shards": {"max_samples": 100, "shuffle": False}}}
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
@@ -248,11 +230,7 @@ def test_select_in_a_recipe_balances_the_ledger(spark, tmp_path):
     assert all(r["fate"] == "kept" for r in derived.values()) and len({r["id"] for r in ledger}) == 8
     assert parents["p.jsonl:3"]["reason"] == "not_selected" and parents["p.jsonl:4"]["fate"] == "kept"
 
-    shards = {}
-    for raw in wds.WebDataset(sorted(glob.glob(os.path.join(out, "shards", "*.tar"))), shardshuffle=False,
-                              nodesplitter=None, workersplitter=None):
-        s = Encoder.parse(raw)
-        shards[s["id"]] = s
+    shards = read_shards(out)
     pair = shards[f"{p1}@pairs"]
     assert (pair["chosen"], pair["rejected"], pair["parent_id"]) == ("4", "5", p1)  # worst failing: the first 0
     assert json.loads(pair["meta"])["select"]["rejected_response"]["response"] == 1
