@@ -358,8 +358,9 @@ def main() -> None:
     prof = profile(passes[0]["prof_docs"], P, n, seed, clock)
     acc = accuracy(vocab, P, n, seed)
 
-    print(f"MinHash signatures, 1 core (cpu {cpu}), {N} docs ({st['bytes'] / N:.0f} bytes, {st['words'] / N:.0f} words, "
-          f"{st['shingles'] / N:.0f} word {n}-grams per doc on average), num_perm={P}, seed={seed}")
+    print(f"MinHash signatures, 1 core (cpu {cpu}), {N} docs ({st['bytes'] / N:.0f} bytes, "
+          f"{st['words'] / N:.0f} words, {st['shingles'] / N:.0f} word {n}-grams per doc on average), "
+          f"num_perm={P}, seed={seed}")
     print(f"backend: {mh.backend()}; first call (numba compile or cache load): {warm:.2f} s, not timed below")
     print(f"clock: {args.clock}; medians of {len(passes)} passes, every tool timed on each chunk in turn")
     print(f"Python shingling for the peers (curation.minhash.shingles): {shingling:,.0f} docs/s")

@@ -95,10 +95,11 @@ def paragraphs() -> list[str]:
 def rows(paragraphs) -> list[dict]:
     """~DOCS documents of 60-400 words drawn from the paragraphs (shared paragraphs give pairs of
     every similarity), ~13% of them planted near-copies, 60% with 0 to len/120 word edits, the
-    others with len/40 to len/15 (exact Jaccard from ~0.4 to 1), then thinned so that no pair lies in GAP around the 0.8 threshold:
-    whether such a pair shares a band is the hash's coin toss (a 5% miss at 0.8, see
-    test_candidate_rate_follows_the_s_curve), so only without them is the kept set a fixed
-    target. The pairs from 0.6 to 0.76 stay: many are candidates the exact check turns down."""
+    others with len/40 to len/15 (exact Jaccard from ~0.4 to 1), then thinned so that no pair
+    lies in GAP around the 0.8 threshold: whether such a pair shares a band is the hash's coin
+    toss (a 5% miss at 0.8, see test_candidate_rate_follows_the_s_curve), so only without them
+    is the kept set a fixed target. The pairs from 0.6 to 0.76 stay: many are candidates the
+    exact check turns down."""
     rng = random.Random(14)
     vocab = [w for p in rng.sample(paragraphs, 500) for w in p.split()[:3]]
     texts: list[str] = []
