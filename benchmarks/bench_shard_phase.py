@@ -29,7 +29,9 @@ What is timed, per repeat, wall clock:
            nothing (no sha256 of the media against probe, no per-sample results, no stats).
 The two alternate (project first on even repeats); medians are quoted. MB/s is of sample bytes:
 the data of the tar members (`.json` + media); the tar bytes (headers, padding) are printed too.
-Before the timed runs, one run of each checks that both wrote the same shard names and that the
+CPU seconds are measured too (this process and every process below it, the Spark JVM and its
+Python workers included, or the peer and its workers; from /proc): on a box shared with other work,
+wall clock follows the neighbours, CPU time much less. Before the timed runs, one run of each checks that both wrote the same shard names and that the
 first shard is the same file, byte for byte.
 
 Figures only, no assertions on timing. The box is shared: quote medians, alternate.
@@ -138,6 +140,38 @@ def input_bytes(step: str) -> int:
     return sum(os.path.getsize(p) for p in glob.glob(os.path.join(step, "*.parquet")))
 
 
+# --- CPU seconds (the box is shared: wall clock depends on the neighbours, CPU time much less) -----
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_cpu() -> float:
+    """CPU seconds of this process and every process below it (the Spark JVM, its Python
+    workers), reaped children included; Linux /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    kids, total, todo = _children(), 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += kids.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(x) for x in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
 # --- the project ---------------------------------------------------------------------------------
 
 def run_project(spark, step: str, out: str, samples_table: bool) -> dict:
@@ -150,7 +184,7 @@ def run_project(spark, step: str, out: str, samples_table: bool) -> dict:
     shard_dir = os.path.join(out, "shards")
     os.makedirs(shard_dir)
     final = spark.read.schema(spark_schema()).parquet(step)
-    t = time.time()
+    cpu, t = tree_cpu(), time.time()
     results, names, stats_dir, keyed = write_shards(
         final, shard_dir, max_samples=PER_SHARD, max_bytes=MAX_BYTES, shuffle=True, seed=SEED,
         prefix="shard", rows_hint=_parquet_rows(step))
@@ -161,9 +195,9 @@ def run_project(spark, step: str, out: str, samples_table: bool) -> dict:
     shutil.rmtree(stats_dir, ignore_errors=True)
     for leftover in glob.glob(os.path.join(glob.escape(shard_dir), "*.tmp-*")):
         os.remove(leftover)
-    seconds = time.time() - t
+    seconds, cpu = time.time() - t, tree_cpu() - cpu
     spark.catalog.clearCache()
-    out_d = {"seconds": seconds, "layout_s": t_layout, "shards": len(stats),
+    out_d = {"seconds": seconds, "cpu_s": cpu, "layout_s": t_layout, "shards": len(stats),
              "samples": sum(s["samples"] for s in stats)}
     if samples_table:
         from reelforge.jobs.samples import write_sample_stats
@@ -210,7 +244,7 @@ def run_peer(step: str, out: str, workers: int = 2) -> dict:
     import webdataset  # noqa: F401 - imported (with torch) before the clock starts, as the workers inherit it
 
     os.makedirs(out)
-    t = time.time()
+    cpu, t = tree_cpu(), time.time()
     table = ds.dataset(step, format="parquet").to_table(filter=pc.field("drop_step").is_null())
     ids = table.column("id").to_pylist()
     order = sorted(range(len(ids)), key=lambda i: hashlib.sha256(f"{SEED}:{ids[i]}".encode()).hexdigest())
@@ -221,7 +255,7 @@ def run_peer(step: str, out: str, workers: int = 2) -> dict:
     with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
         n = sum(pool.map(_peer_worker, jobs))
     _PEER.clear()
-    return {"seconds": time.time() - t, "shards": len(shards), "samples": n}
+    return {"seconds": time.time() - t, "cpu_s": tree_cpu() - cpu, "shards": len(shards), "samples": n}
 
 
 # --- measuring -----------------------------------------------------------------------------------
@@ -246,7 +280,7 @@ def _sha(path: str) -> str:
 
 def check_same(spark, step: str, work: str) -> dict:
     """One run of each: the same shard names, and the first shard the same file."""
-    proj, peer = os.path.join(work, "check-project"), os.path.join(work, "check-peer")
+    proj, peer = (os.path.join(work, f"check-{w}-{os.getpid()}") for w in ("project", "peer"))
     for d in (proj, peer):
         shutil.rmtree(d, ignore_errors=True)
     run_project(spark, step, proj, False)
@@ -271,7 +305,7 @@ def bench_corpus(spark, corpus: str, step: str, work: str, repeats: int, samples
     runs: dict[str, list[dict]] = {"project": [], "peer": []}
     for rep in range(repeats):
         for who in (("project", "peer") if rep % 2 == 0 else ("peer", "project")):
-            d = os.path.join(work, f"out-{who}")
+            d = os.path.join(work, f"out-{who}-{os.getpid()}")  # two benchmarks may share --work
             shutil.rmtree(d, ignore_errors=True)
             r = run_project(spark, step, d, samples_table) if who == "project" else run_peer(step, d)
             runs[who].append(r)
@@ -279,20 +313,25 @@ def bench_corpus(spark, corpus: str, step: str, work: str, repeats: int, samples
                                                             if "samples_table_s" in r else "") + ")"
                      if who == "project" else "")
             print(f"  rep {rep} {who:<8} {r['seconds']:7.2f}s {check['member_bytes'] / r['seconds'] / 1e6:7.1f} MB/s"
-                  + extra, flush=True)
+                  f"  cpu {r['cpu_s']:6.1f}s" + extra, flush=True)
             shutil.rmtree(d)
     med = {w: statistics.median(r["seconds"] for r in v) for w, v in runs.items()}
+    med_cpu = {w: statistics.median(r["cpu_s"] for r in v) for w, v in runs.items()}
     mbs = {w: check["member_bytes"] / s / 1e6 for w, s in med.items()}
     res = {"corpus": corpus, **check, "input_parquet_bytes": input_bytes(step),
            "seconds": {w: [round(r["seconds"], 2) for r in v] for w, v in runs.items()},
            "median_s": {w: round(s, 2) for w, s in med.items()},
+           "median_cpu_s": {w: round(s, 2) for w, s in med_cpu.items()},
+           "cpu_s": {w: [round(r["cpu_s"], 2) for r in v] for w, v in runs.items()},
+           "mb_per_cpu_s": {w: round(check["member_bytes"] / s / 1e6, 1) for w, s in med_cpu.items()},
            "mb_per_s": {w: round(v, 1) for w, v in mbs.items()},
            "ratio_project_over_peer": round(mbs["project"] / mbs["peer"], 3),
            "layout_median_s": round(statistics.median(r["layout_s"] for r in runs["project"]), 2)}
     if samples_table:
         res["samples_table_median_s"] = round(statistics.median(r["samples_table_s"] for r in runs["project"]), 2)
     print(f"{corpus}: median of {repeats}: project {med['project']:.2f}s = {mbs['project']:.1f} MB/s, "
-          f"peer {med['peer']:.2f}s = {mbs['peer']:.1f} MB/s, ratio project/peer {res['ratio_project_over_peer']:.2f}"
+          f"peer {med['peer']:.2f}s = {mbs['peer']:.1f} MB/s, ratio project/peer {res['ratio_project_over_peer']:.2f}; "
+          f"CPU project {med_cpu['project']:.1f}s, peer {med_cpu['peer']:.1f}s"
           + (f"; samples table {res['samples_table_median_s']:.1f}s" if samples_table else ""), flush=True)
     return res
 

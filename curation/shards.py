@@ -3,15 +3,22 @@
 Which sample lands in which shard depends only on the samples and the seed, never on
 how Spark partitioned them, so `local[2]` and a cluster write the same bytes:
 
-1. kept samples are sorted by an order key (sha256 of seed + id, a global shuffle; or the
-   id itself), each with an estimate of its bytes in the tar;
-2. one pass over the sorted partitions gathers (count, bytes) per partition, a handful of
-   numbers, from which every sample learns its global position and byte offset;
-3. a sample's shard is the pair (byte window, count window) it falls in: a new shard
-   starts every `max_samples` samples and whenever the running bytes cross a multiple
-   of `max_bytes`; pairs are numbered in order on the driver (one row per shard);
-4. samples are regrouped by shard, and each shard is written by exactly one task to a
-   temporary name and renamed into place.
+1. every kept sample is encoded once, where its row is read: its `.json` member (and any
+   medium re-encoded to PNG) as the tar bytes the shard will hold (`prepare_sample`), into a
+   file of the task; what goes on is a key row: the order key (sha256 of seed + id, a global
+   shuffle; or the id itself), an estimate of its bytes in the tar, and the byte range of its
+   prepared bytes;
+2. the key rows are laid out in order: a sample's shard is the pair (byte window, count
+   window) it falls in: a new shard starts every `max_samples` samples and whenever the
+   running bytes cross a multiple of `max_bytes`; pairs are numbered in order;
+3. key rows (not samples) are regrouped by shard, and each shard is written by exactly one
+   task, to a temporary name renamed into place: each sample's prepared bytes copied from
+   their range, its media read (and checked against probe's sha256) in between
+   (`complete_sample`).
+
+The tar bytes are those of `webdataset.TarWriter(encoder=False, mtime=0, ...)` (`ShardFile`,
+made with `tarfile`); the write path makes the same bytes without `tarfile` or a Python
+string of the text (`tar_member`, `json_string`), tested equal.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import io
 import json
 import os
 import tarfile
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -103,8 +111,11 @@ def parse_sample_json(data: bytes | str | dict, shard: str | None = None) -> dic
     return from_shard_json(obj, shard)
 
 
+_JSON = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))  # what json.dumps makes per call
+
+
 def encode_json(obj: dict) -> bytes:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _JSON.encode(obj).encode("utf-8")
 
 
 def _media_payload(m: dict, ext: str) -> tuple[bytes, dict]:
@@ -140,6 +151,136 @@ def encode_sample(row: dict) -> dict:
     return obj
 
 
+# --- the write path: tar bytes without tarfile, JSON text without a Python string --------------
+
+RAW_FIELDS = ("text", "chosen", "rejected")  # top-level strings the write path takes as UTF-8 bytes
+_RECORD = 10240  # tarfile.RECORDSIZE: a finished tar is padded to a multiple of it
+_NUL = bytes(TAR_HEADER)
+_USER = "reelforge"
+_HEAD_IDS = b"0000444\0" + b"0000000\0" * 2  # mode 0o444, uid 0, gid 0
+_HEAD_MTIME = b"00000000000\0"
+_HEAD_TAIL = (b"0" + bytes(100) + b"ustar\x0000" + _USER.encode().ljust(32, b"\0") * 2 + bytes(8 + 8 + 155 + 12))
+_HEAD_SUM = sum(_HEAD_IDS) + sum(_HEAD_MTIME) + sum(b" " * 8) + sum(_HEAD_TAIL)
+_JSON_PLAIN = bytes(c for c in range(256) if c >= 0x20 and c not in b'"\\')  # bytes JSON keeps as they are
+_JSON_ESCAPE = {**{c: b"\\u%04x" % c for c in range(0x20)}, 0x22: b'\\"', 0x5C: b"\\\\", 0x08: b"\\b",
+                0x09: b"\\t", 0x0A: b"\\n", 0x0C: b"\\f", 0x0D: b"\\r"}
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) `ShardFile` writes for a member: ustar built here for an ASCII name of
+    at most 100 characters and a size below 8 GiB, else tarfile's own (with a pax header)."""
+    if size < 8 ** 11 and len(name) <= 100 and name.isascii():
+        nb, sb = name.encode("ascii"), b"%011o\0" % size
+        chk = _HEAD_SUM + sum(nb) + sum(sb)
+        return b"".join((nb, bytes(100 - len(nb)), _HEAD_IDS, sb, _HEAD_MTIME, b"%06o\0 " % chk, _HEAD_TAIL))
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = size, 0, 0o444, _USER, _USER
+    return ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
+
+
+def tar_member(name: str, data: bytes) -> list[bytes]:
+    """A member's bytes in the tar, as pieces: header, data, padding to the next 512-byte block."""
+    return [tar_header(name, len(data)), data, _NUL[:-len(data) % TAR_HEADER]]
+
+
+def json_string(utf8: bytes) -> bytes:
+    """`json.dumps(s, ensure_ascii=False).encode()` from the UTF-8 bytes of s, never decoded:
+    only '"', '\\' and control bytes are escaped, and no byte of a multi-byte character is one."""
+    special = utf8.translate(None, _JSON_PLAIN)
+    if special:
+        if 0x5C in special:  # first: the escapes below bring backslashes of their own
+            utf8 = utf8.replace(b"\\", b"\\\\")
+        for c in set(special) - {0x5C}:
+            utf8 = utf8.replace(bytes((c,)), _JSON_ESCAPE[c])
+    return b'"' + utf8 + b'"'
+
+
+_MARK = f"\ue000{uuid.uuid4().hex}:"  # stands in for a raw value while the rest is encoded
+
+
+def encode_json_raw(obj: dict, raw: dict[str, bytes]) -> bytes:
+    """`encode_json` of obj with top-level keys whose values are already JSON (`raw`) in place:
+    obj encoded once with a marker string per raw key, each marker then replaced; should a
+    marker occur elsewhere too (it never does by chance: a random token), key by key."""
+    if not raw:
+        return encode_json(obj)
+    js = encode_json({**obj, **{k: _MARK + k for k in raw}})
+    for k, v in raw.items():
+        mark = f'"{_MARK}{k}"'.encode()
+        if js.count(mark) != 1:
+            return _encode_json_runs(obj, raw)
+        js = js.replace(mark, v)
+    return js
+
+
+def _encode_json_runs(obj: dict, raw: dict[str, bytes]) -> bytes:
+    """encode_json_raw the slow way: the keys in order, runs of ordinary keys encoded together."""
+    parts, run = [], {}
+    for k in sorted([*obj, *raw]):
+        if k in raw:
+            if run:
+                parts.append(encode_json(run)[1:-1])
+                run = {}
+            parts.append(b'"' + k.encode() + b'":' + raw[k])
+        else:
+            run[k] = obj[k]
+    if run:
+        parts.append(encode_json(run)[1:-1])
+    return b"{" + b",".join(parts) + b"}"
+
+
+def _reencoded(m: dict) -> bool:
+    return m["kind"] == "image" and (m.get("format") or "").lower() not in EXT_OF_FORMAT
+
+
+_DEFERRED_FIELDS = ("kind", "uri", "member", "offset", "length", "sha256", "format")  # what reading needs
+
+
+def prepare_sample(row: dict, raw: dict[str, bytes | None]) -> tuple[list[bytes], list[list]]:
+    """A sample's tar bytes but for the media read when its shard is written: (pieces, deferred),
+    deferred = [[byte position in the pieces, member ext, media reference], ...].
+
+    `raw` holds the RAW_FIELDS as UTF-8 bytes (row holds them as None). A sample with a medium
+    re-encoded to PNG (its JSON describes the PNG) has every medium read here, in order, as
+    `encode_sample` reads them (raises MediaReadError); its pieces are then complete."""
+    members = media_members(row)
+    media = row.get("media") or []
+    data: dict[str, bytes] = {}
+    if any(_reencoded(m) for m in media):
+        described = []
+        for m, ext in zip(media, members):
+            data[ext], d = _media_payload(m, ext)
+            described.append(d)
+        row = {**row, "media": described}
+    data["json"] = encode_json_raw(sample_json(row, [f"{row['id']}.{e}" for e in members]),
+                                   {k: json_string(v) for k, v in raw.items() if v is not None})
+    later = {ext: m for m, ext in zip(media, members) if ext not in data}
+    pieces: list[bytes] = []
+    deferred: list[list] = []
+    pos = 0
+    for ext in sorted([*data, *later]):
+        if ext in later:
+            deferred.append([pos, ext, {k: later[ext].get(k) for k in _DEFERRED_FIELDS}])
+            continue
+        member = tar_member(f"{row['id']}.{ext}", data[ext])
+        pieces += member
+        pos += sum(map(len, member))
+    return pieces, deferred
+
+
+def complete_sample(key: str, prepared: bytes, deferred: list[list]) -> list[bytes]:
+    """A sample's tar bytes: its prepared bytes with the deferred media read (and checked) now
+    and put in place; raises MediaReadError."""
+    out, last = [], 0
+    for pos, ext, m in deferred:
+        data, _ = _media_payload(m, ext)
+        out.append(prepared[last:pos])
+        out += tar_member(f"{key}.{ext}", data)
+        last = pos
+    out.append(prepared[last:])
+    return out
+
+
 class _HashingFile:
     """A write-only file that hashes what passes through, so a shard is never read back."""
 
@@ -167,7 +308,40 @@ class _HashingFile:
         return self._f.closed
 
 
-class ShardFile:
+class _Shard:
+    """A tar being written to `<name>.tmp-<pid>`, hashed as it goes, renamed into place on close."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.tmp = f"{path}.tmp-{os.getpid()}"
+        self.f = _HashingFile(open(self.tmp, "wb", buffering=1 << 20))
+        self.count = 0
+        self.sources: Counter[str] = Counter()
+
+    def _end(self) -> None:
+        """Write what ends the archive."""
+        raise NotImplementedError
+
+    def close(self) -> dict:
+        self._end()
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return {"shard": os.path.basename(self.path), "samples": self.count, "bytes": self.f.size,
+                "sha256": self.f.sha.hexdigest(), "sources": dict(sorted(self.sources.items()))}
+
+    def abort(self) -> None:
+        try:
+            self._end()
+        except Exception:  # noqa: BLE001 - the temporary file is removed either way
+            pass
+        try:
+            self.f.close()
+        finally:
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)
+
+
+class ShardFile(_Shard):
     """One tar being written: to `<name>.tmp-<pid>`, renamed into place on close.
 
     The tar is byte-for-byte what `webdataset.TarWriter(encoder=False, mtime=0, ...)` writes
@@ -176,12 +350,8 @@ class ShardFile:
     """
 
     def __init__(self, path: str):
-        self.path = path
-        self.tmp = f"{path}.tmp-{os.getpid()}"
-        self.f = _HashingFile(open(self.tmp, "wb"))
+        super().__init__(path)
         self.tar = tarfile.open(fileobj=self.f, mode="w|")
-        self.count = 0
-        self.sources: Counter[str] = Counter()
 
     def write(self, obj: dict, source: str) -> None:
         key = obj["__key__"]
@@ -196,23 +366,23 @@ class ShardFile:
         self.count += 1
         self.sources[source] += 1
 
-    def close(self) -> dict:
+    def _end(self) -> None:
         self.tar.close()
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return {"shard": os.path.basename(self.path), "samples": self.count, "bytes": self.f.size,
-                "sha256": self.f.sha.hexdigest(), "sources": dict(sorted(self.sources.items()))}
 
-    def abort(self) -> None:
-        try:
-            self.tar.close()
-        except Exception:  # noqa: BLE001 - the temporary file is removed either way
-            pass
-        try:
-            self.f.close()
-        finally:
-            if os.path.exists(self.tmp):
-                os.remove(self.tmp)
+
+class TarStream(_Shard):
+    """A shard written from samples' tar bytes (`prepare_sample` + `complete_sample`): the same
+    file `ShardFile` makes of the same samples (tarfile's end-of-archive blocks and record
+    padding included), without tarfile."""
+
+    def write(self, pieces: list[bytes], source: str) -> None:
+        self.f.write(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self.count += 1
+        self.sources[source] += 1
+
+    def _end(self) -> None:
+        self.f.write(bytes(2 * TAR_HEADER))
+        self.f.write(bytes(-self.f.size % _RECORD))
 
 
 def estimate_bytes(row: dict) -> int:

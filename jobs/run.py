@@ -381,7 +381,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     sh = recipe.shards
     results, names, stats_dir, keyed = write_shards(
         final, shard_dir, max_samples=sh["max_samples"], max_bytes=sh["max_bytes"],
-        shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"], rows_hint=_parquet_rows(prev))
+        shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"], rows_hint=_parquet_rows(prev), source=prev)
     write_json_atomic(os.path.join(work, PENDING), sorted(names.values()))
     results_path = os.path.join(work, "write_results")
     results.write.mode("overwrite").option("compression", "zstd").parquet(results_path)
