@@ -40,6 +40,17 @@ def demo_run(spark, demo_corpus, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory):
+    """One `local-cluster[2,1,1024]` Spark for every parity test (`cluster`), started at its first
+    use: `local_cluster.run(recipe, out)` runs a recipe on it and returns the report."""
+    from local_cluster import LocalCluster
+
+    lc = LocalCluster(str(tmp_path_factory.mktemp("local-cluster") / "spark.log"))
+    yield lc
+    lc.close()
+
+
+@pytest.fixture(scope="session")
 def tiny(tmp_path_factory, demo_corpus) -> dict:
     """Tiny SigLIP + Qwen3 checkpoints saved to disk, for the training tests."""
     from train_common import tiny_models
@@ -57,14 +68,17 @@ def shards(demo_corpus, tmp_path_factory) -> str:
 
 
 # Test tiers: `make test-fast` runs what carries none of these markers. A test that starts Spark
-# (directly or through a fixture) is `spark`; the DeepSpeed stage runs are `train`; `cluster` and
-# `slow` are set in the test files themselves.
+# (directly or through a fixture) is `spark`, one that uses the `local_cluster` fixture `cluster` too;
+# the DeepSpeed stage runs are `train`; `slow` is set in the test files themselves.
 TRAIN_MODULES = ("test_train_stages",)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if {"spark", "demo_run"} & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if {"spark", "demo_run", "local_cluster"} & fixtures:
             item.add_marker(pytest.mark.spark)
+        if "local_cluster" in fixtures:
+            item.add_marker(pytest.mark.cluster)
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)

@@ -69,13 +69,12 @@ def test_spark_scores_equal_plain_open_clip(spark, tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.spark
-def test_local_cluster_scores_and_captions_equal_local(tmp_path):
+def test_local_cluster_scores_and_captions_equal_local(spark, local_cluster, tmp_path):
     """Separate executor processes load the models themselves and write the same CLIP scores,
     VLM judge scores and recaptions as local[2]."""
-    import subprocess
-    import sys
-
     from reelforge.curation.tiny_vlm import build_tiny_vlm
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
 
     build_tiny_clip(str(tmp_path / "model"))
     build_tiny_vlm(str(tmp_path / "vlm"))
@@ -91,17 +90,16 @@ def test_local_cluster_scores_and_captions_equal_local(tmp_path):
                         {"vlm_judge": {"model": "vlm", "device": "cpu", "batch_size": 4}},
                         {"recaption": {"model": "vlm", "device": "cpu", "batch_size": 4, "max_new_tokens": 8}}],
               "output": {"path": "out", "shards": {"max_samples": 100}}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(str(path), out=str(tmp_path / "local")), spark=spark, log=lambda *a: None)
+    local_cluster.run(path, tmp_path / "local-cluster")
     scores, vlm = {}, {}
-    for master in ("local[2]", "local-cluster[2,1,1024]"):
-        out = str(tmp_path / master.split("[")[0])
-        res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(tmp_path / "recipe.yaml"),
-                              "--out", out, "--master", master], capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        scores[master] = {r["source_key"]: get_score(r, "clip")
-                          for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}
-        vlm[master] = {r["source_key"]: (get_score(r, "vlm"), r["captions"])
-                       for r in pq.read_table(os.path.join(out, "_work", "04_recaption")).to_pylist()}
+    for out in (str(tmp_path / "local"), str(tmp_path / "local-cluster")):
+        scores[out] = {r["source_key"]: get_score(r, "clip")
+                       for r in pq.read_table(os.path.join(out, "_work", "02_clip")).to_pylist()}
+        vlm[out] = {r["source_key"]: (get_score(r, "vlm"), r["captions"])
+                    for r in pq.read_table(os.path.join(out, "_work", "04_recaption")).to_pylist()}
     a, b = scores.values()
     assert a.keys() == b.keys() and len(a) == 6
     assert all(abs(a[k] - b[k]) < 1e-6 for k in a)

@@ -7,7 +7,6 @@ import json
 import os
 import random
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -98,13 +97,19 @@ def _predicted(out: str) -> dict[str, str]:
     return {key[r["id"]]: key[r["dup_of"]] if r["dup_of"] else key[r["id"]] for r in rows}
 
 
-def test_text_near_dup_precision_and_recall(spark, text_corpus, tmp_path):
+@pytest.fixture(scope="module")
+def text_local_run(spark, text_corpus, tmp_path_factory) -> tuple[str, dict]:
+    """The text corpus's recipe run once under local[2]: (its output folder, its report)."""
     from reelforge.jobs.recipe import load_recipe
     from reelforge.jobs.run import run_recipe
 
-    recipe, docs = text_corpus
-    out = str(tmp_path / "local")
-    rep = run_recipe(load_recipe(recipe, out=out), spark=spark, log=lambda *a: None)
+    out = str(tmp_path_factory.mktemp("near-local") / "local")
+    return out, run_recipe(load_recipe(text_corpus[0], out=out), spark=spark, log=lambda *a: None)
+
+
+def test_text_near_dup_precision_and_recall(text_corpus, text_local_run):
+    _, docs = text_corpus
+    out, rep = text_local_run
     truth = _pairs_of_clusters(_truth_clusters(docs))
     pred = _pairs_of_clusters(_predicted(out))
     assert len(truth) >= 80, "the planted edits must make enough true duplicates to measure"
@@ -243,17 +248,9 @@ def test_image_and_video_near_dups_and_leakage(spark, tmp_path):
 
 @pytest.mark.cluster
 @pytest.mark.spark
-def test_local_cluster_decides_the_same(spark, text_corpus, tmp_path):
+def test_local_cluster_decides_the_same(text_corpus, text_local_run, local_cluster, tmp_path):
     """Separate executor processes give the same near-dup decisions as local[2]."""
-    from reelforge.jobs.recipe import load_recipe
-    from reelforge.jobs.run import run_recipe
-
-    recipe, _ = text_corpus
-    local = str(tmp_path / "local")
-    run_recipe(load_recipe(recipe, out=local), spark=spark, log=lambda *a: None)
     cluster = str(tmp_path / "cluster")
-    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", recipe, "--out", cluster,
-                          "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = _predicted(local), _predicted(cluster)
+    local_cluster.run(text_corpus[0], cluster)
+    a, b = _predicted(text_local_run[0]), _predicted(cluster)
     assert a == b and any(k != v for k, v in a.items())

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 
 import pyarrow.parquet as pq
@@ -120,12 +119,10 @@ def test_rerun_reuses_steps_and_writes_identical_shards(spark, demo_run):
 
 @pytest.mark.cluster
 @pytest.mark.spark
-def test_local_cluster_writes_the_same_shards(demo_run, tmp_path):
+def test_local_cluster_writes_the_same_shards(demo_run, local_cluster, tmp_path):
     """Separate executor processes, nothing shared with the driver: same bytes as local[2]."""
     out = str(tmp_path / "cluster")
-    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", demo_run["recipe"], "--out", out,
-                          "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
+    local_cluster.run(demo_run["recipe"], out)
     local = _shard_hashes(demo_run["out"])
     assert local and _shard_hashes(out) == local
     rep = json.load(open(os.path.join(out, "report.json")))

@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -165,34 +163,39 @@ def _corpus(tmp_path):
     return rows
 
 
+def _semantic_drops(out: str) -> set[tuple[str, str, str]]:
+    """The run's semantic_duplicate drops as (source_key, dup_of's source_key, detail), after
+    checking its report's semantic section."""
+    ledger = pq.read_table(os.path.join(out, "ledger")).to_pylist()
+    key = {r["id"]: r["source_key"] for r in ledger}
+    drops = {(key[r["id"]], key[r["dup_of"]], r["detail"]) for r in ledger if r["reason"] == "semantic_duplicate"}
+    rep = json.load(open(os.path.join(out, "report.json")))
+    (section,) = rep["semantic"]
+    assert section["embedded"] == 16 and section["not_embedded"] == 3 and section["k"] == 3
+    assert {r["eps"]: r["drops"] for r in section["table"]}[0.001] == len(drops)
+    assert "Semantic dedup" in open(os.path.join(out, "report.md")).read()
+    return drops
+
+
 @pytest.mark.cluster
 @pytest.mark.spark
-def test_local_cluster_decides_the_same(tmp_path):
+def test_local_cluster_decides_the_same(spark, local_cluster, tmp_path):
     """dedup_semantic embedding in the executors (no from_step): local[2] and local-cluster
     drop the same samples with the same dup_of, and the copies are what leaves."""
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
+
     rows = _corpus(tmp_path)
     sem = {"model": "reelforge-tiny-clip", "pretrained": "model/reelforge-tiny-clip.pt",
            "model_config": "model/reelforge-tiny-clip.json", "device": "cpu", "eps": 0.001, "k": 3, "seed": 7}
     recipe = {"name": "sem", "sources": [{"name": "m", "format": "jsonl", "path": "m.jsonl"}],
               "steps": [{"probe": {}}, {"dedup_semantic": sem}],
               "output": {"path": "out", "shards": {"max_samples": 100}}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    got = {}
-    for master in ("local[2]", "local-cluster[2,1,1024]"):
-        out = str(tmp_path / master.split("[")[0])
-        res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", str(tmp_path / "recipe.yaml"),
-                              "--out", out, "--master", master], capture_output=True, text=True, timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
-        ledger = pq.read_table(os.path.join(out, "ledger")).to_pylist()
-        key = {r["id"]: r["source_key"] for r in ledger}
-        got[master] = {(key[r["id"]], key[r["dup_of"]], r["detail"]) for r in ledger
-                       if r["reason"] == "semantic_duplicate"}
-        rep = json.load(open(os.path.join(out, "report.json")))
-        (section,) = rep["semantic"]
-        assert section["embedded"] == 16 and section["not_embedded"] == 3 and section["k"] == 3
-        assert {r["eps"]: r["drops"] for r in section["table"]}[0.001] == len(got[master])
-        assert "Semantic dedup" in open(os.path.join(out, "report.md")).read()
-    a, b = got.values()
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    run_recipe(load_recipe(str(path), out=str(tmp_path / "local")), spark=spark, log=lambda *a: None)
+    local_cluster.run(path, tmp_path / "local-cluster")
+    a, b = _semantic_drops(str(tmp_path / "local")), _semantic_drops(str(tmp_path / "local-cluster"))
     assert a == b
     # the four copies leave (or their originals: the keep rule picks the longer caption, the copy's)
     pairs = {tuple(sorted((s, d))) for s, d, _ in a}
