@@ -197,11 +197,10 @@ def _row_sampler() -> type:
             self.gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
         def __call__(self, input_ids, scores):
-            out = torch.full_like(scores, float("-inf"))
-            for r, g in enumerate(self.gens):
-                t = torch.multinomial(torch.softmax(scores[r:r + 1], dim=-1), num_samples=1, generator=g)
-                out[r, t[0, 0]] = 0.0
-            return out
+            probs = torch.softmax(scores, dim=-1)  # row by row, as for a batch of one
+            picked = torch.cat([torch.multinomial(probs[r:r + 1], num_samples=1, generator=g)
+                                for r, g in enumerate(self.gens)])
+            return torch.full_like(scores, float("-inf")).scatter_(1, picked, 0.0)
 
     _ROW_SAMPLER.append(RowSampler)
     return RowSampler
