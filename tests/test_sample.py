@@ -80,7 +80,6 @@ def test_seeds_depend_on_seed_id_and_index_only():
     ({"engine": "vllm"}, "vllm package"), ({"seed": 1.5}, "`seed` must be a whole number"),
 ])
 def test_bad_parameters_are_one_sentence(tiny_vlm, params, says):
-    pytest.importorskip("transformers")
     if params.get("engine") == "vllm":
         import importlib.util
 
