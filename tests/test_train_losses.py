@@ -159,3 +159,73 @@ def test_rewards():
     assert consistency_reward(None, "blue") == 1.0 and consistency_reward("x", "") == 0.0
     r = rewards_of("<think>it is blue</think><answer>blue</answer>", "blue", {"correct": 1.0, "consistency": 0.5})
     assert r == {"correct": 1.0, "consistency": 1.0, "total": 1.5}
+
+
+def test_step_stats_weigh_every_micro_batch_and_rank():
+    """The step's logged numbers (train.add_stats / mean_stats): the mean over all its micro-batches on all
+    ranks, GRPO's weighted by completions. The loop used to log rank 0's last micro-batch, so under
+    grad_accum 2 on 2 ranks this step's reward read 1.0 instead of 0.5."""
+    from reelforge.training.train import add_stats, mean_stats
+
+    rank0, rank1 = {}, {}
+    add_stats(rank0, {"reward": 0.0, "kl": 0.1, "_weight": 8})  # micro-batch 1: 2 prompts x 4
+    add_stats(rank0, {"reward": 1.0, "kl": 0.3, "_weight": 8})  # micro-batch 2
+    add_stats(rank1, {"reward": 0.5, "kl": 0.2, "_weight": 16, "note": "x", "flag": True})
+    m = mean_stats([rank0, rank1])
+    assert set(m) == {"reward", "kl"}
+    assert abs(m["reward"] - (0.0 * 8 + 1.0 * 8 + 0.5 * 16) / 32) < 1e-12
+    assert abs(m["kl"] - (0.1 * 8 + 0.3 * 8 + 0.2 * 16) / 32) < 1e-12
+    mpo: dict = {}
+    for st in ({"dpo": 1.0, "delta": 0.5}, {"dpo": 3.0, "delta": 0.5}):  # no _weight: each counts once
+        add_stats(mpo, st)
+    assert mean_stats([mpo, {}]) == {"dpo": 2.0, "delta": 0.5}
+    assert mean_stats([{}, {}]) == {}
+
+
+def test_reward_summary():
+    from reelforge.training.report import reward_summary
+
+    rows = [{"step": i + 1, "reward": r} for i, r in enumerate([0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])]
+    s = reward_summary(rows)
+    assert s["window"] == 2 and s["per_step"][3] == 0.3
+    assert abs(s["first"] - 0.05) < 1e-12 and abs(s["last"] - 0.85) < 1e-12 and abs(s["rise"] - 0.8) < 1e-12
+    assert reward_summary(rows[:3])["window"] == 1 and reward_summary(rows, k=5)["first"] == 0.2
+
+
+def test_grpo_step_logs_the_mean_rule_reward_of_its_completions(tmp_path):
+    """Objective.grpo on a tiny random ReelVLM (no DeepSpeed): `reward` is the mean of rewards_of's total
+    over the batch's completions (decoded from the loss batch), `reward_<part>` the mean of each part, and
+    `_weight` their number."""
+    from test_grpo_positions import G, objective, tiny_vlm
+    from transformers import AutoTokenizer
+
+    from reelforge.curation.tiny_models import build_tiny_tokenizer
+    from reelforge.training.loader import IGNORE, Item
+
+    tok_dir = build_tiny_tokenizer(str(tmp_path / "tok"))
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    model = tiny_vlm(tok)
+    obj = objective(model, tok_dir, tmp_path, "1d")
+    prompts = ["Say the keyword.", "Which colour is the circle?"]
+    items = [Item(tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True), add_special_tokens=False)["input_ids"],
+                  [], [], f"p{i}", "t", "conversation", extra={"reference": ref})
+             for i, (q, ref) in enumerate(zip(prompts, ["blue", "red"]))]
+    rolled, rollouts = [], obj.rollouts
+
+    def spy(batch):  # the loss batch the step trained on
+        rolled.append(rollouts(batch))
+        return rolled[-1]
+
+    obj.rollouts = spy
+    torch.manual_seed(0)
+    _, st = obj.grpo({"items": items})
+    labels = rolled[0][0]["labels"]
+    want = []
+    for b in range(labels.shape[0]):
+        text = tok.decode(labels[b][labels[b] != IGNORE].tolist(), skip_special_tokens=False).replace("<|im_end|>", "")
+        want.append(rewards_of(text, items[b // G].extra["reference"], {"correct": 1.0, "consistency": 0.5}))
+    assert st["_weight"] == len(want) == len(items) * G
+    assert abs(st["reward"] - sum(w["total"] for w in want) / len(want)) < 1e-6
+    for part in ("correct", "consistency"):
+        assert abs(st[f"reward_{part}"] - sum(w[part] for w in want) / len(want)) < 1e-9

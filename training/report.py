@@ -1,4 +1,5 @@
-"""The training report: loss curve (PNG), tokens/s, and samples seen per source against the plan.
+"""The training report: loss curve (PNG), tokens/s, and samples seen per source against the plan;
+for GRPO also the mean reward per step (report.json `reward` and `reward.png`).
 
 The plan is the mixture planner's JSON (`report.plan`) or a `report.targets` mapping; any JSON
 whose `sources` (or top level) maps names to numbers, or to objects with `samples`, is read.
@@ -44,6 +45,35 @@ def _plan_targets(cfg) -> dict[str, float] | None:
     return out or None
 
 
+def _curve(out_dir: str, cfg, rows: list[dict], key: str, label: str) -> str:
+    """`rows`' `key` against the step, saved as OUT/<key>.png; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=cfg.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+    ax.set_title(f"{cfg.name} ({cfg.objective})")
+    ax.legend()
+    fig.tight_layout()
+    png = os.path.join(out_dir, f"{key}.png")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def reward_summary(rows: list[dict], k: int | None = None) -> dict:
+    """GRPO's mean reward per step (`per_step`, in step order), the mean of the first and of the last
+    `k` steps (default: a fifth of the run, at least 1) and their difference `rise`."""
+    per = [float(r["reward"]) for r in rows]
+    k = k or max(1, len(per) // 5)
+    first, last = sum(per[:k]) / len(per[:k]), sum(per[-k:]) / len(per[-k:])
+    return {"per_step": per, "window": k, "first": first, "last": last, "rise": last - first}
+
+
 def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, int] | None = None) -> dict:
     """Writes report.json and loss.png under out_dir; returns the report.
 
@@ -67,6 +97,9 @@ def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, i
     }
     if seen_sets:
         report["samples_per_set"] = dict(sorted(seen_sets.items()))
+    rewarded = [r for r in rows if isinstance(r.get("reward"), (int, float))]
+    if rewarded:
+        report["reward"] = reward_summary(rewarded)
     targets = _plan_targets(cfg)
     if targets:
         if seen_sets and len(set(seen_sets) & set(targets)) > len(set(seen) & set(targets)):
@@ -77,22 +110,9 @@ def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, i
                 "seen_share": seen.get(k, 0) / total_seen, "planned_share": targets.get(k, 0.0) / total_plan}
             for k in sorted(set(seen) | set(targets))}
     if rows:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=cfg.name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(f"{cfg.name} ({cfg.objective})")
-        ax.legend()
-        fig.tight_layout()
-        png = os.path.join(out_dir, "loss.png")
-        fig.savefig(png, dpi=100)
-        plt.close(fig)
-        report["loss_png"] = png
+        report["loss_png"] = _curve(out_dir, cfg, rows, "loss", "loss")
+        if rewarded:
+            report["reward_png"] = _curve(out_dir, cfg, rewarded, "reward", "mean reward")
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1, sort_keys=True)
     return report

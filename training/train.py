@@ -1,7 +1,8 @@
 """`reelforge train STAGE.yaml`: one stage on DeepSpeed, one process or many (deepspeed / torchrun).
 
-Each optimiser step logs loss, learning rate, tokens and tokens/s to `OUT/metrics.jsonl` and the
-ids it trained on to `OUT/seen/rank{r}.jsonl`. Checkpoints (`OUT/ckpt/step-N`, DeepSpeed's
+Each optimiser step logs loss, learning rate, tokens, tokens/s and the objective's own numbers (GRPO:
+mean reward, its parts, KL; the mean over the step's micro-batches and ranks) to `OUT/metrics.jsonl`
+and the ids it trained on to `OUT/seen/rank{r}.jsonl`. Checkpoints (`OUT/ckpt/step-N`, DeepSpeed's
 format) hold model, optimiser, scheduler, every rank's loader position and RNG state; running
 the same stage again resumes from the newest one. The end writes `OUT/final` (an export folder
 a later stage names as `model.init`, or `reelforge merge` averages) and the report.
@@ -159,6 +160,7 @@ class Objective:
         self.image_pad = getattr(inner, "image_pad_id", -1)
         self.video_pad = getattr(inner, "video_pad_id", -1)
         self.mrope: dict | None = None  # GRPO under `data.positions: mrope`: item_positions' spec
+        self.reward_parts: dict[str, float] = {}  # GRPO: the last rollouts' mean reward per part
         if cfg.objective == "grpo":
             from transformers import AutoTokenizer
 
@@ -272,6 +274,7 @@ class Objective:
         G = g["group_size"]
         module = self.engine.module if hasattr(self.engine, "module") else self.engine
         items, rewards, positions = [], [], []
+        parts: dict[str, float] = {}
         module.eval()
         try:
             for it in batch["items"]:
@@ -287,8 +290,13 @@ class Objective:
                     items.append(Item(ids, labels, it.images, it.id, it.source, it.kind, extra=dict(it.extra)))
                     positions.append(rollout_positions(ppos, len(c)) if ppos is not None else None)
                 rewards.append([r["total"] for r in rs])
+                for r in rs:
+                    for k, v in r.items():
+                        parts[k] = parts.get(k, 0.0) + v
         finally:
             module.train()
+        # each reward part's mean over the batch's completions (`total` is the reward itself)
+        self.reward_parts = {k: v / max(1, len(items)) for k, v in parts.items() if k != "total"}
         packed = collate_packed([[i] for i in items], self.pad, self.mrope)
         if self.mrope:
             for b, p in enumerate(positions):
@@ -307,6 +315,8 @@ class Objective:
         lp = out["token_logps"]
         loss, st = grpo_loss(lp, lp.detach(), ref, adv, mask.to(lp.device), g["clip_eps"], g["kl_beta"])
         st["reward"] = float(r.mean())
+        st.update({f"reward_{k}": v for k, v in self.reward_parts.items()})
+        st["_weight"] = r.numel()  # completions: the step's mean reward weighs micro-batches and ranks by them
         return loss, st
 
 
@@ -448,7 +458,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
     while step < end:
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]  # the rate this step's update uses
-        losses, n_tok, ids, extra = [], 0, [], {}
+        losses, n_tok, ids, parts = [], 0, [], {}
         n_vis = attn_sq = vis_sq = 0  # visual tokens, sum of sample lengths^2, of patches^2 per image
         stop = False
         for _ in range(cfg.grad_accum):
@@ -473,7 +483,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
                 attn_sq += sum(s["tokens"] ** 2 for s in batch["samples"])
                 vis_sq += sum((im.shape[1] * im.shape[2] // 196) ** 2 for im in batch.get("images") or [])
             ids += [s["id"] for s in batch["samples"] if s["role"] != "rejected"]
-            extra = st
+            if not batch.get("dummy"):
+                add_stats(parts, st)
         if stop:
             break
         step += 1
@@ -483,6 +494,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         dist.all_reduce(stats)
         stats = stats.cpu()
         loss_mean = float(stats[0] / max(stats[1], 1))
+        # the objective's numbers (MPO, GRPO: lm and vit_contrastive have none, and skip the collective)
+        extra = mean_stats(_gather(parts, world) if world > 1 and cfg.objective in ("mpo", "grpo") else [parts])
         tokens_total += int(stats[2])
         dt = time.perf_counter() - t0
         seen_f.write(json.dumps({"step": step, "ids": ids}) + "\n")
@@ -494,7 +507,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
             if step % cfg.output["log_every"] == 0:
-                log(f"[{cfg.name}] step {step}/{cfg.steps} loss {loss_mean:.4f} lr {rec['lr']:.2e} "
+                said = f" reward {extra['reward']:.4f}" if "reward" in extra else ""
+                log(f"[{cfg.name}] step {step}/{cfg.steps} loss {loss_mean:.4f}{said} lr {rec['lr']:.2e} "
                     f"{rec['tokens_per_s'] or 0:.0f} tok/s")
         every = cfg.output["save_every"]
         if (every and step % every == 0) or step == end:
@@ -524,6 +538,31 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         summary["report"] = write_report(out_dir, cfg, totals, set_totals)
     dist.barrier()
     return summary
+
+
+def add_stats(acc: dict[str, list[float]], st: dict) -> None:
+    """Adds one micro-batch's numbers to `acc` (name -> [weighted sum, weight]); `st["_weight"]` weighs
+    them (GRPO: its completions; else 1). Keys starting with `_` are not logged."""
+    w = float(st.get("_weight", 1.0))
+    for k, v in st.items():
+        if k.startswith("_") or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        a = acc.setdefault(k, [0.0, 0.0])
+        a[0] += w * float(v)
+        a[1] += w
+
+
+def mean_stats(accs: list[dict[str, list[float]]]) -> dict[str, float]:
+    """The step's numbers from every rank's `add_stats` sums: each the weighted mean over all the step's
+    micro-batches on all ranks (before, the log kept rank 0's last micro-batch: under grad_accum > 1 or
+    several ranks its `reward` was not the step's mean reward)."""
+    tot: dict[str, list[float]] = {}
+    for acc in accs:
+        for k, (s, w) in acc.items():
+            t = tot.setdefault(k, [0.0, 0.0])
+            t[0] += s
+            t[1] += w
+    return {k: s / w for k, (s, w) in tot.items() if w > 0}
 
 
 def _sum_dicts(ds: list[dict[str, int]]) -> dict[str, int]:
