@@ -10,8 +10,6 @@ import copy
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -374,15 +372,11 @@ def test_sample_reward_select_pairs_in_spark_equal_plain_generate(spark, tiny_vl
     _check_run(out, corpus)
 
 
-@pytest.mark.cluster
-@pytest.mark.spark
-@pytest.mark.slow
-def test_sample_under_local_cluster_equals_plain_generate(tiny_vlm, tmp_path):
-    """Separate executor processes load the model themselves and sample the plain loop's responses."""
+def test_sample_under_local_cluster_equals_plain_generate(local_cluster, tiny_vlm, tmp_path):
+    """Separate executor processes load the model themselves and sample the plain loop's responses
+    (the `local_cluster` fixture marks it `cluster` and `spark`)."""
     corpus = _sample_corpus(tmp_path, tiny_vlm)
     out = str(tmp_path / "cluster")
-    res = subprocess.run([sys.executable, "-m", "reelforge.jobs.cli", "run", corpus["recipe"], "--out", out,
-                          "--master", "local-cluster[2,1,1024]"], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.load(open(os.path.join(out, "report.json")))["master"] == "local-cluster[2,1,1024]"
+    report = local_cluster.run(corpus["recipe"], out)
+    assert report["master"] == "local-cluster[2,1,1024]"
     _check_run(out, corpus)
