@@ -142,6 +142,7 @@ def _prompt_set(folder) -> list[tuple[dict, list[dict], list[str], str]]:
     ]
 
 
+@pytest.mark.slow
 def test_step_equals_plain_generate_at_any_batch_size(tiny_vlm, tmp_path):
     from reelforge.curation.step import run_batches
 
