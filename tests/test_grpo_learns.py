@@ -60,3 +60,18 @@ def test_grpo_mean_reward_rises_on_the_toy_task(tmp_path):
               f"(+{rep['last'] - rep['first']:.3f}), {figures[seed][2]:.0f} s")
     said = "; ".join(f"seed {s}: {a:.3f} -> {b:.3f}" for s, (a, b, _) in figures.items())
     assert all(b > a + RISE for a, b, _ in figures.values()), said
+
+
+def test_grpo_learns_when_sampling_below_temperature_one(tmp_path):
+    """Rollouts sampled at temperature 0.7 are scored under softmax(logits / 0.7) (the policy that
+    sampled them, as TRL does): the stage runs that path and the reward still rises."""
+    root = str(tmp_path / "t07")
+    path = toy_stage(root, 0)
+    with open(path) as f:
+        d = yaml.safe_load(f)
+    with open(path, "w") as f:
+        yaml.safe_dump(deep_update(d, {"loss": {"grpo": {"temperature": 0.7}}}), f)
+    run_cli("train", path)
+    rep = json.load(open(os.path.join(root, "out", "report.json")))["reward"]
+    print(f"temperature 0.7, seed 0: mean reward first 8 steps {rep['first']:.3f}, last 8 steps {rep['last']:.3f}")
+    assert rep["last"] > rep["first"] + RISE, rep

@@ -229,3 +229,26 @@ def test_grpo_step_logs_the_mean_rule_reward_of_its_completions(tmp_path):
     assert abs(st["reward"] - sum(w["total"] for w in want) / len(want)) < 1e-6
     for part in ("correct", "consistency"):
         assert abs(st[f"reward_{part}"] - sum(w[part] for w in want) / len(want)) < 1e-9
+
+
+def test_tempered_token_logps_equal_trls_selective_log_softmax():
+    """GRPO scores completions under the temperature they were sampled at, as TRL does; at
+    temperature 1 it is the model's own token log-probs (cross entropy)."""
+    import torch
+    import torch.nn.functional as F
+    from trl.trainer.utils import selective_log_softmax
+
+    from reelforge.training.losses import tempered_token_logps
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 50, generator=g) * 3
+    labels = torch.randint(0, 50, (2, 7), generator=g)
+    labels[0, :3] = -100
+    keep = labels != -100
+    for t in (0.3, 0.7, 1.0, 1.6):
+        ours = tempered_token_logps(logits, labels, t)
+        theirs = selective_log_softmax(logits, labels.clamp(min=0), temperature=t)
+        assert torch.allclose(ours[keep], theirs[keep], atol=1e-5) and (ours[~keep] == 0).all()
+    nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none").view(2, 7)
+    assert torch.allclose(tempered_token_logps(logits, labels, 1.0), -nll, atol=1e-5)
+    assert not torch.allclose(tempered_token_logps(logits, labels, 0.5)[keep], -nll[keep], atol=1e-2)

@@ -54,6 +54,17 @@ def mpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                   "reward_mean": reward_mean, "reward_acc": float((cr > rr).float().mean())}
 
 
+def tempered_token_logps(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """log p(label) under softmax(logits / temperature) per position, 0 where the label is
+    ignored: the log-probs of the distribution the rollout sampled from (TRL's
+    `selective_log_softmax(..., temperature)`, verl likewise), so the GRPO ratio and KL compare
+    the policy the tokens came from."""
+    safe = labels.clamp(min=0)
+    lp = torch.log_softmax(logits.float() / temperature, -1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(labels == ignore_index, 0.0)
+
+
 def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
     """(prompts, group) rewards -> advantages normalised within each group (mean 0, std 1)."""
     mean = rewards.mean(dim=1, keepdim=True)

@@ -24,7 +24,14 @@ import torch.distributed as dist
 from reelforge.curation.errors import RecipeError
 from reelforge.training.config import StageConfig
 from reelforge.training.loader import IGNORE, ShardLoader, collate_packed
-from reelforge.training.losses import RunningMean, group_advantages, grpo_loss, mpo_loss, rewards_of
+from reelforge.training.losses import (
+    RunningMean,
+    group_advantages,
+    grpo_loss,
+    mpo_loss,
+    rewards_of,
+    tempered_token_logps,
+)
 from reelforge.training.model import ContrastiveViT, ReelVLM, segment_sums
 
 # ----------------------------------------------------------------------------- setup
@@ -308,11 +315,15 @@ class Objective:
         packed, rewards, _ = self.rollouts(batch)
         out = self.engine(packed)
         with torch.no_grad():
-            ref = self.ref(packed)["token_logps"]
+            ref_out = self.ref(packed)
+        lp, ref = out["token_logps"], ref_out["token_logps"]
+        if g["temperature"] != 1.0:  # score the tokens under the distribution they were sampled from
+            labels = packed["labels"].to(lp.device)
+            lp = tempered_token_logps(out["logits"], labels, g["temperature"], IGNORE)
+            ref = tempered_token_logps(ref_out["logits"], labels.to(ref.device), g["temperature"], IGNORE)
         mask = packed["labels"] != IGNORE
         r = torch.tensor(rewards, dtype=torch.float32)
-        adv = group_advantages(r).to(out["token_logps"].device)
-        lp = out["token_logps"]
+        adv = group_advantages(r).to(lp.device)
         loss, st = grpo_loss(lp, lp.detach(), ref, adv, mask.to(lp.device), g["clip_eps"], g["kl_beta"])
         st["reward"] = float(r.mean())
         st.update({f"reward_{k}": v for k, v in self.reward_parts.items()})
