@@ -188,6 +188,11 @@ def test_loader_collate_mrope():
     assert torch.equal(got["position_ids"][:, 0], exp)
 
 
+# The model test's rows in a 1024-token vocabulary: text ids are 10..1000, the vision ids move just
+# above them (a 151700-token head made every packed row's logits ~1 GB to compute and compare)
+SMALL_VOCAB, SMALL_IDS = 1024, {IMG: 1001, VID: 1002, VSTART: 1003, VEND: 1004}
+
+
 def _tiny_vlm():
     from transformers import Qwen3Config, Qwen3ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
@@ -196,10 +201,10 @@ def _tiny_vlm():
     torch.manual_seed(0)
     v = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                              num_attention_heads=2, image_size=28, patch_size=14))
-    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=151700, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+    lm = Qwen3ForCausalLM(Qwen3Config(vocab_size=SMALL_VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                                       max_position_embeddings=4096))
-    return ReelVLM(v, Projector(16, 32), lm, IMG, VID).eval()
+    return ReelVLM(v, Projector(16, 32), lm, SMALL_IDS[IMG], SMALL_IDS[VID]).eval()
 
 
 def _items(n, seed):
@@ -218,6 +223,7 @@ def _items(n, seed):
                 ii, vi = (ii + 1, vi) if ids[p - 1] == IMG else (ii, vi + 1)
             else:
                 p += 1
+        ids = [SMALL_IDS.get(t, t) for t in ids]  # in the tiny model's vocabulary
         out.append(Item(ids, ids[1:] + [-100], images, f"s{k}", "t", "x",
                         extra={"video_fps": [1 / s for s in spg]} if spg else {}))
     return out
@@ -231,7 +237,7 @@ def test_model_mrope_packed_equals_unpacked():
 
     model = _tiny_vlm()
     assert mrope_section(model.llm.config) == [2, 3, 3]
-    mrope = {"image_pad": IMG, "video_pad": VID, "patch": 14, "merge": 2}
+    mrope = {"image_pad": SMALL_IDS[IMG], "video_pad": SMALL_IDS[VID], "patch": 14, "merge": 2}
     items = [it for it in _items(10, seed=5) if len(it.input_ids) < 400][:4]
     assert any(it.images for it in items)
     with torch.no_grad():
