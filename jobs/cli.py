@@ -184,6 +184,15 @@ def _cmd_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace) -> int:
+    from reelforge.jobs.align import align
+
+    align(args.recipe, args.stage, args.model, args.rounds, args.out, master=args.master, sets=args.set,
+          launcher=args.launcher)
+    print(f"rounds: {os.path.join(os.path.abspath(args.out), 'rounds.json')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reelforge", description="Curate multimodal training data on Spark.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -239,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
     mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
     mx.set_defaults(fn=_cmd_mix)
+    al = sub.add_parser("align", help="rounds of iterative alignment: sample from the round's model, reward, "
+                                      "select pairs, train MPO; the next round samples from its export")
+    al.add_argument("recipe", help="a round's curation recipe, its model written {{model}} "
+                                   "(example: mixers/recipes/align/round.yaml)")
+    al.add_argument("stage", help="the MPO stage YAML (example: training/stages/mpo_round.yaml)")
+    al.add_argument("--model", required=True, help="round 1's model: a `reelforge train` export (OUT/final)")
+    al.add_argument("--rounds", type=int, default=2)
+    al.add_argument("--out", required=True, help="OUT/round-N/data (the run), OUT/round-N/train (the stage)")
+    al.add_argument("--master", help="Spark master for the curation runs")
+    al.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a stage field, as for train")
+    al.add_argument("--launcher", default="", help='how training starts, e.g. "torchrun --nproc_per_node 8" '
+                                                  "(default: this Python, one process)")
+    al.set_defaults(fn=_cmd_align)
     from reelforge.training.cli import add_training_commands
 
     add_training_commands(sub)
