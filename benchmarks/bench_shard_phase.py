@@ -31,8 +31,8 @@ The two alternate (project first on even repeats); medians are quoted. MB/s is o
 the data of the tar members (`.json` + media); the tar bytes (headers, padding) are printed too.
 CPU seconds are measured too (this process and every process below it, the Spark JVM and its
 Python workers included, or the peer and its workers; from /proc): on a box shared with other work,
-wall clock follows the neighbours, CPU time much less. Before the timed runs, one run of each checks that both wrote the same shard names and that the
-first shard is the same file, byte for byte.
+wall clock follows the neighbours, CPU time much less. Before the timed runs, one run of each
+checks that both wrote the same shard names and that the first shard is the same file, byte for byte.
 
 Figures only, no assertions on timing. The box is shared: quote medians, alternate.
 """
@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import glob
 import hashlib
-import io
 import json
 import os
 import random

@@ -7,6 +7,10 @@ the same samples per shard, twice per repeat:
   project  what one Spark write task does per sample: `encode_sample(row)` (reads the
            JPEG from disk by reference, builds the `.json` member) + `ShardFile.write`,
            and per shard `ShardFile.close()` (sha256 of the tar, rename) + its stats file;
+  prepared the Spark job's write path (`jobs/shards.py`) in one process: per sample
+           `prepare_sample` (the `.json` member and headers from the row, its text handed over as
+           UTF-8 bytes as Arrow holds it: what the reading task does) + `complete_sample` (reads
+           the JPEG, checks its sha256) + `TarStream.write`, per shard `TarStream.close()`;
   peer     `webdataset.ShardWriter(encoder=False)` given the same keys and metadata: it reads
            each JPEG from disk too and json-encodes each metadata dict (prepared from the
            schema row before the clock starts) as any webdataset user must.
@@ -38,11 +42,15 @@ import time
 
 from reelforge.curation.schema import empty_row, make_id, set_score  # noqa: E402
 from reelforge.curation.shards import (  # noqa: E402
+    RAW_FIELDS,
     ShardFile,
+    TarStream,
     _save_stats,
+    complete_sample,
     encode_json,
     encode_sample,
     media_members,
+    prepare_sample,
     sample_json,
 )
 
@@ -142,6 +150,30 @@ def run_project(rows: list[dict], out_dir: str, per_shard: int) -> float:
     return time.perf_counter() - t
 
 
+def prepared_inputs(rows: list[dict]) -> list[tuple[dict, dict]]:
+    """(row without its RAW_FIELDS, those fields as UTF-8 bytes): how a Spark task holds a row."""
+    return [({**r, **dict.fromkeys(RAW_FIELDS)}, {k: None if r[k] is None else r[k].encode() for k in RAW_FIELDS})
+            for r in rows]
+
+
+def run_prepared(inputs: list[tuple[dict, dict]], out_dir: str, per_shard: int) -> float:
+    os.makedirs(out_dir)
+    stats_dir = os.path.join(out_dir, ".stats")
+    os.makedirs(stats_dir)
+    t = time.perf_counter()
+    current = None
+    for i, (r, raw) in enumerate(inputs):
+        if i % per_shard == 0:
+            if current is not None:
+                _save_stats(stats_dir, current.close())
+            current = TarStream(os.path.join(out_dir, f"shard-{i // per_shard:06d}.tar"))
+        pieces, deferred = prepare_sample(r, raw)
+        current.write(complete_sample(r["id"], b"".join(pieces), deferred), r["source"])
+    if current is not None:
+        _save_stats(stats_dir, current.close())
+    return time.perf_counter() - t
+
+
 def run_peer(inputs: list, out_dir: str, per_shard: int) -> float:
     import webdataset as wds
 
@@ -226,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         rows = build_rows(args.samples, media_dir, args.seed)
         inputs = peer_inputs(rows)
+        prepped = prepared_inputs(rows)
         n_img = sum(1 for r in rows if r["media"])
         jpeg_bytes = [r["media"][0]["length"] for r in rows if r["media"]]
         print(f"built {len(rows)} samples ({n_img} image-text, JPEG {min(jpeg_bytes)}-{max(jpeg_bytes)} B, "
@@ -233,17 +266,18 @@ def main(argv: list[str] | None = None) -> int:
               f"in {time.perf_counter() - t:.1f}s under {work}")
 
         # first shard: same members (names and bytes)?
-        check_dirs = {w: os.path.join(work, f"check-{w}") for w in ("project", "peer")}
+        check_dirs = {w: os.path.join(work, f"check-{w}") for w in ("project", "prepared", "peer")}
         run_project(rows, check_dirs["project"], args.per_shard)
+        run_prepared(prepped, check_dirs["prepared"], args.per_shard)
         run_peer(inputs, check_dirs["peer"], args.per_shard)
         first = {w: os.path.join(d, "shard-000000.tar") for w, d in check_dirs.items()}
         m_proj, m_peer = members(first["project"]), members(first["peer"])
         same_members = m_proj == m_peer
-        same_file = sha_file(first["project"]) == sha_file(first["peer"])
+        same_file = sha_file(first["project"]) == sha_file(first["peer"]) == sha_file(first["prepared"])
         n_shards = {w: len([f for f in os.listdir(d) if f.endswith(".tar")]) for w, d in check_dirs.items()}
         print(f"first shard check: project {len(m_proj)} members, peer {len(m_peer)} members, "
-              f"same names and bytes: {same_members}; whole tar identical: {same_file}; "
-              f"shards project/peer: {n_shards['project']}/{n_shards['peer']}")
+              f"same names and bytes: {same_members}; whole tar identical (prepared too): {same_file}; "
+              f"shards project/prepared/peer: {n_shards['project']}/{n_shards['prepared']}/{n_shards['peer']}")
         parts: dict[str, list[float]] = {"encode_sample": [], "json member": [], "peer read": [],
                                          "shard sha256": []}
         for _ in range(args.repeats):
@@ -256,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
         times, out_bytes = alternate(work, args.repeats, len(rows), {
             "project": lambda d: run_project(rows, d, args.per_shard),
+            "prepared": lambda d: run_prepared(prepped, d, args.per_shard),
             "peer": lambda d: run_peer(inputs, d, args.per_shard)})
 
         med = {w: statistics.median(v) for w, v in times.items()}
@@ -266,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median of {args.repeats} ({len(rows)} samples, {args.per_shard}/shard, "
               f"{out_bytes['project'] / 1e6:.1f} MB of tars)")
         print(f"{'writer':<8} {'seconds':>8} {'samples/s':>10} {'MB/s':>8}")
-        for w in ("project", "peer"):
+        for w in ("project", "prepared", "peer"):
             print(f"{w:<8} {med[w]:>8.3f} {sps[w]:>10.0f} {mbs[w]:>8.1f}")
-        print(f"ratio project/peer (samples/s): {ratio:.2f}")
+        print(f"ratio project/peer (samples/s): {ratio:.2f}; prepared/peer: {sps['prepared'] / sps['peer']:.2f}")
         med_parts = {k: statistics.median(v) for k, v in parts.items()}
         print()
         print(f"where the difference goes (median s for all {len(rows)} samples, measured apart):")
@@ -285,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             "samples_per_s": {w: round(v, 1) for w, v in sps.items()},
             "mb_per_s": {w: round(v, 2) for w, v in mbs.items()},
             "ratio_project_over_peer": round(ratio, 3),
+            "ratio_prepared_over_peer": round(sps["prepared"] / sps["peer"], 3),
             "breakdown_median_seconds": {k: round(v, 4) for k, v in med_parts.items()},
             "first_shard_same_members": same_members, "first_shard_identical": same_file,
         }, sort_keys=True))

@@ -252,8 +252,11 @@ def prepare_sample(row: dict, raw: dict[str, bytes | None]) -> tuple[list[bytes]
             data[ext], d = _media_payload(m, ext)
             described.append(d)
         row = {**row, "media": described}
-    data["json"] = encode_json_raw(sample_json(row, [f"{row['id']}.{e}" for e in members]),
-                                   {k: json_string(v) for k, v in raw.items() if v is not None})
+    js = encode_json_raw(sample_json(row, [f"{row['id']}.{e}" for e in members]),
+                         {k: json_string(v) for k, v in raw.items() if v is not None})
+    if not media:
+        return tar_member(f"{row['id']}.json", js), []
+    data["json"] = js
     later = {ext: m for m, ext in zip(media, members) if ext not in data}
     pieces: list[bytes] = []
     deferred: list[list] = []

@@ -32,7 +32,13 @@ import pyarrow.compute as pc
 from reelforge.curation.errors import MediaReadError
 from reelforge.curation.schema import ARROW_SCHEMA, SHARD_FIELDS
 from reelforge.curation.shards import (
-    RAW_FIELDS, RESULT_SCHEMA, TarStream, _save_stats, _tar_size, complete_sample, prepare_sample,
+    RAW_FIELDS,
+    RESULT_SCHEMA,
+    TarStream,
+    _save_stats,
+    _tar_size,
+    complete_sample,
+    prepare_sample,
 )
 
 _SUMMARY_SCHEMA = pa.schema([("pid", pa.int64()), ("n", pa.int64()), ("bytes", pa.int64())])
@@ -101,30 +107,22 @@ class _Encoder:
 
     def encode(self, b: pa.RecordBatch) -> pa.RecordBatch:
         n = b.num_rows
-        ids = b.column("id").to_pylist()
         raws = {k: b.column(k).cast(pa.binary()).to_pylist() for k in RAW_FIELDS if b.column(k).null_count < n}
-        out: dict[str, list] = {f.name: [] for f in KEY_SCHEMA}
+        recs = []
         for i, row in enumerate(_py_rows(b)):
-            reason = detail = media = None
-            off = length = None
             try:
                 pieces, deferred = prepare_sample(row, {k: v[i] for k, v in raws.items()})
             except MediaReadError as e:
-                reason, detail = e.reason, e.detail
+                recs.append((None, None, None, None, e.reason, e.detail))
             except Exception as e:  # noqa: BLE001 - one bad sample never fails a shard
-                reason, detail = "write_error", f"{type(e).__name__}: {e}"[:500]
+                recs.append((None, None, None, None, "write_error", f"{type(e).__name__}: {e}"[:500]))
             else:
-                off, length = self._append(pieces)
-                media = json.dumps(deferred) if deferred else None
-            out["source"].append(row.get("source"))
-            out["_blob"].append(None if off is None else self.name)
-            for k, v in (("_off", off), ("_len", length), ("_media", media), ("_reason", reason), ("_detail", detail)):
-                out[k].append(v)
-        out["id"] = ids
-        out["_order"] = ids if self.prefix is None else [
-            hashlib.sha256((self.prefix + i).encode()).hexdigest() for i in ids]
-        out["_est"] = estimates(b)
-        return pa.RecordBatch.from_pydict(out, schema=KEY_SCHEMA)
+                recs.append((self.name, *self._append(pieces), json.dumps(deferred) if deferred else None, None, None))
+        ids = b.column("id").to_pylist()
+        order = ids if self.prefix is None else [hashlib.sha256((self.prefix + i).encode()).hexdigest() for i in ids]
+        cols = [list(c) for c in zip(*recs)] if recs else [[] for _ in range(6)]
+        return pa.RecordBatch.from_arrays([b.column("id"), b.column("source"), pa.array(order, pa.string()),
+                                           pa.array(estimates(b), pa.int64()), *cols], schema=KEY_SCHEMA)
 
     def close(self) -> None:
         if self.f is not None:
@@ -339,9 +337,9 @@ def _write_part(batches: Iterable[pa.RecordBatch], state: dict, out_dir: str, st
                 state["current"] = current
             sid, reason, detail = k["id"][i], k["_reason"][i], k["_detail"][i]
             if reason is None:
-                data = blobs.read(k["_blob"][i], k["_off"][i], k["_len"][i])
+                data, media = blobs.read(k["_blob"][i], k["_off"][i], k["_len"][i]), k["_media"][i]
                 try:
-                    pieces = [data] if k["_media"][i] is None else complete_sample(sid, data, json.loads(k["_media"][i]))
+                    pieces = [data] if media is None else complete_sample(sid, data, json.loads(media))
                 except MediaReadError as e:
                     reason, detail = e.reason, e.detail
                 except Exception as e:  # noqa: BLE001 - one bad sample never fails a shard
