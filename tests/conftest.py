@@ -41,13 +41,21 @@ def demo_run(spark, demo_corpus, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def local_cluster(tmp_path_factory):
-    """One `local-cluster[2,1,1024]` Spark for every parity test (`cluster`), started at its first
-    use: `local_cluster.run(recipe, out)` runs a recipe on it and returns the report."""
+    """One `local-cluster[2,1,1024]` Spark for every parity test (`cluster`):
+    `local_cluster.run(recipe, out)` runs a recipe on it and returns the report."""
     from local_cluster import LocalCluster
 
     lc = LocalCluster(str(tmp_path_factory.mktemp("local-cluster") / "spark.log"))
     yield lc
     lc.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_cluster_starts_early(request):
+    """When a selected test uses `local_cluster`, its process starts with the session: the JVMs and
+    the executors' Python workers start beside the other tests (the parity tests run last)."""
+    if any("local_cluster" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("local_cluster").start()
 
 
 @pytest.fixture(scope="session")
@@ -82,3 +90,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
+    # the parity tests last: by then the local-cluster that started with the session is warm
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)

@@ -3,13 +3,17 @@
 The parity tests (marked `cluster`) each compare a recipe's local[2] decisions with the same
 recipe run on `local-cluster[2,1,1024]`: separate executor JVMs and Python workers, nothing
 shared with the driver. Starting that cluster (a driver JVM, a master, a worker, two executor
-JVMs, their Python workers) costs far more than the small recipes the tests run, so one
-long-lived process holds a single local-cluster session and runs every recipe it is sent, one
-after another, with `run_recipe` exactly as `reelforge run --master ...` does.
+JVMs, their Python workers importing torch, open_clip and transformers) costs more than the
+small recipes the tests run, so one long-lived process holds a single local-cluster session and
+runs every recipe it is sent, one after another, with `run_recipe` exactly as
+`reelforge run --master ...` does. conftest.py starts it when the session begins (when any
+selected test uses it) and runs the parity tests last, so the start happens beside the other
+tests instead of in front of the first parity test.
 
 Run as a script it is that process: one JSON request a line on stdin ({"recipe", "out"}), one
 answer a line on stdout ({"ok": true, "report": ...} or {"ok": false, "error": traceback}).
-Spark's own chatter goes to stderr, which the client keeps in a log file for failure messages.
+Everything else it or Spark writes goes to stderr, which the client keeps in a log file for
+failure messages.
 """
 
 from __future__ import annotations
@@ -23,17 +27,17 @@ import time
 import traceback
 
 MASTER = "local-cluster[2,1,1024]"
-ANSWER = "@@local-cluster@@ "  # what marks the answer line among anything else on stdout
 
 
 class LocalCluster:
-    """The client: starts the server lazily, sends it recipes, reads back their reports."""
+    """The client: starts the server, sends it recipes, reads back their reports."""
 
     def __init__(self, log_path: str, master: str = MASTER):
         self.log_path, self.master = log_path, master
         self.proc: subprocess.Popen | None = None
 
-    def _start(self) -> subprocess.Popen:
+    def start(self) -> subprocess.Popen:
+        """Start the server (it starts Spark and warms its executors at once) unless it runs."""
         if self.proc is None or self.proc.poll() is not None:
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.master],
@@ -45,29 +49,25 @@ class LocalCluster:
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")[-n:]
 
-    def run(self, recipe: str, out: str, timeout: float = 900) -> dict:
+    def run(self, recipe, out, timeout: float = 900) -> dict:
         """Run `recipe` into `out` on the cluster; its report, or an AssertionError saying why not."""
-        proc = self._start()
+        proc = self.start()
         proc.stdin.write(json.dumps({"recipe": str(recipe), "out": str(out)}) + "\n")
         proc.stdin.flush()
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
-                self.close()
-                raise AssertionError(f"local-cluster run of {recipe} took over {timeout} s\n{self.log_tail()}")
-            line = proc.stdout.readline()
-            if not line:
-                raise AssertionError(f"the local-cluster process ended (rc {proc.wait()})\n{self.log_tail()}")
-            if line.startswith(ANSWER):
-                answer = json.loads(line[len(ANSWER):])
-                assert answer["ok"], answer["error"][-3000:] + "\n" + self.log_tail()
-                return answer["report"]
+        if not select.select([proc.stdout], [], [], timeout)[0]:
+            self.close()
+            raise AssertionError(f"local-cluster run of {recipe} took over {timeout} s\n{self.log_tail()}")
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"the local-cluster process ended (rc {proc.wait()})\n{self.log_tail()}")
+        answer = json.loads(line)
+        assert answer["ok"], answer["error"][-3000:] + "\n" + self.log_tail()
+        return answer["report"]
 
     def close(self) -> None:
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.stdin.close()  # the server stops Spark and leaves at end of input
+                self.proc.stdin.close()  # the server stops Spark and leaves at the end of its input
                 try:
                     self.proc.wait(timeout=120)
                 except subprocess.TimeoutExpired:
@@ -77,13 +77,32 @@ class LocalCluster:
             self.proc = None
 
 
+def _warm(_rows):
+    """In an executor's Python worker: the imports every parity recipe's model steps need."""
+    import open_clip  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    yield os.getpid()
+
+
 def serve(master: str) -> None:
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # the JVM's and any print's output goes to the log, never into the answers
     from reelforge.jobs.recipe import load_recipe
     from reelforge.jobs.run import run_recipe
     from reelforge.jobs.spark import get_spark
 
     spark = get_spark(master)
     try:
+        sc = spark.sparkContext
+        deadline = time.monotonic() + 300
+        while sc._jsc.sc().getExecutorMemoryStatus().size() < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)  # both executors registered (the driver is the third): one warm-up task each
+        t = time.monotonic()
+        pids = sc.parallelize(range(2), 2).mapPartitions(_warm).collect()
+        print(f"local-cluster: executors' Python workers {pids} warmed in {time.monotonic() - t:.1f} s",
+              file=sys.stderr)
         for line in sys.stdin:
             req = json.loads(line)
             try:
@@ -92,7 +111,7 @@ def serve(master: str) -> None:
                 answer = {"ok": True, "report": report}
             except BaseException:  # noqa: BLE001 - the client shows it
                 answer = {"ok": False, "error": traceback.format_exc()}
-            print(ANSWER + json.dumps(answer, default=str), flush=True)
+            answers.write(json.dumps(answer, default=str) + "\n")
     finally:
         spark.stop()
 

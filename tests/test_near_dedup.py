@@ -69,7 +69,7 @@ def _truth_clusters(docs: dict[str, str]) -> dict[str, str]:
     return {k: find(k) for k in docs}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: the parity test that reads it runs last (conftest.py)
 def text_corpus(tmp_path_factory) -> tuple[str, dict[str, str]]:
     rng = random.Random(11)
     base = real_documents()[:320]
@@ -97,7 +97,7 @@ def _predicted(out: str) -> dict[str, str]:
     return {key[r["id"]]: key[r["dup_of"]] if r["dup_of"] else key[r["id"]] for r in rows}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def text_local_run(spark, text_corpus, tmp_path_factory) -> tuple[str, dict]:
     """The text corpus's recipe run once under local[2]: (its output folder, its report)."""
     from reelforge.jobs.recipe import load_recipe
