@@ -50,14 +50,17 @@ def test_stage1_trains_only_the_projector_and_its_loss_falls(tiny, shards, tmp_p
     assert os.path.exists(rep["loss_png"]) and rep["tokens_per_s"] > 0
     assert sum(rep["samples_per_source"].values()) > 0
 
-    # merging two exports is the element-wise (weighted) mean of their tensors
+    # merging two exports is the element-wise (weighted) mean of their tensors (`reelforge merge`,
+    # in this process: it starts no DeepSpeed, and every run_cli above already starts the CLI afresh)
+    from reelforge.jobs.cli import main
+
     merged = str(tmp_path / "merged")
-    run_cli("merge", os.path.join(out, "initial"), os.path.join(out, "final"), "--out", merged,
-            "--weights", "1,3")
+    assert main(["merge", os.path.join(out, "initial"), os.path.join(out, "final"), "--out", merged,
+                 "--weights", "1,3"]) == 0
     m = _weights(merged)
     for k in before:
         torch.testing.assert_close(m[k], 0.25 * before[k] + 0.75 * after[k], rtol=0, atol=1e-7)
-    run_cli("merge", os.path.join(out, "initial"), os.path.join(out, "final"), "--out", merged)
+    assert main(["merge", os.path.join(out, "initial"), os.path.join(out, "final"), "--out", merged]) == 0
     m = _weights(merged)
     for k in before:
         torch.testing.assert_close(m[k], (before[k] + after[k]) / 2, rtol=0, atol=1e-7)
