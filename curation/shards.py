@@ -178,43 +178,54 @@ def tar_header(name: str, size: int) -> bytes:
     return ti.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
 
 
-def tar_member(name: str, data: bytes) -> list[bytes]:
-    """A member's bytes in the tar, as pieces: header, data, padding to the next 512-byte block."""
-    return [tar_header(name, len(data)), data, _NUL[:-len(data) % TAR_HEADER]]
+def tar_member(name: str, pieces: list[bytes]) -> list[bytes]:
+    """A member's bytes in the tar, as pieces: header, the data's pieces, padding to 512 bytes."""
+    size = sum(map(len, pieces))
+    return [tar_header(name, size), *pieces, _NUL[:-size % TAR_HEADER]]
 
 
-def json_string(utf8: bytes) -> bytes:
-    """`json.dumps(s, ensure_ascii=False).encode()` from the UTF-8 bytes of s, never decoded:
-    only '"', '\\' and control bytes are escaped, and no byte of a multi-byte character is one."""
+def _json_escape(utf8: bytes) -> bytes:
     special = utf8.translate(None, _JSON_PLAIN)
     if special:
         if 0x5C in special:  # first: the escapes below bring backslashes of their own
             utf8 = utf8.replace(b"\\", b"\\\\")
         for c in set(special) - {0x5C}:
             utf8 = utf8.replace(bytes((c,)), _JSON_ESCAPE[c])
-    return b'"' + utf8 + b'"'
+    return utf8
 
 
-_MARK = f"\ue000{uuid.uuid4().hex}:"  # stands in for a raw value while the rest is encoded
+def json_string(utf8: bytes) -> bytes:
+    """`json.dumps(s, ensure_ascii=False).encode()` from the UTF-8 bytes of s, never decoded:
+    only '"', '\\' and control bytes are escaped, and no byte of a multi-byte character is one."""
+    return b'"' + _json_escape(utf8) + b'"'
 
 
-def encode_json_raw(obj: dict, raw: dict[str, bytes]) -> bytes:
-    """`encode_json` of obj with top-level keys whose values are already JSON (`raw`) in place:
-    obj encoded once with a marker string per raw key, each marker then replaced; should a
-    marker occur elsewhere too (it never does by chance: a random token), key by key."""
+_MARK = f"\ue000{uuid.uuid4().hex}:"  # stands in for a raw string while the rest is encoded
+
+
+def json_pieces(obj: dict, raw: dict[str, bytes]) -> list[bytes]:
+    """`encode_json(obj)` with the top-level strings `raw` (UTF-8 bytes) in place, as pieces; each
+    escaped string is a piece of its own, never copied into the rest. obj is encoded once with a
+    marker string per raw key, split at the markers; should a marker occur elsewhere too (it
+    never does by chance: a random token), the keys are encoded in runs instead."""
     if not raw:
-        return encode_json(obj)
+        return [encode_json(obj)]
     js = encode_json({**obj, **{k: _MARK + k for k in raw}})
-    for k, v in raw.items():
-        mark = f'"{_MARK}{k}"'.encode()
-        if js.count(mark) != 1:
-            return _encode_json_runs(obj, raw)
-        js = js.replace(mark, v)
-    return js
+    marks = [(k, f'"{_MARK}{k}"'.encode()) for k in sorted(raw)]  # in the order encode_json puts them
+    if any(js.count(m) != 1 for _, m in marks):
+        return [_encode_json_runs(obj, {k: json_string(v) for k, v in raw.items()})]
+    out = []
+    for k, m in marks:
+        before, js = js.split(m)
+        out += [before + b'"', _json_escape(raw[k])]
+        js = b'"' + js
+    out.append(js)
+    return out
 
 
 def _encode_json_runs(obj: dict, raw: dict[str, bytes]) -> bytes:
-    """encode_json_raw the slow way: the keys in order, runs of ordinary keys encoded together."""
+    """encode_json of obj with raw's JSON values in place: the keys in order, runs of ordinary keys
+    encoded together."""
     parts, run = [], {}
     for k in sorted([*obj, *raw]):
         if k in raw:
@@ -245,15 +256,16 @@ def prepare_sample(row: dict, raw: dict[str, bytes | None]) -> tuple[list[bytes]
     `encode_sample` reads them (raises MediaReadError); its pieces are then complete."""
     members = media_members(row)
     media = row.get("media") or []
-    data: dict[str, bytes] = {}
+    data: dict[str, list[bytes]] = {}
     if any(_reencoded(m) for m in media):
         described = []
         for m, ext in zip(media, members):
-            data[ext], d = _media_payload(m, ext)
+            payload, d = _media_payload(m, ext)
+            data[ext] = [payload]
             described.append(d)
         row = {**row, "media": described}
-    js = encode_json_raw(sample_json(row, [f"{row['id']}.{e}" for e in members]),
-                         {k: json_string(v) for k, v in raw.items() if v is not None})
+    js = json_pieces(sample_json(row, [f"{row['id']}.{e}" for e in members]),
+                     {k: v for k, v in raw.items() if v is not None})
     if not media:
         return tar_member(f"{row['id']}.json", js), []
     data["json"] = js
@@ -278,7 +290,7 @@ def complete_sample(key: str, prepared: bytes, deferred: list[list]) -> list[byt
     for pos, ext, m in deferred:
         data, _ = _media_payload(m, ext)
         out.append(prepared[last:pos])
-        out += tar_member(f"{key}.{ext}", data)
+        out += tar_member(f"{key}.{ext}", [data])
         last = pos
     out.append(prepared[last:])
     return out

@@ -100,10 +100,11 @@ class _Encoder:
     def _append(self, pieces: list[bytes]) -> tuple[int, int]:
         if self.f is None:
             self.f = open(self.path, "wb", buffering=1 << 20)
-        data = b"".join(pieces)
-        self.f.write(data)
-        self.pos += len(data)
-        return self.pos - len(data), len(data)
+        start = self.pos
+        for p in pieces:
+            self.f.write(p)
+            self.pos += len(p)
+        return start, self.pos - start
 
     def encode(self, b: pa.RecordBatch) -> pa.RecordBatch:
         n = b.num_rows

@@ -12,7 +12,6 @@ bytes, stats and results, a sample whose media cannot be read dropped with its r
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import random
@@ -25,8 +24,19 @@ from PIL import Image
 from reelforge.curation.errors import MediaReadError
 from reelforge.curation.schema import ARROW_SCHEMA, empty_row, make_id, set_score
 from reelforge.curation.shards import (
-    RAW_FIELDS, ShardFile, TarStream, _encode_json_runs, complete_sample, encode_json, encode_json_raw, encode_sample,
-    estimate_bytes, json_string, prepare_sample, read_stats, tar_header,
+    RAW_FIELDS,
+    ShardFile,
+    TarStream,
+    _encode_json_runs,
+    complete_sample,
+    encode_json,
+    encode_sample,
+    estimate_bytes,
+    json_pieces,
+    json_string,
+    prepare_sample,
+    read_stats,
+    tar_header,
 )
 
 
@@ -106,15 +116,16 @@ def test_json_strings_from_utf8_bytes_are_json_dumps():
         assert json_string(s.encode()) == json.dumps(s, ensure_ascii=False).encode()
 
 
-def test_raw_values_land_where_json_dumps_puts_them():
+def test_raw_strings_land_where_json_dumps_puts_them():
     from reelforge.curation import shards
 
     obj = {"id": "x", "kind": "text", "tokens": {"tokens": None}, "version": 2, "provenance": {"key": "k"}}
     collide = {**obj, "meta": {"q": shards._MARK + "text"}}  # the marker elsewhere: key by key
     for o in (obj, collide):
-        for raw in ({}, {"text": 'a "q"\n'}, {"text": "t", "chosen": "c", "rejected": "r"}, {"rejected": "r"}):
-            enc = {k: json_string(v.encode()) for k, v in raw.items()}
-            assert encode_json_raw(o, enc) == _encode_json_runs(o, enc) == encode_json({**o, **raw})
+        for raw in ({}, {"text": 'a "q"\n'}, {"text": "t", "chosen": "c\\", "rejected": "r"}, {"rejected": ""}):
+            want = encode_json({**o, **raw})
+            assert b"".join(json_pieces(o, {k: v.encode() for k, v in raw.items()})) == want
+            assert _encode_json_runs(o, {k: json_string(v.encode()) for k, v in raw.items()}) == want
 
 
 def test_estimates_from_columns_are_estimate_bytes(tmp_path):
