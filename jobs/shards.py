@@ -78,12 +78,34 @@ def estimates(b: pa.RecordBatch) -> np.ndarray:
     return _tar_size(text + 600) + media
 
 
+def _pylist(a: pa.Array) -> list:
+    """`a.to_pylist(maps_as_pydicts="strict")`, structs and lists built field by field from their
+    children's lists (pyarrow converts a struct value by value, each field a scalar: ~30 us for a
+    probed medium)."""
+    t = a.type
+    if pa.types.is_struct(t):
+        names = [f.name for f in t]
+        rows = [dict(zip(names, vals)) for vals in zip(*(_pylist(c) for c in a.flatten()))]
+        return rows if a.null_count == 0 else [r if ok else None for r, ok in zip(rows, a.is_valid().to_pylist())]
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        values = _pylist(a.flatten())
+        out, i = [], 0
+        for n in pc.list_value_length(a).to_pylist():
+            if n is None:
+                out.append(None)
+            else:
+                out.append(values[i:i + n])
+                i += n
+        return out
+    return a.to_pylist(maps_as_pydicts="strict")
+
+
 def _py_rows(b: pa.RecordBatch) -> list[dict]:
     """The rows of b as dicts of their non-null columns, RAW_FIELDS left out (column by column:
     a column null in every row costs nothing)."""
     n = b.num_rows
     names = [c for c in ENCODE_COLUMNS if c not in RAW_FIELDS and b.column(c).null_count < n]
-    cols = [b.column(c).to_pylist(maps_as_pydicts="strict") for c in names]
+    cols = [_pylist(b.column(c)) for c in names]
     return [dict(zip(names, vals)) for vals in zip(*cols)] if names else [{} for _ in range(n)]
 
 

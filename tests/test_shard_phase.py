@@ -136,6 +136,15 @@ def test_estimates_from_columns_are_estimate_bytes(tmp_path):
     assert estimates(batch).tolist() == [estimate_bytes(r) for r in rows]
 
 
+def test_rows_from_columns_are_to_pylist(tmp_path):
+    from reelforge.jobs.shards import ENCODE_COLUMNS, _pylist
+
+    batch = pa.RecordBatch.from_pylist(_rows(tmp_path), schema=ARROW_SCHEMA)
+    for b in (batch, batch.slice(3, 20), batch.slice(31)):
+        for name in ENCODE_COLUMNS:
+            assert _pylist(b.column(name)) == b.column(name).to_pylist(maps_as_pydicts="strict"), name
+
+
 def _shard_bytes(tmp_path, rows, writer: str) -> tuple[dict, dict]:
     """One shard of `rows` written by ShardFile (encode_sample) or TarStream (prepare + complete):
     (its stats, each row's failure reason)."""
