@@ -4,7 +4,7 @@ tars + write results + per-shard stats, on Spark `local[2]`, against a plain pya
 
     .venv/bin/python benchmarks/bench_shard_phase.py [--corpus text,image] [--docs 200000]
         [--images 50000] [--repeats 3] [--work /tmp/bench-shard-phase] [--master local[2]]
-        [--samples-table] [--json out.json]
+        [--samples-table] [--json out.json] [--baseline OLD_jobs_shards.py]
 
 The inputs, built once per --work and reused (the sample rows ingest leaves, as a Spark step
 writes them: zstd Parquet, 8 files):
@@ -173,12 +173,32 @@ def tree_cpu() -> float:
 
 # --- the project ---------------------------------------------------------------------------------
 
-def run_project(spark, step: str, out: str, samples_table: bool) -> dict:
+def load_writer(path: str):
+    """`write_shards` of another version of jobs/shards.py (e.g. `git show REV:jobs/shards.py`),
+    imported under its own name and shipped to the Spark workers by value."""
+    import importlib.util
+
+    from pyspark import cloudpickle
+
+    spec = importlib.util.spec_from_file_location("bench_baseline_shards", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    cloudpickle.register_pickle_by_value(mod)
+    return mod.write_shards
+
+
+def run_project(spark, step: str, out: str, samples_table: bool, write_shards=None) -> dict:
     """What jobs/run.py times as "write" (and, apart, the samples table)."""
+    import inspect
+
     from reelforge.curation.shards import read_stats
     from reelforge.jobs.run import _parquet_rows
-    from reelforge.jobs.shards import write_shards
     from reelforge.jobs.spark import spark_schema
+
+    if write_shards is None:
+        from reelforge.jobs.shards import write_shards
+    kw = {"source": step} if "source" in inspect.signature(write_shards).parameters else {}
 
     shard_dir = os.path.join(out, "shards")
     os.makedirs(shard_dir)
@@ -186,7 +206,7 @@ def run_project(spark, step: str, out: str, samples_table: bool) -> dict:
     cpu, t = tree_cpu(), time.time()
     results, names, stats_dir, keyed = write_shards(
         final, shard_dir, max_samples=PER_SHARD, max_bytes=MAX_BYTES, shuffle=True, seed=SEED,
-        prefix="shard", rows_hint=_parquet_rows(step))
+        prefix="shard", rows_hint=_parquet_rows(step), **kw)
     t_layout = time.time() - t
     results.write.mode("overwrite").option("compression", "zstd").parquet(os.path.join(out, "write_results"))
     keyed.unpersist()
@@ -253,6 +273,8 @@ def run_peer(step: str, out: str, workers: int = 2) -> dict:
     jobs = [(w * per, min(len(shards), (w + 1) * per)) for w in range(workers) if w * per < len(shards)]
     with multiprocessing.get_context("fork").Pool(len(jobs)) as pool:
         n = sum(pool.map(_peer_worker, jobs))
+        pool.close()
+        pool.join()  # the workers reaped: their CPU time counts in tree_cpu
     _PEER.clear()
     return {"seconds": time.time() - t, "cpu_s": tree_cpu() - cpu, "shards": len(shards), "samples": n}
 
@@ -277,10 +299,11 @@ def _sha(path: str) -> str:
     return h.hexdigest()
 
 
-def check_same(spark, step: str, work: str) -> dict:
-    """One run of each: the same shard names, and the first shard the same file."""
-    proj, peer = (os.path.join(work, f"check-{w}-{os.getpid()}") for w in ("project", "peer"))
-    for d in (proj, peer):
+def check_same(spark, step: str, work: str, baseline=None) -> dict:
+    """One run of each: the same shard names, and the first shard the same file; with a baseline,
+    every shard of the project the same file as the baseline's."""
+    proj, peer, base = (os.path.join(work, f"check-{w}-{os.getpid()}") for w in ("project", "peer", "baseline"))
+    for d in (proj, peer, base):
         shutil.rmtree(d, ignore_errors=True)
     run_project(spark, step, proj, False)
     run_peer(step, peer)
@@ -289,28 +312,38 @@ def check_same(spark, step: str, work: str) -> dict:
     first = names["project"][0] if names["project"] else None
     same_first = bool(first) and _sha(os.path.join(proj, "shards", first)) == _sha(os.path.join(peer, first))
     data, files = member_bytes(os.path.join(proj, "shards"))
-    for d in (proj, peer):
-        shutil.rmtree(d)
-    return {"same_names": names["project"] == names["peer"], "first_shard_identical": same_first,
-            "shards": len(names["project"]), "member_bytes": data, "tar_bytes": files}
+    out = {"same_names": names["project"] == names["peer"], "first_shard_identical": same_first,
+           "shards": len(names["project"]), "member_bytes": data, "tar_bytes": files}
+    if baseline is not None:
+        run_project(spark, step, base, False, baseline)
+        shas = [{n: _sha(os.path.join(d, "shards", n)) for n in sorted(os.listdir(os.path.join(d, "shards")))}
+                for d in (proj, base)]
+        out["baseline_identical"] = shas[0] == shas[1]
+    for d in (proj, peer, base):
+        shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
-def bench_corpus(spark, corpus: str, step: str, work: str, repeats: int, samples_table: bool) -> dict:
-    check = check_same(spark, step, work)
+def bench_corpus(spark, corpus: str, step: str, work: str, repeats: int, samples_table: bool,
+                 baseline=None) -> dict:
+    check = check_same(spark, step, work, baseline)
     print(f"{corpus}: {check['shards']} shards, {check['member_bytes'] / 1e6:.0f} MB of members "
           f"({check['tar_bytes'] / 1e6:.0f} MB of tars) from {input_bytes(step) / 1e6:.0f} MB of zstd Parquet; "
           f"same shard names as the peer: {check['same_names']}, first shard identical: "
-          f"{check['first_shard_identical']}", flush=True)
-    runs: dict[str, list[dict]] = {"project": [], "peer": []}
+          f"{check['first_shard_identical']}" + (f"; every shard identical to the baseline's: "
+                                                 f"{check['baseline_identical']}" if baseline else ""), flush=True)
+    order = ["project", "peer"] + (["baseline"] if baseline else [])
+    runs: dict[str, list[dict]] = {w: [] for w in order}
     for rep in range(repeats):
-        for who in (("project", "peer") if rep % 2 == 0 else ("peer", "project")):
+        for who in (order if rep % 2 == 0 else order[::-1]):
             d = os.path.join(work, f"out-{who}-{os.getpid()}")  # two benchmarks may share --work
             shutil.rmtree(d, ignore_errors=True)
-            r = run_project(spark, step, d, samples_table) if who == "project" else run_peer(step, d)
+            r = (run_peer(step, d) if who == "peer" else
+                 run_project(spark, step, d, samples_table, baseline if who == "baseline" else None))
             runs[who].append(r)
             extra = (f"  (layout {r['layout_s']:.1f}s" + (f", samples table {r['samples_table_s']:.1f}s"
                                                             if "samples_table_s" in r else "") + ")"
-                     if who == "project" else "")
+                     if who != "peer" else "")
             print(f"  rep {rep} {who:<8} {r['seconds']:7.2f}s {check['member_bytes'] / r['seconds'] / 1e6:7.1f} MB/s"
                   f"  cpu {r['cpu_s']:6.1f}s" + extra, flush=True)
             shutil.rmtree(d)
@@ -332,6 +365,12 @@ def bench_corpus(spark, corpus: str, step: str, work: str, repeats: int, samples
           f"peer {med['peer']:.2f}s = {mbs['peer']:.1f} MB/s, ratio project/peer {res['ratio_project_over_peer']:.2f}; "
           f"CPU project {med_cpu['project']:.1f}s, peer {med_cpu['peer']:.1f}s"
           + (f"; samples table {res['samples_table_median_s']:.1f}s" if samples_table else ""), flush=True)
+    if baseline:
+        res["ratio_baseline_over_peer"] = round(mbs["baseline"] / mbs["peer"], 3)
+        res["speedup_project_over_baseline"] = round(med["baseline"] / med["project"], 2)
+        print(f"{corpus}: baseline {med['baseline']:.2f}s = {mbs['baseline']:.1f} MB/s (ratio to the peer "
+              f"{res['ratio_baseline_over_peer']:.2f}, CPU {med_cpu['baseline']:.1f}s); project / baseline speed "
+              f"{res['speedup_project_over_baseline']:.2f}", flush=True)
     return res
 
 
@@ -346,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--master", default="local[2]")
     ap.add_argument("--samples-table", action="store_true", help="also time jobs/samples.py after each write")
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument("--baseline", help="another jobs/shards.py (`git show REV:jobs/shards.py > FILE`) run as a third "
+                                       "contestant on the same input, alternating; its shards are checked identical")
     args = ap.parse_args(argv)
 
     from reelforge.jobs.spark import get_spark
@@ -357,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         for corpus in args.corpus.split(","):
             n = args.docs if corpus == "text" else args.images
             step = build_input(args.work, corpus, n, args.pool or args.work, spark)
-            out.append(bench_corpus(spark, corpus, step, args.work, args.repeats, args.samples_table))
+            out.append(bench_corpus(spark, corpus, step, args.work, args.repeats, args.samples_table,
+                                    load_writer(args.baseline) if args.baseline else None))
     finally:
         spark.stop()
     line = json.dumps({"bench": "shard_phase", "master": args.master, "repeats": args.repeats, "corpora": out},

@@ -10,9 +10,11 @@ when `source` names them; else Arrow batches of the DataFrame) encode each live 
 its prepared tar bytes (`curation.shards.prepare_sample`), appended to one file per task under
 `<out>/.stats/blobs/`, and emit a key row: id, source, order key, estimated bytes, the byte range
 of the prepared bytes, the media to read at write time (by path or tar range) and a failure, if
-any (~200 bytes a sample, written as zstd Parquet under `.stats/keys/`). The keys are laid out
-(on the driver up to SMALL_ROWS, else on the executors) and regrouped by shard; a writer task
-copies each sample's bytes from its range and reads its media in between.
+any (~200 bytes a sample, written as zstd Parquet under `.stats/keys/`). The keys are laid out on
+the driver up to SMALL_ROWS (a pyarrow sort; each writer task reads its shards' keys from a plan
+file under `.stats/plan/`: no shuffle at all), else on the executors (sorted, and shuffled to their
+shard's task); a writer task copies each sample's bytes from its range and reads its media in
+between. The caller removes `.stats/` once the results are written (jobs/run.py does).
 """
 
 from __future__ import annotations
