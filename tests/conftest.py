@@ -52,8 +52,8 @@ def local_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def _local_cluster_starts_early(request):
-    """When a selected test uses `local_cluster`, its process starts with the session: the JVMs and
-    the executors' Python workers start beside the other tests (the parity tests run last)."""
+    """When a selected test uses `local_cluster`, its process starts with the session: its JVMs
+    start beside the other tests (the parity tests run last, back to back)."""
     if any("local_cluster" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("local_cluster").start()
 

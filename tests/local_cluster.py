@@ -3,12 +3,12 @@
 The parity tests (marked `cluster`) each compare a recipe's local[2] decisions with the same
 recipe run on `local-cluster[2,1,1024]`: separate executor JVMs and Python workers, nothing
 shared with the driver. Starting that cluster (a driver JVM, a master, a worker, two executor
-JVMs, their Python workers importing torch, open_clip and transformers) costs more than the
-small recipes the tests run, so one long-lived process holds a single local-cluster session and
-runs every recipe it is sent, one after another, with `run_recipe` exactly as
-`reelforge run --master ...` does. conftest.py starts it when the session begins (when any
-selected test uses it) and runs the parity tests last, so the start happens beside the other
-tests instead of in front of the first parity test.
+JVMs) costs more than most of the small recipes the tests run, so one long-lived process holds
+a single local-cluster session and runs every recipe it is sent, one after another, with
+`run_recipe` exactly as `reelforge run --master ...` does. conftest.py starts it when the
+session begins (when any selected test uses it) and runs the parity tests last, back to back:
+the JVMs start beside the other tests, and the executors' Python workers, which Spark ends after
+a minute idle, stay warm from one parity recipe to the next.
 
 Run as a script it is that process: one JSON request a line on stdin ({"recipe", "out"}), one
 answer a line on stdout ({"ok": true, "report": ...} or {"ok": false, "error": traceback}).
@@ -23,7 +23,6 @@ import os
 import select
 import subprocess
 import sys
-import time
 import traceback
 
 MASTER = "local-cluster[2,1,1024]"
@@ -37,7 +36,7 @@ class LocalCluster:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> subprocess.Popen:
-        """Start the server (it starts Spark and warms its executors at once) unless it runs."""
+        """Start the server (it starts Spark at once) unless it runs."""
         if self.proc is None or self.proc.poll() is not None:
             self._log = open(self.log_path, "ab")
             self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.master],
@@ -77,15 +76,6 @@ class LocalCluster:
             self.proc = None
 
 
-def _warm(_rows):
-    """In an executor's Python worker: the imports every parity recipe's model steps need."""
-    import open_clip  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-
-    yield os.getpid()
-
-
 def serve(master: str) -> None:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the JVM's and any print's output goes to the log, never into the answers
@@ -93,16 +83,8 @@ def serve(master: str) -> None:
     from reelforge.jobs.run import run_recipe
     from reelforge.jobs.spark import get_spark
 
-    spark = get_spark(master)
+    spark = get_spark(master)  # the JVMs start now, while the client's session runs other tests
     try:
-        sc = spark.sparkContext
-        deadline = time.monotonic() + 300
-        while sc._jsc.sc().getExecutorMemoryStatus().size() < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)  # both executors registered (the driver is the third): one warm-up task each
-        t = time.monotonic()
-        pids = sc.parallelize(range(2), 2).mapPartitions(_warm).collect()
-        print(f"local-cluster: executors' Python workers {pids} warmed in {time.monotonic() - t:.1f} s",
-              file=sys.stderr)
         for line in sys.stdin:
             req = json.loads(line)
             try:
