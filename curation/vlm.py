@@ -254,6 +254,11 @@ class VLMStep(PrefetchRowStep):
         done, failed = self.decode_rows(rows, [t[0] for t in todo], self._visuals)
         visuals = dict(done)
         items = [(i, task, prompt, visuals[i]) for i, task, prompt in todo if i in visuals]
+        return self.encode_batches(items), failed
+
+    def encode_batches(self, items: list[tuple]) -> list[tuple]:
+        """(row index, task, prompt, visuals) items cut into batches of `batch_size`, each encoded
+        ahead (prefetch); a batch that will not encode is None, and compute retries it one by one."""
         batches = []
         for s in range(0, len(items), self.batch_size):
             chunk = items[s:s + self.batch_size]
@@ -262,7 +267,7 @@ class VLMStep(PrefetchRowStep):
             except Exception:  # noqa: BLE001 - compute retries the items one by one
                 enc = None
             batches.append((chunk, enc))
-        return batches, failed
+        return batches
 
     def _run(self, chunk: list, enc=None) -> list:
         if enc is None:

@@ -353,15 +353,7 @@ class _RewardJudge(VlmJudge):
         done, failed = self.decode_rows(rows, idx, self._visuals)
         items = [(i, j, self.prompt(rows[i], resp), vis) for i, vis in done
                  for j, resp in enumerate(rows[i]["responses"])]
-        batches = []
-        for s in range(0, len(items), self.batch_size):
-            chunk = items[s:s + self.batch_size]
-            try:
-                enc = self._model.encode([c[2] for c in chunk], [c[3] for c in chunk])
-            except Exception:  # noqa: BLE001 - compute retries the items one by one
-                enc = None
-            batches.append((chunk, enc))
-        return batches, failed
+        return self.encode_batches(items), failed
 
     def take(self, row: dict, task: int, prompt: str, result: float) -> None:
         resp = row["responses"][task]
