@@ -27,7 +27,10 @@ What is timed, per repeat, wall clock:
            encoder=False, maxcount=1000)`: per sample the project's own `.json` member
            (`curation.shards.sample_json`) and the media file's bytes (open + read). It checks
            nothing (no sha256 of the media against probe, no per-sample results, no stats).
-The two alternate (project first on even repeats); medians are quoted. MB/s is of sample bytes:
+  baseline with --baseline FILE: the project's timing with another version of jobs/shards.py,
+           e.g. the one before issue 14 part 5 (`git show fcaa9ad:jobs/shards.py > FILE`); its
+           shards are checked to be the project's, file for file.
+They alternate (the order reversed on odd repeats); medians are quoted. MB/s is of sample bytes:
 the data of the tar members (`.json` + media); the tar bytes (headers, padding) are printed too.
 CPU seconds are measured too (this process and every process below it, the Spark JVM and its
 Python workers included, or the peer and its workers; from /proc): on a box shared with other work,

@@ -14,7 +14,9 @@ any (~200 bytes a sample, written as zstd Parquet under `.stats/keys/`). The key
 the driver up to SMALL_ROWS (a pyarrow sort; each writer task reads its shards' keys from a plan
 file under `.stats/plan/`: no shuffle at all), else on the executors (sorted, and shuffled to their
 shard's task); a writer task copies each sample's bytes from its range and reads its media in
-between. The caller removes `.stats/` once the results are written (jobs/run.py does).
+between. The caller removes `.stats/` once the results are written (jobs/run.py does). The
+prepared bytes are not compressed: they live only until their shard is written, and lz4 would
+cost ~3 CPU seconds a GB of text, a quarter of the phase (the keys and plans are zstd Parquet).
 """
 
 from __future__ import annotations
