@@ -19,7 +19,8 @@ def ledger_summary(ledger) -> dict:
             "dropped": sum(g["n"] for g in groups if g["fate"] == "dropped")}
 
 
-def _token_sums(df):
+def _token_sums():
+    """Media bytes and text, visual and total tokens, summed: the aggregates of the report's passes."""
     media_bytes = F.aggregate(F.coalesce(F.col("media"), F.array()), F.lit(0).cast("long"),
                               lambda acc, m: acc + F.coalesce(m["length"], F.lit(0).cast("long")))
     return (F.sum(media_bytes).alias("b"), F.sum("text_tokens").alias("tt"), F.sum("visual_tokens").alias("vt"),
@@ -44,7 +45,7 @@ def build_report(spark, recipe, final, ledger, summary: dict, stats: list[dict],
             d["reasons"][g["reason"]] = d["reasons"].get(g["reason"], 0) + g["n"]
     by_step: dict[str, dict] = {}
     live_by_source: dict[str, dict] = {}
-    for r in final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"), "source").agg(*_token_sums(final)).collect():
+    for r in final.groupBy(F.coalesce("drop_step", F.lit("")).alias("s"), "source").agg(*_token_sums()).collect():
         acc = by_step.setdefault(r["s"], {"b": 0, "t": 0})
         acc["b"] += r["b"] or 0
         acc["t"] += r["t"] or 0
@@ -53,7 +54,7 @@ def build_report(spark, recipe, final, ledger, summary: dict, stats: list[dict],
                                            "tokens": r["t"] or 0}
     if drops.get("write"):  # rows the shard writer could not write: live above, not kept
         lost = ledger.filter((F.col("fate") == "dropped") & (F.col("step") == "write")).select("id")
-        for r in final.join(lost, "id").groupBy("source").agg(*_token_sums(final)).collect():
+        for r in final.join(lost, "id").groupBy("source").agg(*_token_sums()).collect():
             for k, v in (("text_tokens", r["tt"]), ("visual_tokens", r["vt"]), ("tokens", r["t"])):
                 live_by_source[r["source"]][k] -= v or 0
     bytes_by_step = {k: v["b"] for k, v in by_step.items()}
