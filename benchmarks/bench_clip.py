@@ -30,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine", choices=["auto", "spark", "tasks"], default="auto",
+                    help="spark: the step in a Spark job; tasks: the step's task path without Spark "
+                         "(benchmarks/task_engine.py), for a GPU machine with no Java; auto: spark when it can run")
+    ap.add_argument("--tasks", type=int, default=1, help="with --engine tasks: task-sized slices of the images")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -75,43 +79,57 @@ def main(argv: list[str] | None = None) -> int:
                 (fi * ft).sum(-1).cpu().numpy()
         return time.perf_counter() - t
 
-    from reelforge.curation.schema import ARROW_SCHEMA
-    from reelforge.jobs.engine import run_step
-    from reelforge.jobs.spark import get_spark, spark_schema
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from task_engine import pick_engine, run_as_tasks
 
-    spark = get_spark(args.master)
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
-    df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
-    df = df.repartition(spark.sparkContext.defaultParallelism).cache()
-    df.count()
+    engine = pick_engine(args.engine)
     step = ClipScore(model=args.model, pretrained=ckpt, batch_size=args.batch, device=args.device)
     step.batch_rows = args.batch
+    spark = None
+    if engine == "spark":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from reelforge.curation.schema import ARROW_SCHEMA
+        from reelforge.jobs.engine import run_step
+        from reelforge.jobs.spark import get_spark, spark_schema
+
+        spark = get_spark(args.master)
+        pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
+        df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
+        df = df.repartition(spark.sparkContext.defaultParallelism).cache()
+        df.count()
 
     def spark_run() -> float:
         t = time.perf_counter()
-        run_step(step, df).filter("scores['clip'] is not null").count()
+        if spark is not None:
+            n = run_step(step, df).filter("scores['clip'] is not null").count()
+        else:
+            n = sum(1 for r in run_as_tasks(step, rows, args.tasks) if (r["scores"] or {}).get("clip") is not None)
+        if n != len(rows):
+            raise SystemExit(f"the step scored {n} of {len(rows)} images")
         return time.perf_counter() - t
 
     spark_run()  # warm-up: each Python worker loads the model once
     plain()
-    times = {"spark step": [], "plain open_clip": []}
+    where = f"Spark {args.master}" if spark is not None else f"no Spark here: the task path, {args.tasks} task(s)"
+    ours = "spark step" if spark is not None else "step, task path"
+    times = {ours: [], "plain open_clip": []}
     for _ in range(args.repeats):
-        times["spark step"].append(spark_run())
+        times[ours].append(spark_run())
         times["plain open_clip"].append(plain())
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.images / v for k, v in med.items()}
     print(f"{args.images} images 640x480 JPEG, {args.model} random weights, {args.device}, batch {args.batch}, "
-          f"Spark {args.master}, torch threads {torch.get_num_threads()}")
+          f"{where}, torch threads {torch.get_num_threads()}")
     for k in med:
         print(f"  {k:16s} {med[k]:7.2f} s  {ips[k]:8.1f} images/s")
-    ratio = ips["spark step"] / ips["plain open_clip"]
-    print(f"  ratio spark/plain: {ratio:.2f}")
+    ratio = ips[ours] / ips["plain open_clip"]
+    print(f"  ratio step/plain: {ratio:.2f}")
     print(json.dumps({"bench": "clip", "images": args.images, "model": args.model, "device": args.device,
-                      "images_per_s": ips, "ratio": ratio, "seconds": times}))
-    spark.stop()
+                      "engine": engine, "images_per_s": ips, "ratio": ratio, "seconds": times}))
+    if spark is not None:
+        spark.stop()
     return 0
 
 

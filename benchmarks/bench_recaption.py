@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--plain-threads", type=int, default=0,
                     help="torch threads of the plain loop (0: torch's default, all cores)")
+    ap.add_argument("--engine", choices=["auto", "spark", "tasks"], default="auto",
+                    help="spark: the step in a Spark job; tasks: the step's task path without Spark "
+                         "(benchmarks/task_engine.py), for a GPU machine with no Java; auto: spark when it can run")
+    ap.add_argument("--tasks", type=int, default=1, help="with --engine tasks: task-sized slices of the images")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -89,45 +93,57 @@ def main(argv: list[str] | None = None) -> int:
                                                                     skip_special_tokens=True)]
         return time.perf_counter() - t, caps
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from task_engine import pick_engine, run_as_tasks
 
-    from reelforge.jobs.engine import run_step
-    from reelforge.jobs.spark import get_spark, spark_schema
+    engine = pick_engine(args.engine)
+    spark = None
+    if engine == "spark":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-    spark = get_spark(args.master)
-    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
-    df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
-    df = df.repartition(spark.sparkContext.defaultParallelism).cache()
-    df.count()
+        from reelforge.jobs.engine import run_step
+        from reelforge.jobs.spark import get_spark, spark_schema
+
+        spark = get_spark(args.master)
+        pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
+        df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
+        df = df.repartition(spark.sparkContext.defaultParallelism).cache()
+        df.count()
     step = Recaption(model=model_dir, batch_size=args.batch, max_new_tokens=args.new_tokens, device=args.device,
                      min_chars=0)
 
     def spark_run() -> tuple[float, dict]:
         t = time.perf_counter()
-        got = run_step(step, df).select("id", "captions").collect()  # a few hundred short strings
+        if spark is not None:
+            got = run_step(step, df).select("id", "captions").collect()  # a few hundred short strings
+        else:
+            got = run_as_tasks(step, rows, args.tasks)
         return time.perf_counter() - t, {r["id"]: r["captions"][0]["text"] for r in got if r["captions"]}
 
     spark_run()  # warm-up: each Python worker loads the model once
     _, want = plain()
-    times: dict[str, list[float]] = {"spark step": [], "plain transformers": []}
+    ours = "spark step" if spark is not None else "step, task path"
+    times: dict[str, list[float]] = {ours: [], "plain transformers": []}
     same = True
     for _ in range(args.repeats):
         dt, got = spark_run()
-        times["spark step"].append(dt)
+        times[ours].append(dt)
         same &= got == {r["id"]: c for r, c in zip(rows, want)}
         times["plain transformers"].append(plain()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     ips = {k: args.images / v for k, v in med.items()}
+    where = f"Spark {args.master}" if spark is not None else f"no Spark here: the task path, {args.tasks} task(s)"
     print(f"{args.images} images 640x480 JPEG, {os.path.basename(model_dir)}, {args.device}, batch {args.batch}, "
-          f"{args.new_tokens} new tokens, Spark {args.master}, torch threads {torch.get_num_threads()}")
+          f"{args.new_tokens} new tokens, {where}, torch threads {torch.get_num_threads()}")
     for k in med:
         print(f"  {k:20s} {med[k]:7.2f} s  {ips[k]:8.1f} images/s")
-    ratio = ips["spark step"] / ips["plain transformers"]
-    print(f"  ratio spark/plain: {ratio:.2f}   captions identical: {same}")
-    print(json.dumps({"bench": "recaption", "images": args.images, "images_per_s": ips, "ratio": ratio,
-                      "identical": same, "seconds": times}))
-    spark.stop()
+    ratio = ips[ours] / ips["plain transformers"]
+    print(f"  ratio step/plain: {ratio:.2f}   captions identical: {same}")
+    print(json.dumps({"bench": "recaption", "images": args.images, "engine": engine, "images_per_s": ips,
+                      "ratio": ratio, "identical": same, "seconds": times}))
+    if spark is not None:
+        spark.stop()
     return 0
 
 
