@@ -28,8 +28,10 @@ $(STAMP): pyproject.toml Makefile
 	  decord requests urllib3 idna certifi charset-normalizer opencv-python-headless
 	@touch $(STAMP)
 
-# A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, and bubblewrap (the think-with-image
-# sandbox's namespaces): system packages when we are root.
+# A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, bubblewrap (the think-with-image
+# sandbox's namespaces), and what the data-task builders use: espeak-ng (speech for the demo's
+# videos), Noto CJK fonts (synthetic OCR) and Tesseract with its English and Simplified Chinese
+# data (the OCR legibility test): system packages when we are root.
 system:
 	@java_ok=0; if command -v java >/dev/null 2>&1; then \
 	  v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -37,12 +39,16 @@ system:
 	need=""; [ $$java_ok = 1 ] || need="$$need openjdk-17-jre-headless"; \
 	command -v ffprobe >/dev/null 2>&1 && command -v ffmpeg >/dev/null 2>&1 || need="$$need ffmpeg"; \
 	command -v bwrap >/dev/null 2>&1 || need="$$need bubblewrap"; \
+	command -v espeak-ng >/dev/null 2>&1 || need="$$need espeak-ng"; \
+	command -v tesseract >/dev/null 2>&1 || need="$$need tesseract-ocr tesseract-ocr-eng"; \
+	test -f /usr/share/tesseract-ocr/5/tessdata/chi_sim.traineddata || need="$$need tesseract-ocr-chi-sim"; \
+	fc-list 2>/dev/null | grep -qi "Noto Sans CJK" || need="$$need fonts-noto-cjk fontconfig"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing system packages:$$need"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$need >/dev/null; \
 	  else \
-	    echo "reelforge needs:$$need (a Java 17/21 runtime for Spark, ffmpeg with ffprobe, bubblewrap for the sandbox); install them with your package manager, e.g. 'sudo apt-get install$$need', then re-run make." >&2; exit 1; \
+	    echo "reelforge needs:$$need (a Java 17/21 runtime for Spark, ffmpeg with ffprobe, bubblewrap for the sandbox, espeak-ng, Tesseract with eng and chi_sim, Noto CJK fonts); install them with your package manager, e.g. 'sudo apt-get install$$need', then re-run make." >&2; exit 1; \
 	  fi; \
 	fi
 

@@ -10,6 +10,7 @@
 # machines here), run `bash benchmarks/gpu_wheels.sh` beforehand where pip works and bring .whl/ along:
 # the wheels install with --no-index into a scratch folder. Without Java or pyspark there, the CLIP and
 # recaption benchmarks time the step's task path (benchmarks/task_engine.py) instead of a Spark job.
+# ONLY="train_mfu" runs a subset; TRAIN_EXTRA="--steps 30 --profile 6" adds train_gpu.py arguments.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -37,6 +38,7 @@ transformers.__version__, '| open_clip', open_clip.__version__, '| deepspeed', d
 status=0
 run() {  # name, time limit (s), command...
   local name=$1 limit=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
   echo "== $name (limit ${limit}s)"
   local t0=$SECONDS
   timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log" | grep -Ei "ratio|/s|per_s|mfu|tflop|error|match|identical" || true
@@ -48,6 +50,6 @@ run clip_vitl14 170 $PY benchmarks/bench_clip.py --model ViT-L-14 --device cuda 
   --master "local[4]" --repeats 3
 run recaption 170 $PY benchmarks/bench_recaption.py --vlm-size bench --device cuda --images 256 --batch 32 \
   --new-tokens 32 --master "local[2]" --repeats 2
-run train_mfu 150 $PY benchmarks/train_gpu.py --steps 60 --samples 4000 --workers 8
+run train_mfu 200 $PY benchmarks/train_gpu.py --steps 60 --samples 4000 --workers 8 ${TRAIN_EXTRA:-}
 echo "logs: $OUT"
 exit $status

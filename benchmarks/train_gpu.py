@@ -92,6 +92,30 @@ def sum_params_llm(lc) -> int:
     return L * per_layer + 2 * lc.vocab_size * d
 
 
+def profile(stage: dict, steps: int, out: str) -> None:
+    """A further short run under torch.profiler (set-up included): the top operators by device
+    time and by host time, and how busy the device was."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from reelforge.training.config import stage_from_dict
+    from reelforge.training.train import train
+
+    cfg = stage_from_dict({**stage, "steps": steps, "output": {**stage["output"], "dir": out}})
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t = time.perf_counter()
+    with torch_profile(activities=acts) as prof:
+        summary = train(cfg, fresh=True)
+    wall = time.perf_counter() - t
+    ka = prof.key_averages()
+    dev = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(ka.table(sort_by=dev, row_limit=18, max_name_column_width=60))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=60))
+    busy = sum(getattr(e, "self_device_time_total", 0) for e in ka) / 1e6
+    print(json.dumps({"profiled_steps": steps, "profiled_wall_s": wall, "train_wall_s": summary["wall_s"],
+                      "device_busy_s": busy}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=300)
@@ -103,12 +127,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="tiny models on the CPU, a few steps: checks the script runs")
     ap.add_argument("--workdir")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="then run this many more steps under torch.profiler and print where the time goes")
     args = ap.parse_args(argv)
     if args.tiny:
         args.steps, args.max_len, args.samples, args.workers = min(args.steps, 3), 512, 64, 1
 
     from transformers import AutoConfig
 
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `benchmarks` as a package
     from benchmarks.bench_loader import make_shards
     from reelforge.curation.tiny_models import build_tiny_tokenizer
     from reelforge.training.config import stage_from_dict
@@ -126,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         shard_dir = os.path.join(work, "shards")
         make_shards(shard_dir, args.samples, 500, 0)
         out = os.path.join(work, "run")
-        cfg = stage_from_dict({
+        stage = {
             "name": "train_gpu", "objective": "lm", "steps": args.steps,
             "model": {"vision": models["vision"], "llm": models["llm"],
                       "attn_implementation": "sdpa"},
@@ -135,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                      "num_workers": args.workers, "visual": {"max_pixels": 256 * 28 * 28}},
             "optim": {"lr": args.lr, "warmup_steps": min(20, args.steps // 10), "schedule": "cosine"},
             "deepspeed": {"zero_stage": args.zero},
-            "output": {"dir": out, "log_every": 10}})
-        summary = train(cfg, fresh=True)
+            "output": {"dir": out, "log_every": 10}}
+        summary = train(stage_from_dict(stage), fresh=True)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             rows = [json.loads(ln) for ln in f if ln.strip()]
         steady = rows[min(10, len(rows) - 1):] or rows
@@ -149,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         toks = sum(r["tokens"] for r in steady)
         flops = sum(flops_per_step(r, vc, lc, proj_params, vit_params) for r in steady)
         result = {"steps": len(rows), "steady_steps": len(steady), "tokens_per_s": toks / secs,
+                  "data_wait_share": sum(r.get("data_s", 0.0) for r in steady) / secs,
                   "step_s_median": statistics.median(r["seconds"] for r in steady),
                   "visual_token_share": sum(r["visual_tokens"] for r in steady) / max(1, toks),
                   "model_tflops_per_s": flops / secs / 1e12,
@@ -160,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             result["mfu_vs_datasheet"] = flops / secs / H100_PEAK
             result["gpu_mem_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
         print(json.dumps(result, indent=1, sort_keys=True))
+        if args.profile:
+            profile(stage, args.profile, os.path.join(work, "profiled"))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

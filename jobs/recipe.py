@@ -22,7 +22,9 @@ from reelforge.curation.step import STEPS
 # anyway: a new filter is one new file there, registered with @register_step).
 STEP_MODULES = ("reelforge.curation.probe", "reelforge.curation.clips", "reelforge.curation.token_count",
                 "reelforge.curation.recaption", "reelforge.mixers.modes", "reelforge.mixers.reward",
-                "reelforge.mixers.sample", "reelforge.mixers.selection")
+                "reelforge.mixers.sample", "reelforge.mixers.selection", "reelforge.curation.asr",
+                "reelforge.mixers.video_tasks", "reelforge.mixers.asr_interleave", "reelforge.mixers.grounding",
+                "reelforge.mixers.synth_ocr")
 
 
 def step_modules() -> list[str]:

@@ -472,8 +472,11 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         losses, n_tok, ids, parts = [], 0, [], {}
         n_vis = attn_sq = vis_sq = 0  # visual tokens, sum of sample lengths^2, of patches^2 per image
         stop = False
+        data_s = 0.0  # waiting for the loader: the step's input-bound share
         for _ in range(cfg.grad_accum):
+            t_data = time.perf_counter()
             batch = None if exhausted else next(it, None)
+            data_s += time.perf_counter() - t_data
             if batch is None:
                 exhausted = True
             live = torch.tensor([0.0 if exhausted else 1.0], device=device)  # NCCL reduces GPU tensors only
@@ -514,7 +517,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         if metrics_f is not None:
             rec = {"step": step, "loss": loss_mean, "lr": lr_now, "tokens": int(stats[2]),
                    "visual_tokens": int(stats[3]), "attn_sq": int(stats[4]), "vision_attn_sq": int(stats[5]),
-                   "seconds": dt, "tokens_per_s": float(stats[2]) / dt if dt > 0 else None, **extra}
+                   "seconds": dt, "data_s": data_s, "tokens_per_s": float(stats[2]) / dt if dt > 0 else None, **extra}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
             if step % cfg.output["log_every"] == 0:
