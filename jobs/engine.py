@@ -68,6 +68,10 @@ def run_step(step: Step, df: DataFrame, workdir: str | None = None) -> DataFrame
             raise ValueError(f"step {step.name!r} asks for the shuffle {step.shuffle!r}, which the engine does not "
                              f"know: use one of {', '.join(sorted([*SHUFFLES, 'dedup_semantic', 'leakage']))}")
         return SHUFFLES[step.shuffle](step, df)
+    if getattr(step, "needs_candidates", False):  # video_tasks: its global clip_match pool, before the row pass
+        from reelforge.jobs.video_tasks import gather_candidates
+
+        gather_candidates(step, df)
     if getattr(step, "keep_embeddings", None) is not None:  # a CLIP step: embeddings beside the run
         out = keep_embeddings(step, df, workdir, task_context)
     else:
