@@ -25,6 +25,21 @@ medium carries the plan of exactly that many frames (`curation.frame_plan.fixed_
 the indices, timestamps, 1.5 slow/fast types and sizes from those decoded frames, tokens), so
 the ledger balances (inputs + derived = kept + dropped) and each copy counts its own tokens.
 Run it after the dedup steps: the copies share their video and text.
+
+Modes by share (`sources: {math_cot: {thinking: 0.7, non_thinking: 0.3}}`, beside the one-mode
+form `{llava_sft: non_thinking}`): each sample of such a source is rendered in one mode drawn by
+share, decided by `draw_mode(seed, id, shares)` (sha256 of the step's `seed` and the sample id, so
+the same for any partitioning, batch size or order); `meta.modes` records
+`{"drawn", "shares", "seed"}`. A sample that cannot be rendered in its drawn mode (thinking
+without reasoning, ...) leaves with the renderer's reason: there is no fallback to another mode,
+which would silently move the realised shares away from the asked ones.
+With `emit: both` (every mode the source's shares name with a share above 0; `all` is the same)
+or `emit: [thinking, non_thinking]` (those modes) each such sample leaves as `split_into_modes`
+and enters again once per mode, a derived sample (`parent_id` its id, id `<id>@<mode>`,
+`source_key` likewise, token counts reset) rendered in that mode, its `meta.modes` also naming
+`copy` (its mode) and `copies`: the same question in thinking and non-thinking form. A copy that
+cannot be rendered leaves with the renderer's reason; when no copy can be, the sample itself
+leaves with the first copy's reason and no copies are made.
 """
 
 from __future__ import annotations
@@ -258,6 +273,77 @@ def render(row: dict, mode: str, style: str = "report", workdir: str | None = No
     raise ModeError("mode_unknown", f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
 
 
+def draw_mode(seed: int, sample_id: str, shares: dict[str, float]) -> str:
+    """The mode of `sample_id` drawn by `shares` under `seed`: u = the first 8 bytes of
+    sha256(seed, id) as a fraction of 2**64, against the shares' running sum in `MODES` order (so
+    the order the recipe lists them in does not matter)."""
+    h = hashlib.sha256(f"modes\0{int(seed)}\0{sample_id}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0 ** 64
+    acc, last = 0.0, None
+    for m in MODES:
+        p = shares.get(m, 0.0)
+        if p <= 0:
+            continue
+        acc, last = acc + p, m
+        if u < acc:
+            return m
+    assert last is not None  # shares are checked to sum to 1
+    return last  # u beyond the float sum of the shares (rounding): the last mode with a share
+
+
+def _mode_sources(sources: Any) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """`modes.sources` checked: ({source: mode}, {source: {mode: share}})."""
+    if not isinstance(sources, dict) or not sources:
+        raise ValueError("`sources` must map source names to modes, e.g. {llava_sft: non_thinking}, or to "
+                         "shares of modes, e.g. {math_cot: {thinking: 0.7, non_thinking: 0.3}}")
+    one: dict[str, str] = {}
+    shared: dict[str, dict[str, float]] = {}
+    bad: dict[str, Any] = {}
+    for src, v in sources.items():
+        if isinstance(v, dict):
+            where = f"`modes.sources.{src}`"
+            if not v:
+                raise ValueError(f"{where} is an empty map of shares: give modes and shares, e.g. "
+                                 f"{{thinking: 0.7, non_thinking: 0.3}}")
+            unknown = [m for m in v if m not in MODES]
+            if unknown:
+                raise ValueError(f"{where} names unknown modes {unknown}: shares are given to "
+                                 f"{', '.join(MODES)}")
+            if not all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1 for p in v.values()):
+                raise ValueError(f"{where} shares must be numbers from 0 to 1, got {v!r}")
+            total = sum(float(p) for p in v.values())
+            if abs(total - 1.0) > 1e-6:
+                raise ValueError(f"{where} shares sum to {total:.6g}, not 1 (within 1e-6): fix the shares")
+            shared[src] = {m: float(v[m]) for m in MODES if m in v}
+        elif v in MODES:
+            one[src] = v
+        else:
+            bad[src] = v
+    if bad:
+        raise ValueError(f"unknown modes {bad}: use {', '.join(MODES)}, or shares such as "
+                         f"{{thinking: 0.7, non_thinking: 0.3}}")
+    return one, shared
+
+
+def _emit(value: Any, shared: dict[str, dict[str, float]]) -> list[str] | str | None:
+    """`modes.emit` checked: None (one sample in its drawn mode), "all" (one copy per mode with a
+    share), or a list of modes (one copy per listed mode)."""
+    if value in (None, "one"):
+        return None
+    if value in ("both", "all"):
+        out: list[str] | str = "all"
+    elif (isinstance(value, (list, tuple)) and value and all(isinstance(m, str) and m in MODES for m in value)
+          and len(set(value)) == len(value)):
+        out = list(value)
+    else:
+        raise ValueError(f"`modes.emit` must be one, both (every mode of a source's shares) or a list of distinct "
+                         f"modes among {', '.join(MODES)}, got {value!r}")
+    if not shared:
+        raise ValueError("`modes.emit` makes copies of the sources given as shares, and `modes.sources` gives none: "
+                         "give a source as shares, e.g. {math_cot: {thinking: 0.5, non_thinking: 0.5}}")
+    return out
+
+
 def _video_frames(value: Any, cfg: VisualTokenConfig) -> list[int] | None:
     """The `video_frames` option checked: distinct positive frame counts, or None (off)."""
     if value is None:
@@ -289,6 +375,11 @@ class RenderModes(RowStep):
     style: report, timeout_s: 10, memory_mb: 1024}``. A sample that cannot be rendered leaves with
     the reason (`mode_no_reasoning`, `sandbox_timeout`, ...).
 
+    A source may be given shares instead of one mode, ``math_cot: {thinking: 0.7, non_thinking: 0.3}``
+    (they sum to 1): each of its samples gets the mode `draw_mode(seed, id, shares)`; `seed` (default 0)
+    picks the draw. `emit: both` (or a list of modes) emits one derived copy per mode instead and the
+    sample leaves as `split_into_modes` (see the module doc).
+
     `video_frames: [16, 32]`: each video-mode sample is emitted once per count as a derived sample
     whose video carries its own frame plan for that count (see the module doc); `processor`
     (keye-vl-1.5, the default, or keye-vl-1.0) and `visual` (numbers overriding the preset, as the
@@ -299,16 +390,18 @@ class RenderModes(RowStep):
     def __init__(self, sources: dict | None = None, style: str = "report", timeout_s: float = 10.0,
                  memory_mb: int = 1024, video_think: bool | None = None, video_frames: list[int] | None = None,
                  processor: str | None = None, visual: dict | None = None, video_timeout_s: float = 120.0,
-                 **kw: Any):
+                 seed: int = 0, emit: str | list[str] | None = None, **kw: Any):
         super().__init__(**kw)
-        if not isinstance(sources, dict) or not sources:
-            raise ValueError("`sources` must map source names to modes, e.g. {llava_sft: non_thinking}")
-        bad = {k: v for k, v in sources.items() if v not in MODES}
-        if bad:
-            raise ValueError(f"unknown modes {bad}: use {', '.join(MODES)}")
+        one, shared = _mode_sources(sources)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"`modes.seed` must be an integer, got {seed!r}")
+        self.seed, self.shares, self.emit = int(seed), shared, _emit(emit, shared)
         if style not in STYLES:
             raise ValueError(f"`style` must be one of {', '.join(STYLES)}")
-        if "think_with_image" in sources.values():
+        used = set(one.values()) | {m for sh in shared.values() for m, p in sh.items() if p > 0}
+        if isinstance(self.emit, list):
+            used |= set(self.emit)
+        if "think_with_image" in used:
             from reelforge.mixers.sandbox import sandbox_available
 
             why = sandbox_available()  # refuse up front: there is no weaker fallback
@@ -321,32 +414,79 @@ class RenderModes(RowStep):
         self.plan_cfg = VisualTokenConfig.from_dict(vis)
         self.video_frames = _video_frames(video_frames, self.plan_cfg)
         self.video_timeout_s = float(video_timeout_s)
-        self.sources, self.style = dict(sources), style
+        self.sources, self.style = one, style
         self.timeout_s, self.memory_mb, self.video_think = float(timeout_s), int(memory_mb), video_think
         self.workdir: str | None = None
 
     def process(self, batch: list[dict]) -> list[dict]:
-        if not self.video_frames:
-            return super().process(batch)
         out: list[dict] = []
-        for row in super().process(batch):
-            if alive(row) and row.get("mode") == "video" and self.sources.get(row["source"]) == "video" \
-                    and "video_frames" not in _meta(row):
-                out.extend(self._frame_copies(row))
-            else:
+        for row in batch:
+            if not alive(row) or (row["source"] not in self.sources and row["source"] not in self.shares):
                 out.append(row)
+                continue
+            try:
+                rendered = self._render_source(row)
+            except Exception as e:  # noqa: BLE001 - a bad sample never fails the job
+                rendered = [drop(row, self.name, "error", f"{type(e).__name__}: {e}"[:500])]
+            for r in rendered:  # each row rendered here in video mode: once per frame count
+                if self.video_frames and alive(r) and r.get("mode") == "video" and "video_frames" not in _meta(r):
+                    out.extend(self._frame_copies(r))
+                else:
+                    out.append(r)
         return out
 
     def process_row(self, row: dict) -> dict:
-        mode = self.sources.get(row["source"])
-        if mode is None:
-            return row
+        """One row of a one-mode or drawn-mode source rendered (a share source with `emit` makes
+        copies: use `process`)."""
+        return self._render_source(row)[0]
+
+    def _render_one(self, row: dict, mode: str) -> dict:
+        """`row` in `mode`; raises ModeError."""
         folder = os.path.join(self.workdir or ".", "modes_media")
-        try:
-            return render(row, mode, self.style, folder, think=self.video_think, timeout_s=self.timeout_s,
-                          memory_mb=self.memory_mb)
-        except ModeError as e:
-            return drop(row, self.name, e.reason, e.detail)
+        return render(row, mode, self.style, folder, think=self.video_think, timeout_s=self.timeout_s,
+                      memory_mb=self.memory_mb)
+
+    def _render_source(self, row: dict) -> list[dict]:
+        """The rows that leave for `row`: itself rendered (or dropped), or, with `emit`, itself
+        dropped as `split_into_modes` and its copies."""
+        src = row["source"]
+        mode = self.sources.get(src)
+        if mode is not None:
+            try:
+                return [self._render_one(row, mode)]
+            except ModeError as e:
+                return [drop(row, self.name, e.reason, e.detail)]
+        shares = self.shares.get(src)
+        if shares is None:
+            return [row]
+        meta = _meta(row)
+        drawn = draw_mode(self.seed, row["id"], shares)
+        record = {"drawn": drawn, "shares": shares, "seed": self.seed}
+        if self.emit is None:
+            out = dict(row, meta=json.dumps({**meta, "modes": record}, sort_keys=True, ensure_ascii=False))
+            try:
+                return [self._render_one(out, drawn)]
+            except ModeError as e:
+                return [drop(out, self.name, e.reason, f"drawn mode {drawn}: {e.detail}")]
+        modes = [m for m in MODES if shares.get(m, 0) > 0] if self.emit == "all" else list(self.emit)
+        copies, failed = [], []
+        for m in modes:
+            child = copy.deepcopy(row)
+            child.update(id=f"{row['id']}@{m}", source_key=f"{row['source_key']}@{m}", parent_id=row["id"],
+                         text_tokens=None, visual_tokens=None, tokens=None)
+            child["meta"] = json.dumps({**meta, "modes": {**record, "copy": m, "copies": modes}},
+                                       sort_keys=True, ensure_ascii=False)
+            try:
+                copies.append(self._render_one(child, m))
+            except ModeError as e:
+                failed.append((m, e))
+                copies.append(drop(child, self.name, e.reason, f"copy in {m}: {e.detail}"))
+        if len(failed) == len(modes):  # nothing to split: the sample leaves with its (first) reason
+            m, e = failed[0]
+            why = "; ".join(f"{k}: {x.reason} ({x.detail})" for k, x in failed)
+            return [drop(row, self.name, e.reason, f"no copy in {', '.join(modes)} can be rendered: {why}"[:1000])]
+        drop(row, self.name, "split_into_modes", f"{len(modes)} copies: {', '.join(modes)} (drawn {drawn})")
+        return [row] + copies
 
     def _frame_copies(self, row: dict) -> list[dict]:
         """The rendered video sample dropped as `split_into_frame_counts`, then one derived copy per
