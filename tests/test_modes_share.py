@@ -266,3 +266,30 @@ def test_emit_both_in_a_spark_run(spark, tmp_path):
     assert ledger[f"{colour}@thinking"]["reason"] == "mode_no_reasoning"
     assert shards[f"{colour}@non_thinking"]["messages"][-1]["content"] == "Red."
     assert sum(s["mode"] == "non_thinking" and not s.get("parent_id") for s in shards.values()) == 4
+
+
+def test_shares_with_video_frames(tmp_path):
+    """A video-mode draw or copy is split once per frame count as before; an emitted `@video` copy's
+    frame copies are its children (`<id>@video@f16`), so every sample is still counted once."""
+    import subprocess
+
+    from test_modes_frames import _video_row
+
+    path = os.path.realpath(str(tmp_path / "moving.mp4"))
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25",
+                    "-t", "1", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", path],
+                   check=True, timeout=60)
+    row = _video_row("moving", path)
+    out = RenderModes(sources={"vids": {"video": 1.0}}, video_frames=[16]).process([json.loads(json.dumps(row))])
+    assert [(r["id"], r["drop_reason"]) for r in out] == [("v_moving", "split_into_frame_counts"),
+                                                           ("v_moving@f16", None)]
+    meta = json.loads(out[1]["meta"])
+    assert meta["video_frames"] == 16 and meta["modes"]["drawn"] == "video" and validate_sample(out[1]) == []
+    assert len(out[1]["media"][0]["frame_indices"]) == 16
+    out = RenderModes(sources={"vids": {"video": 1.0}}, video_frames=[16], emit=["video", "non_thinking"]).process(
+        [json.loads(json.dumps(row))])
+    got = {r["id"]: (r["parent_id"], r["drop_reason"]) for r in out}
+    assert got == {"v_moving": (None, "split_into_modes"), "v_moving@video": ("v_moving", "split_into_frame_counts"),
+                   "v_moving@video@f16": ("v_moving@video", None),
+                   "v_moving@non_thinking": ("v_moving", "mode_no_answer")}  # a caption row has no conversation
+    assert _ledger_balances(1, out)
