@@ -30,6 +30,13 @@ Formats (the `format` of a source in the recipe):
   convert, so only the rows that cannot be read are lost, each with a ledger row.
 - ``text``: plain-text JSONL (the ``text_field``, default ``text``).
 - ``video_folder``: videos with sidecar ``.txt`` / ``.json`` captions beside them.
+- ``coco`` / ``refcoco``: grounding annotations (a COCO ``instances_*.json``; RefCOCO-style refs as
+  JSON, ``refs*.json``): one image_text sample per image, its boxes (``[x1, y1, x2, y2]`` pixels,
+  with the category or the referring phrases), polygons and keypoints in ``meta.grounding``
+  (see `read_coco`, `read_refcoco`). A box outside the image or without area is left out and
+  counted in ``meta.grounding.skipped``; an image with no usable box is dropped (`no_grounding`);
+  annotations naming an image the file does not list cost one `unknown_image` row per image id.
+  The file is read whole (one task per file).
 
 Types: text fields (``content``, a text part's ``text``, ``value``, ``prompt``, ``chosen``,
 ``rejected``) must be strings (``null`` reads as empty). A number or an object there means
@@ -719,6 +726,348 @@ def _video_row(path: str, source: str, rel: str, opts: dict) -> dict:
     return row
 
 
+# --- grounding annotations: COCO instances and RefCOCO-style refs ------------------------
+
+MAX_GROUNDING_JSON_BYTES = 4 << 30  # a COCO instances file is read whole (train2017: ~450 MB)
+BOX_TOLERANCE_PX = 1.0  # a box may overhang the image by this much (COCO's float boxes do); it is clipped
+
+
+class _GroundingSkips(dict):
+    """Annotations left out of a sample, counted by reason (kept in `meta.grounding.skipped`)."""
+
+    def add(self, reason: str) -> None:
+        self[reason] = self.get(reason, 0) + 1
+
+
+def _load_grounding_json(path: str) -> Any:
+    size = os.path.getsize(path)
+    if size > MAX_GROUNDING_JSON_BYTES:
+        raise BadRecord(f"{path} is {size} bytes (> {MAX_GROUNDING_JSON_BYTES}): split it")
+    with open(path, "rb") as f:
+        return _parse_json(f.read())
+
+
+def _num_ok(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+
+
+def _id_ok(v: Any) -> bool:
+    return (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, str) and v != "")
+
+
+def _pixel_box(bbox: Any, w: int, h: int, skips: _GroundingSkips) -> Optional[list[float]]:
+    """A COCO [x, y, width, height] pixel box as [x1, y1, x2, y2], clipped to the image, or None
+    (counted in `skips`): not four numbers (`bad_box`), no area (`negative_size`), or outside the
+    image by more than BOX_TOLERANCE_PX (`box_outside_image`)."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_num_ok(v) for v in bbox):
+        skips.add("bad_box")
+        return None
+    x, y, bw, bh = (float(v) for v in bbox)
+    if bw <= 0 or bh <= 0:
+        skips.add("negative_size")
+        return None
+    t = BOX_TOLERANCE_PX
+    if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
+        skips.add("box_outside_image")
+        return None
+    x1, y1, x2, y2 = max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)
+    if x2 <= x1 or y2 <= y1:
+        skips.add("negative_size")
+        return None
+    return [x1, y1, x2, y2]
+
+
+def _polygons(seg: Any, w: int, h: int, skips: _GroundingSkips) -> list[list[list[float]]]:
+    """COCO polygon segmentation ([[x1, y1, x2, y2, ...], ...]) as lists of [x, y] points; RLE
+    masks (crowds) are not polygons and are counted as `rle_segmentation`."""
+    if seg is None:
+        return []
+    if isinstance(seg, dict):
+        skips.add("rle_segmentation")
+        return []
+    out = []
+    for poly in seg if isinstance(seg, list) else [None]:
+        if (not isinstance(poly, list) or len(poly) < 6 or len(poly) % 2 or not all(_num_ok(v) for v in poly)):
+            skips.add("bad_polygon")
+            continue
+        pts = [[float(poly[i]), float(poly[i + 1])] for i in range(0, len(poly), 2)]
+        t = BOX_TOLERANCE_PX
+        if any(not (-t <= px <= w + t and -t <= py <= h + t) for px, py in pts):
+            skips.add("polygon_outside_image")
+            continue
+        out.append([[min(max(px, 0.0), float(w)), min(max(py, 0.0), float(h))] for px, py in pts])
+    return out
+
+
+def _keypoints(kps: Any, names: list, w: int, h: int, skips: _GroundingSkips) -> list[tuple[str, list[float]]]:
+    """COCO keypoints [x, y, v] * K: the labelled ones (v > 0) inside the image, with their names."""
+    if kps is None:
+        return []
+    if not isinstance(kps, list) or len(kps) % 3 or not all(_num_ok(v) for v in kps):
+        skips.add("bad_keypoints")
+        return []
+    out = []
+    for k in range(len(kps) // 3):
+        x, y, v = kps[3 * k:3 * k + 3]
+        if v <= 0:
+            continue
+        if not (0 <= x <= w and 0 <= y <= h):
+            skips.add("point_outside_image")
+            continue
+        name = names[k] if k < len(names) and isinstance(names[k], str) else f"keypoint{k}"
+        out.append((name, [float(x), float(y)]))
+    return out
+
+
+def _image_size(entry: dict, uri: str) -> tuple[Optional[int], Optional[int], Optional[str]]:
+    """(width, height, None) from the image entry, else from the image file's header (read through
+    `containment.open_regular`); (None, None, why) when neither gives it."""
+    w, h = entry.get("width"), entry.get("height")
+    if isinstance(w, int) and isinstance(h, int) and not isinstance(w, bool) and not isinstance(h, bool) \
+            and w > 0 and h > 0:
+        return w, h, None
+    from PIL import Image
+
+    from reelforge.curation.containment import open_regular
+
+    try:
+        fd = open_regular(uri)
+        with os.fdopen(fd, "rb") as f:
+            with Image.open(f) as im:
+                return int(im.width), int(im.height), None
+    except Exception as e:  # noqa: BLE001 - a sample without a size is a ledger line
+        return None, None, f"no width/height in the image entry and the image will not open: {one_line(e)}"
+
+
+def _plural(word: str, n: int) -> str:
+    return word if n == 1 or word.endswith("s") else word + "s"
+
+
+def _grounding_row(source: str, skey: str, location: str, refs: _Refs, entry: dict, boxes_of, what: str) -> dict:
+    """One image's sample: its media resolved inside the roots, its size, and `boxes_of(w, h, skips)`
+    -> (boxes, points, polygons) in `meta.grounding`."""
+    row = empty_row()
+    row.update(kind="image_text", source=source, source_key=_safe(skey), source_location=location)
+    ref = entry.get("file_name") if entry.get("file_name") is not None else entry.get("image")
+    if ref is None:
+        ref = entry.get("coco_url") or entry.get("flickr_url")
+    media = _Media(refs)
+    media.add("image", ref, f"{what}.file_name")
+    row["media"] = list(media)
+    skips = _GroundingSkips()
+    w, h, why = (None, None, None) if media.violation else _image_size(entry, media[0]["uri"])
+    boxes, points, polygons = boxes_of(w, h, skips) if w else ([], [], [])
+    cats: dict[str, int] = {}
+    for b in boxes:
+        label = b.get("category") or b.get("phrase")
+        cats[label] = cats.get(label, 0) + 1
+    phrases = [b["phrase"] for b in boxes if b.get("phrase")]
+    row["text"] = "; ".join(phrases) if phrases else ", ".join(f"{n} {_plural(c, n)}" for c, n in cats.items())
+    g = {"width": w, "height": h, "boxes": boxes, "points": points, "polygons": polygons, "skipped": dict(skips)}
+    extra = {k: entry[k] for k in ("id", "license", "date_captured") if k in entry}
+    row["meta"] = json.dumps({"grounding": g, "image": extra}, sort_keys=True, ensure_ascii=False)
+    content = {"kind": row["kind"], "text": row["text"], "grounding": g,
+               "media": [(_stable_ref(m["uri"], location), None) for m in row["media"]]}
+    row["id"] = make_id(source, row["source_key"], content)
+    if media.violation is not None:
+        return drop(row, "ingest", *media.violation)
+    if w is None:
+        return drop(row, "ingest", "no_image_size", why or "no image size")
+    if not boxes:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(skips.items())) or "none annotated"
+        return drop(row, "ingest", "no_grounding", f"no usable box ({detail})")
+    return row
+
+
+def _categories(data: dict) -> dict:
+    cats = {}
+    for c in data.get("categories") or []:
+        if isinstance(c, dict) and _id_ok(c.get("id")):
+            cats[c["id"]] = c
+    return cats
+
+
+def _by_image(items: list, known: set) -> tuple[dict, list, list]:
+    """Annotations/refs grouped by image id; the unknown image ids in first-seen order; the items
+    whose image id is not an id at all."""
+    groups: dict = {}
+    unknown: list = []
+    bad: list = []
+    for j, a in enumerate(items):
+        iid = a.get("image_id") if isinstance(a, dict) else None
+        if not _id_ok(iid):
+            bad.append(j)
+            continue
+        if iid not in known and iid not in groups:
+            unknown.append(iid)
+        groups.setdefault(iid, []).append(a)
+    return groups, unknown, bad
+
+
+def _coco_boxes(anns: list, cats: dict):
+    def boxes_of(w: int, h: int, skips: _GroundingSkips):
+        boxes, points, polygons = [], [], []
+        for a in anns:
+            cat = cats.get(a.get("category_id"))
+            if cat is None or not isinstance(cat.get("name"), str):
+                skips.add("unknown_category")
+                continue
+            box = _pixel_box(a.get("bbox"), w, h, skips)
+            if box is None:
+                continue
+            aid = a.get("id")
+            b = {"id": aid, "category": cat["name"], "box": box}
+            if a.get("iscrowd"):
+                b["crowd"] = True
+            boxes.append(b)
+            polygons += [{"id": aid, "category": cat["name"], "polygon": p}
+                         for p in _polygons(a.get("segmentation"), w, h, skips)]
+            names = cat.get("keypoints") if isinstance(cat.get("keypoints"), list) else []
+            points += [{"id": aid, "category": cat["name"], "name": n, "point": p}
+                       for n, p in _keypoints(a.get("keypoints"), names, w, h, skips)]
+        return boxes, points, polygons
+    return boxes_of
+
+
+def _sentences(ref: dict) -> list[str]:
+    raw = ref.get("sentences")
+    if raw is None:
+        raw = ref.get("phrases") or ref.get("expressions") or ref.get("sentence") or ref.get("phrase")
+    out = []
+    for s in raw if isinstance(raw, list) else [raw]:
+        if isinstance(s, dict):
+            s = s.get("sent") or s.get("raw")
+        if isinstance(s, str) and s.strip() and "<|" not in s:
+            out.append(" ".join(s.split()))
+    return out
+
+
+def _ref_boxes(refs: list, cats: dict, anns: dict):
+    def boxes_of(w: int, h: int, skips: _GroundingSkips):
+        boxes = []
+        for r in refs:
+            phrases = _sentences(r)
+            if not phrases:
+                skips.add("no_phrase")
+                continue
+            ann = anns.get(r.get("ann_id")) if r.get("ann_id") is not None else None
+            bbox = r.get("bbox") if r.get("bbox") is not None else (ann or {}).get("bbox")
+            box = _pixel_box(bbox, w, h, skips)
+            if box is None:
+                continue
+            cat = cats.get(r.get("category_id", (ann or {}).get("category_id")))
+            b = {"id": r.get("ann_id", r.get("ref_id")), "ref_id": r.get("ref_id"), "phrase": phrases[0],
+                 "phrases": phrases, "box": box}
+            if cat is not None and isinstance(cat.get("name"), str):
+                b["category"] = cat["name"]
+            if isinstance(r.get("split"), str):
+                b["split"] = r["split"]
+            boxes.append(b)
+        return boxes, [], []
+    return boxes_of
+
+
+def _grounding_layout(fmt: str, data: Any) -> tuple[list, dict, list, list, dict, dict]:
+    """(image entries in file order, annotations/refs by image id, unknown image ids, indices of items
+    with no image id, categories, annotations by id) of a COCO instances file or a RefCOCO refs file."""
+    if fmt == "coco":
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise BadRecord("a COCO instances file is an object with an `images` list")
+        items = data.get("annotations") or []
+    else:
+        if isinstance(data, list):
+            data = {"refs": data}
+        if not isinstance(data, dict) or not isinstance(data.get("refs"), list):
+            raise BadRecord("a RefCOCO-style file is a list of refs or an object with a `refs` list")
+        items = data["refs"]
+    if not isinstance(items, list):
+        raise BadRecord("`annotations` must be a list")
+    images = list(data.get("images")) if isinstance(data.get("images"), list) else []
+    if fmt == "refcoco":
+        # the records are the images refs point at (a full COCO image list beside them is a lookup
+        # table); a ref may carry its own image file (`file_name`/`image`, `width`, `height`)
+        wanted = {r["image_id"] for r in items if isinstance(r, dict) and _id_ok(r.get("image_id"))}
+        images = [im for im in images if isinstance(im, dict) and _id_ok(im.get("id")) and im["id"] in wanted]
+        listed = {im["id"] for im in images}
+        for r in items:
+            if isinstance(r, dict) and _id_ok(r.get("image_id")) and r["image_id"] not in listed \
+                    and (r.get("file_name") or r.get("image")):
+                listed.add(r["image_id"])
+                images.append({"id": r["image_id"], "file_name": r.get("image") or r.get("file_name"),
+                               "width": r.get("width"), "height": r.get("height")})
+    known = {im["id"] for im in images if isinstance(im, dict) and _id_ok(im.get("id"))}
+    groups, unknown, bad = _by_image(items, known)
+    anns = {}
+    for a in (data.get("annotations") or []) if fmt == "refcoco" else []:
+        if isinstance(a, dict) and _id_ok(a.get("id")):
+            anns[a["id"]] = a
+    return images, groups, unknown, bad, _categories(data), anns
+
+
+def _read_grounding(fmt: str, path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+    rel = _rel_key(path, root)
+    try:
+        images, groups, unknown, bad, cats, anns = _grounding_layout(fmt, _load_grounding_json(path))
+    except (BadRecord, ValueError, OSError) as e:
+        yield _bad_row(source, f"{rel}#file", path, "unreadable_source", one_line(e))
+        return
+    refs = _Refs(path, opts)
+    seen: set = set()
+    what = "annotations" if fmt == "coco" else "refs"
+    for j, entry in enumerate(images):
+        if not isinstance(entry, dict) or not _id_ok(entry.get("id")):
+            yield _bad_row(source, f"{rel}#images[{j}]", path, "bad_record", f"images[{j}] has no id")
+            continue
+        iid = entry["id"]
+        skey = f"{rel}#image{iid}"
+        if iid in seen:
+            yield _bad_row(source, f"{skey}#duplicate", path, "duplicate_key",
+                           f"image id {iid!r} appears again at images[{j}]: the first entry was read")
+            continue
+        seen.add(iid)
+        items = groups.get(iid, [])
+        try:
+            boxes_of = _coco_boxes(items, cats) if fmt == "coco" else _ref_boxes(items, cats, anns)
+            yield _grounding_row(source, skey, path, refs, entry, boxes_of, f"images[{j}]")
+        except BadRecord as e:
+            yield _bad_row(source, skey, path, "bad_record", str(e))
+        except Exception as e:  # noqa: BLE001 - one image never fails the file
+            yield _bad_row(source, skey, path, "bad_record", one_line(e))
+    for iid in unknown:
+        n = len(groups[iid])
+        yield _bad_row(source, f"{rel}#image{iid}", path, "unknown_image",
+                       f"{n} {what} name image id {iid!r}, which the file's images do not list")
+    for j in bad:
+        yield _bad_row(source, f"{rel}#{what}[{j}]", path, "bad_record", f"{what}[{j}] has no image_id")
+
+
+@_guarded
+def read_coco(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+    """A COCO `instances_*.json`: one image_text sample per image, its annotations in `meta.grounding`
+    (boxes as [x1, y1, x2, y2] pixels with their category, polygons, labelled keypoints, the image's
+    width and height, and `skipped`: annotations left out, counted by reason). Image paths
+    (`file_name`) resolve against `media_root` (else the JSON's folder) inside the allowed roots.
+    An image with no usable box is dropped (`no_grounding`); annotations naming an image the file
+    does not list cost one `unknown_image` row per image id."""
+    yield from _read_grounding("coco", path, source, root, opts)
+
+
+@_guarded
+def read_refcoco(path: str, source: str, root: str, opts: dict) -> Iterator[dict]:
+    """RefCOCO-style refs as JSON: a list of refs, or an object with `refs` (and optionally the COCO
+    `images`, `annotations` and `categories` they point into). A ref has `image_id`, `sentences`
+    ([{"sent": ...}] or strings; also `phrases`/`sentence`), and `bbox` [x, y, w, h] pixels or an
+    `ann_id` into `annotations`; its image comes from `images` or its own `file_name`/`image` (+
+    `width`/`height`). One image_text sample per image, each ref a box with its `phrase` (the first
+    sentence) and all its `phrases` in `meta.grounding`."""
+    yield from _read_grounding("refcoco", path, source, root, opts)
+
+
+def _count_grounding(fmt: str, path: str) -> int:
+    images, groups, unknown, bad, _, _ = _grounding_layout(fmt, _load_grounding_json(path))
+    return len(images) + len(unknown) + len(bad)
+
+
 # --- counting records before reading them ----------------------------------------------
 
 def count_records(fmt: str, path: str, opts: dict) -> Optional[int]:
@@ -742,6 +1091,8 @@ def count_records(fmt: str, path: str, opts: dict) -> Optional[int]:
             return _TarScan(path, payloads=False).records()
         if fmt == "video_folder":
             return 1
+        if fmt in ("coco", "refcoco"):
+            return _count_grounding(fmt, path)
     except Exception:  # noqa: BLE001 - an uncountable file is accounted by its reader's file row
         return None
     return None
@@ -753,6 +1104,8 @@ READERS = {
     "parquet": read_parquet,
     "text": read_text,
     "video_folder": read_video_file,
+    "coco": read_coco,
+    "refcoco": read_refcoco,
 }
 
 DEFAULT_PATTERNS = {
@@ -761,4 +1114,6 @@ DEFAULT_PATTERNS = {
     "parquet": ("*.parquet",),
     "text": ("*.jsonl",),
     "video_folder": tuple(f"*.{e}" for e in sorted(VIDEO_EXTS)),
+    "coco": ("instances_*.json",),
+    "refcoco": ("refs*.json",),
 }
