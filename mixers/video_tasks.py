@@ -4,8 +4,8 @@ re-ordering shuffled frames, matching clips across videos, grounding events in t
 Each live sample with exactly one video medium that the probe step has measured (duration, fps,
 frames) derives up to one `conversation` sample per task in `tasks`:
 
-- `frame_order`: `k` frames at distinct times (one per equal stretch of the video, the frame within
-  it drawn from the seeded RNG), written as JPEGs, shown shuffled ("Frame 1: <image> ..."); the
+- `frame_order`: `k` frames at distinct times (one per equal stretch of the video, drawn by the
+  seeded RNG from the stretch's central half), written as JPEGs, shown shuffled ("Frame 1: <image> ..."); the
   answer lists the shown frame numbers earliest first ("2, 4, 1, 3"), the true permutation. Frames
   closer than `min_frame_diff` grey levels (mean absolute difference) to another sampled frame make
   the order undecidable: no sample. Mode `non_thinking`.
@@ -14,8 +14,9 @@ frames) derives up to one `conversation` sample per task in `tasks`:
   videos come from one global list the engine gathers before the row pass (`jobs.video_tasks`: the
   `pool` live videos with the smallest sha256(seed, id), sorted by id), so the choice depends on the
   seed and the ids only, never on partitioning or batch order; each sample takes the candidates
-  with the smallest sha256(seed, its id, candidate id), skipping videos that share its file or whose
-  cut fails. Mode `non_thinking`.
+  with the smallest sha256(seed, its id, candidate id), skipping videos that share its file, are
+  shorter than the clips or whose cut fails. Every clip of a sample is equally long: min(`clip_s`,
+  half the video), so length never gives the answer away. Mode `non_thinking`.
 - `temporal_grounding`: the shots (`curation.video.detect_shots`) each get a description: the
   `model`'s caption of the shot's frames (a local VLM folder, loaded once per worker as the
   recaption step does), else the caption of the shot in `meta.shots` ([{"start", "end",
@@ -26,12 +27,13 @@ frames) derives up to one `conversation` sample per task in `tasks`:
 - `dense_captions`: one sample whose answer lists every shot in time order, one line each:
   `<|clip_time_start|>S-E<|clip_time_end|> caption`. Needs every shot described. Mode `video`.
 
-Children: id `<parent id>@<task>.s<seed>`, `source_key` likewise, `parent_id` the parent, token
-counts reset, and `meta.video_task` = {name, seed, parent, the task's parameters, what was drawn and
-the exact answer (frame indices and times, clip spans and sources, shot spans)}; the rest of the
-parent's `meta` is kept. Media written by the step live under `<workdir>/media/video_tasks/`, named
-from the parent id and seed only. The randomness of every task comes from sha256(seed, parent id,
-task): the same seed gives the same children, ids included, on any partitioning.
+Children: id `<parent id>@<task>-s<seed>` (no dot: a shard member's key ends at its first dot),
+`source_key` likewise, `parent_id` the parent, token counts reset, and `meta.video_task` = {name,
+seed, parent, the task's parameters, what was drawn and the exact answer (frame indices and times,
+clip spans and sources, shot spans)}; the rest of the parent's `meta` is kept. Media written by
+the step live under `<workdir>/media/video_tasks/`, named from the parent id and seed only. The
+randomness of every task comes from sha256(seed, parent id, task): the same seed gives the same
+children, ids included, on any partitioning.
 
 Fates: a parent that derives anything leaves as `split_into_video_tasks` (detail: the tasks that
 derived and why the others did not), as the clips, modes and select steps do, so the run report
@@ -329,7 +331,7 @@ class VideoTasks(Step):
 
     def _child(self, row: dict, task: str, messages: list[dict], media: list[dict], record: dict) -> dict:
         child = copy.deepcopy(row)
-        suffix = f"@{task}.s{self.seed}"
+        suffix = f"@{task}-s{self.seed}"
         child.update(id=f"{row['id']}{suffix}", source_key=f"{row['source_key']}{suffix}", parent_id=row["id"],
                      kind="conversation", messages=messages, media=media, mode=MODE[task], text=None,
                      captions=None, responses=None, chosen=None, rejected=None, pass_rate=None, difficulty=None,
@@ -341,13 +343,18 @@ class VideoTasks(Step):
 
     # -- frame_order ---------------------------------------------------------------------------------------
     def frame_indices(self, row: dict) -> list[int]:
-        """k strictly increasing frame indices, one drawn in each of k equal stretches of the video."""
+        """k strictly increasing frame indices, one drawn in the central half of each of k equal stretches
+        of the video (so two frames are at least about half a stretch apart)."""
         total = int(row["media"][0]["frames"])
-        if total < self.k:
-            raise _Skip(f"{total} frames < k {self.k}")
+        if total < 2 * self.k:
+            raise _Skip(f"{total} frames < 2k ({2 * self.k})")
         rng = self._rng(row, "frame_order")
         bounds = [round(i * total / self.k) for i in range(self.k + 1)]
-        return [rng.randrange(bounds[i], bounds[i + 1]) for i in range(self.k)]
+        out = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            q = (b - a) // 4
+            out.append(rng.randrange(a + q, max(a + q + 1, b - q)))
+        return out
 
     def _frame_order(self, row: dict, src: str | int, shots: Any) -> dict:
         import numpy as np
@@ -401,8 +408,8 @@ class VideoTasks(Step):
                   and not (m.get("sha256") and c["media"].get("sha256") == m.get("sha256"))]
         return sorted(others, key=lambda c: (task_seed(self.seed, row["id"], "clip_match", c["id"]), c["id"]))
 
-    def _span(self, rng: random.Random, duration: float) -> tuple[float, float]:
-        length = min(self.clip_s, 0.5 * duration)
+    @staticmethod
+    def _span(rng: random.Random, duration: float, length: float) -> tuple[float, float]:
         start = round(rng.uniform(0.0, max(0.0, duration - length)), 3)
         return start, round(start + length, 3)
 
@@ -413,17 +420,18 @@ class VideoTasks(Step):
         rng = self._rng(row, "clip_match")
         dest = self._dir(row)
         true_at = rng.randrange(self.n_candidates)
-        start, end = self._span(rng, float(m["duration"]))
+        length = round(min(self.clip_s, 0.5 * float(m["duration"])), 3)  # every clip of the sample this long
+        start, end = self._span(rng, float(m["duration"]), length)
         picks: list[tuple[dict, float, float]] = []
         failed: list[str] = []
         for c in self.distractor_order(row):
             if len(picks) == self.n_candidates - 1:
                 break
             cm = c["media"]
-            if not (cm.get("duration") or 0) > 0:
+            if not (cm.get("duration") or 0) >= length:
                 continue
             s, e = self._span(random.Random(task_seed(self.seed, row["id"], "clip_match", c["id"], "span")),
-                              float(cm["duration"]))
+                              float(cm["duration"]), length)
             path = os.path.join(dest, f"clip_match_d{len(picks)}.mp4")
             try:
                 with _opened(cm) as csrc:
