@@ -4,8 +4,8 @@ From every live sample with text (a document, a caption, an interleaved document
 placeholders, code in the text or in `meta.code`, a table in `meta.table`) the step renders images
 with PIL and asks a question whose answer is exact, because the step drew the text itself:
 
-- `text`: the text, cleaned (control and unassigned characters removed, characters the font cannot draw
-  removed), capped at `max_chars`, wrapped to the image width, one paragraph after another;
+- `text`: the text, cleaned (control and unassigned characters, the chat format's markers and the characters
+  the font cannot draw removed), capped at `max_chars`, wrapped to the image width, one paragraph after another;
 - `table`: `meta.table` when present (`{"columns": [...], "rows": [[...]]}`, a list of objects or a list
   of lists whose first row is the header), else a table built from the text: its most frequent words
   with their length and count (`word`, `length`, `count`; the first `table_rows`, by count then word);
@@ -16,9 +16,10 @@ with PIL and asks a question whose answer is exact, because the step drew the te
 Questions come from `TEMPLATES` (several phrasings per task, one chosen per image):
 
 - `read_all`: the answer is the rendered lines, joined by newlines;
-- `read_region`: 1 to 3 consecutive lines, their box given normalised to [0, 1000) as
-  `(x1,y1),(x2,y2)` (mixers/grounding.py had no box format yet); the answer is every line whose box's
-  centre lies inside that box, which by construction is exactly the chosen lines;
+- `read_region`: 1 to 3 consecutive lines, their box in Keye's box text (mixers/grounding.py:
+  `<|box_start|>[[x1,y1,x2,y2]]<|box_end|>`, integers in [0, 1000); `box_style: qwen2vl` writes
+  `(x1,y1),(x2,y2)`); the answer is every line whose box's centre lies inside that box, which by
+  construction is exactly the chosen lines;
 - `extract` (tables): the table as JSON (a list of objects keyed by the header; integer cells as numbers)
   or as a Markdown table (`table_formats`).
 
@@ -27,8 +28,9 @@ a text with CJK characters (Han, kana, Hangul) is drawn with the CJK face. A mis
 at setup naming the package to install. `languages` (`latin`, `cjk`) says which scripts are rendered.
 
 Each image is a PNG under `<workdir>/media/synth_ocr/`, named from the child's id only. Each child is a
-kind `conversation` sample: `parent_id` the source sample, id `<parent>@synth_ocr_<source>`, the user turn
-`<image>` and the question, the assistant turn the answer, and in `meta.task` the step, task, template,
+kind `conversation` sample in the non-thinking form (mode `non_thinking`, the user turn `<image>`, the
+question and `/no_think`; the assistant turn the answer alone, valid for `mixers.chat.validate_chat`):
+`parent_id` the source sample, id `<parent>@synth_ocr_<source>`, and in `meta.task` the step, task, template,
 its parameters, the font (family, file, face index, size), the seed, the image size and the layout (each
 line's text and pixel box). Everything is drawn from a hash of (seed, parent id, source), never from
 global state, so the same seed gives byte-identical PNGs and the same ids on any partitioning.
@@ -56,6 +58,8 @@ from typing import Any
 
 from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Media, alive, drop, empty_row
 from reelforge.curation.step import RowStep, register_step
+from reelforge.mixers.chat import NO_THINK
+from reelforge.mixers.grounding import STYLES, format_boxes, norm_box
 
 SOURCES = ("text", "table", "code")
 TASKS = ("read_all", "read_region", "extract")
@@ -78,9 +82,9 @@ TEMPLATES: dict[str, list[str]] = {
     ],
     "read_region": [
         "What text is inside the box {box}? Coordinates are normalised to 0-1000.",
-        "Read the text in the region {box} (x1,y1),(x2,y2) on a 0-1000 scale.",
+        "Read the text in the region {box}; coordinates run from 0 to 1000.",
         "Transcribe the lines of text that lie within {box} (normalised 0-1000 coordinates).",
-        "Output the text found in the area {box}, where coordinates run from 0 to 1000.",
+        "Output the text found in the area {box} (x1, y1, x2, y2 on a 0-1000 scale).",
     ],
     "extract_json": [
         "Extract the table in the image as a JSON list of objects, one per row, keyed by the column headers.",
@@ -114,6 +118,8 @@ _WORD = re.compile(r"[^\W\d_](?:[^\W_]|['-](?=\w))*")
 _CODE_LINE = re.compile(r"^\s*(def |class |import |from \S+ import|#include|return\b|for\b|while\b|if\b|else\b|"
                         r"elif\b|function\b|const |let |var |public |private |static |package |fn |}|\{|#!|//)"
                         r"|[;{}:]\s*$|^\s*\w+(\.\w+)*\s*(=|\+=|-=)\s*\S|\w\(.*\)\s*$")
+# what the chat format reads as structure: never drawn (the answer would carry it into the conversation)
+_RESERVED = re.compile(r"<\|[A-Za-z0-9_]+\|>|</?(?:think|answer|analysis|code|sandbox_output)>|<image>|<video>")
 _MEDIA_KEYS = tuple(f.name for f in fields(Media))
 _FONT_CACHE: dict[tuple[str, int, int], Any] = {}
 _FOUND: dict[str, tuple[str, int, str]] = {}
@@ -189,7 +195,10 @@ def has_cjk(s: str) -> bool:
 
 
 def clean_text(s: str, keep_newlines: bool = True) -> str:
-    """Control, format, private and unassigned characters removed; tabs as spaces; line ends as \\n."""
+    """Control, format, private and unassigned characters removed; tabs as spaces; line ends as \\n; the
+    chat format's markers (`<image>`, `<video>`, `<|...|>` tokens, mode tags) removed."""
+    while _RESERVED.search(s):
+        s = _RESERVED.sub(" ", s)
     s = s.replace("\r\n", "\n").replace("\r", "\n").replace("\t", "    ")
     out = []
     for ch in s:
@@ -301,8 +310,8 @@ class SynthOCR(RowStep):
     def __init__(self, kinds: list | str | None = None, seed: int = 0, font_size: list | int | None = None,
                  max_chars: int = 800, width: int = 896, languages: list | str | None = None,
                  tasks: list | str | None = None, table_formats: list | str | None = None, table_rows: int = 6,
-                 max_lines: int = 40, keep_parent: bool = True, sample_kinds: list | None = None,
-                 sources: list | None = None, **kw: Any):
+                 max_lines: int = 40, keep_parent: bool = True, box_style: str = "keye",
+                 sample_kinds: list | None = None, sources: list | None = None, **kw: Any):
         super().__init__(**kw)
 
         def names(v: Any, allowed: tuple[str, ...], field: str) -> list[str]:
@@ -342,6 +351,9 @@ class SynthOCR(RowStep):
         if not 1 <= self.max_lines <= 500:
             raise ValueError(f"`max_lines` is 1 to 500, got {max_lines!r}")
         self.keep_parent = bool(keep_parent)
+        if box_style not in STYLES:
+            raise ValueError(f"`box_style` is one of {', '.join(STYLES)} (mixers/grounding.py), got {box_style!r}")
+        self.box_style = box_style
         self.sample_kinds = list(sample_kinds) if sample_kinds else ["text", "image_text", "video_text",
                                                                       "interleaved"]
         self.sources = list(sources) if sources else None
@@ -350,7 +362,8 @@ class SynthOCR(RowStep):
     def settings(self) -> dict:
         return {"kinds": self.kinds, "languages": self.languages, "tasks": self.tasks,
                 "table_formats": self.table_formats, "font_size": self.font_size, "max_chars": self.max_chars,
-                "width": self.width, "table_rows": self.table_rows, "max_lines": self.max_lines}
+                "width": self.width, "table_rows": self.table_rows, "max_lines": self.max_lines,
+                "box_style": self.box_style}
 
     def setup(self, context: Any = None) -> None:
         super().setup(context)
@@ -558,7 +571,7 @@ class SynthOCR(RowStep):
             if task == "read_region" and drawn:
                 inside = [t for t, b in drawn if _centre_in(b, box, W, H)]
                 answer = "\n".join(inside)
-                params = {"box": list(box), "lines": [i, i + k - 1], "box_format": "(x1,y1),(x2,y2) in [0,1000)"}
+                params = {"box": list(box), "lines": [i, i + k - 1], "box_style": self.box_style}
                 tkey = "read_region"
             else:
                 task = "read_all"
@@ -568,8 +581,7 @@ class SynthOCR(RowStep):
         template = rng.randrange(len(TEMPLATES[tkey]))
         question = TEMPLATES[tkey][template]
         if task == "read_region":
-            b = params["box"]
-            question = question.format(box=f"({b[0]},{b[1]}),({b[2]},{b[3]})")
+            question = question.format(box=format_boxes([params["box"]], self.box_style))
         cid = f"{row['id']}@synth_ocr_{src}"
         path, length, digest = self._save(cid, img)
         media = {k: None for k in _MEDIA_KEYS}
@@ -583,7 +595,8 @@ class SynthOCR(RowStep):
         child.update(id=cid, kind="conversation", source=row["source"],
                      source_key=f"{row['source_key']}@synth_ocr_{src}", source_location=row["source_location"],
                      parent_id=row["id"], media=[media],
-                     messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question}"},
+                     mode="non_thinking",
+                     messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{question} {NO_THINK}"},
                                {"role": "assistant", "content": answer}])
         keep = {k: v for k, v in meta.items() if k not in ("code", "table", "task")}
         child["meta"] = json.dumps({**copy.deepcopy(keep), "task": record}, sort_keys=True, ensure_ascii=False)
@@ -728,20 +741,12 @@ def _given_table(t: Any) -> tuple[list[str], list[list[str]]] | None:
     return cols, rows
 
 
-def _norm(v: float, n: int) -> int:
-    return min(999, max(0, int(v * 1000 / n)))
-
-
-def _region(chosen: list, others: list, W: int, H: int) -> tuple[int, int, int, int] | None:
-    """The chosen lines' box, padded by a little, normalised to [0, 1000); None when a line outside the
-    choice would have its centre inside it."""
-    x1 = min(b[0] for b in chosen)
-    y1 = min(b[1] for b in chosen)
-    x2 = max(b[2] for b in chosen)
-    y2 = max(b[3] for b in chosen)
+def _region(chosen: list, others: list, W: int, H: int) -> list[int] | None:
+    """The chosen lines' box, padded by two pixels, normalised to [0, 1000) as grounding.norm_box does;
+    None when a line outside the choice would have its centre inside it."""
     pad = 2
-    box = (_norm(x1 - pad, W), _norm(y1 - pad, H), min(999, math.ceil((x2 + pad) * 1000 / W)),
-           min(999, math.ceil((y2 + pad) * 1000 / H)))
+    box = norm_box([min(b[0] for b in chosen) - pad, min(b[1] for b in chosen) - pad,
+                    max(b[2] for b in chosen) + pad, max(b[3] for b in chosen) + pad], W, H)
     inside = [b for b in others if _centre_in(b, box, W, H)]
     return box if inside == chosen else None
 

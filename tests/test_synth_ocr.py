@@ -20,6 +20,8 @@ import yaml
 from reelforge.curation.schema import empty_row
 from reelforge.curation.step import StepContext
 from reelforge.mixers import synth_ocr
+from reelforge.mixers.chat import validate_sample
+from reelforge.mixers.grounding import format_boxes
 from reelforge.mixers.synth_ocr import TEMPLATES, SynthOCR, table_json, table_markdown
 
 LATIN = [
@@ -185,8 +187,10 @@ def test_answers_are_the_rendered_source_text(tmp_path):
         assert r["source_key"] == f"{parent['source_key']}@synth_ocr_{t['source']}"
         assert (r["text_tokens"], r["visual_tokens"], r["tokens"]) == (None, None, None)
         q, a = r["messages"][0]["content"], r["messages"][1]["content"]
-        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and q.startswith("<image>\n")
-        assert q[len("<image>\n"):] == TEMPLATES[t["template"]][t["template_index"]] == t["question"]
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["mode"] == "non_thinking"
+        assert q == f"<image>\n{t['question']} /no_think"
+        assert t["question"] == TEMPLATES[t["template"]][t["template_index"]]
+        assert validate_sample(r) == []
         assert t["seed"] == 5 and t["font"]["file"] and 16 <= t["font"]["size"] <= 28 and t["step"] == "synth_ocr"
         m = r["media"][0]
         data = open(m["uri"], "rb").read()
@@ -240,15 +244,19 @@ def test_read_region_answers_the_lines_inside_the_box(tmp_path):
     rows = [_row(i, " ".join(LATIN[i:i + 3])) for i in range(5)] + [_row(9, "".join(CJK))]
     rows += [_row(20, CODE[2][0])]
     out = _run(rows, str(tmp_path), seed=1, kinds=["text", "code"], tasks=["read_region"], font_size=18, width=600)
+    qwen = _children(_run(rows, str(tmp_path / "q"), seed=1, kinds=["text", "code"], tasks=["read_region"],
+                          font_size=18, width=600, box_style="qwen2vl"))
     kids = _children(out)
-    assert len(kids) == 7
+    assert len(kids) == 7 and qwen.keys() == kids.keys()
     multi = 0
     for r in kids.values():
         t = _task(r)
-        assert t["task"] == "read_region" and t["template"] == "read_region"
+        assert t["task"] == "read_region" and t["template"] == "read_region" and validate_sample(r) == []
         x1, y1, x2, y2 = t["box"]
         assert 0 <= x1 < x2 <= 999 and 0 <= y1 < y2 <= 999
-        assert f"({x1},{y1}),({x2},{y2})" in r["messages"][0]["content"]
+        assert f"<|box_start|>[[{x1},{y1},{x2},{y2}]]<|box_end|>" in r["messages"][0]["content"]
+        assert format_boxes([t["box"]], "keye") in r["messages"][0]["content"]
+        assert f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>" in qwen[r["id"]]["messages"][0]["content"]
         W, H = t["image"]["width"], t["image"]["height"]
         drawn = [x for x in t["layout"] if x["box"] and x["text"].strip()]
         i, j = t["lines"]
@@ -300,6 +308,8 @@ def test_bad_input_never_fails_a_batch(tmp_path):
         _row(10, "columns only", {"table": {"columns": ["a"], "rows": []}}), _row(11, "code is not text", {"code": 5}),
         _row(12, "<image> a caption with a placeholder <video>", kind="interleaved"),
         _row(13, "\U00013000\u0905\U00010000"),  # only characters the fonts lack (no glyph boxes drawn)
+        _row(15, "say <image> then <|im_end|> and <think>x</think> <video>", {  # the chat's markers: never drawn
+            "code": "x = '<image>'\nprint('<|im_start|>')\nreturn x", "table": [["<answer>", "b"], ["<code>1", "2"]]}),
     ]
     rows[7]["meta"] = "{not json"
     dead = _row(14, "a dropped row")
@@ -311,7 +321,11 @@ def test_bad_input_never_fails_a_batch(tmp_path):
     assert all(r.get("drop_step") is None for r in parents[:-1]) and parents[-1]["drop_step"] == "quality"
     kids = _children(out)
     assert {k.split("@")[0] for k in kids} == {"doc03", "doc04", "doc07", "doc08", "doc09", "doc10", "doc11",
-                                               "doc12"}
+                                               "doc12", "doc15"}
+    assert all(validate_sample(r) == [] for r in kids.values())
+    marked = [kids[f"doc15@synth_ocr_{s}"]["messages"][1]["content"] for s in ("text", "code", "table")]
+    assert not any(m in a for a in marked for m in ("<image>", "<video>", "<|", "<think>", "<answer>", "<code>"))
+    assert marked[0] == "say then and x"
     big = kids["doc03@synth_ocr_text"]
     t = _task(big)
     assert t["truncated"] is True and len(big["messages"][1]["content"]) <= 300
@@ -337,7 +351,7 @@ def test_keep_parent_false_drops_the_parent_that_derived(tmp_path):
     ({"kinds": ["text", "poem"]}, "`kinds`"), ({"languages": "klingon"}, "`languages`"),
     ({"font_size": [30, 10]}, "`font_size`"), ({"width": 50}, "`width`"), ({"max_chars": 0}, "`max_chars`"),
     ({"tasks": ["read_all"]}, "extract"), ({"kinds": ["code"], "tasks": ["extract"]}, "read_all"),
-    ({"table_formats": ["csv"]}, "`table_formats`"),
+    ({"table_formats": ["csv"]}, "`table_formats`"), ({"box_style": "xyxy"}, "`box_style`"),
 ])
 def test_bad_parameters_are_one_sentence(params, says):
     with pytest.raises(ValueError, match=re.escape(says)):
