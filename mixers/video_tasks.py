@@ -479,6 +479,7 @@ class VideoTasks(Step):
         shots = [{"start": round(a, 3), "end": round(b, 3), "caption": None, "from": None} for a, b in spans]
         if self._model is not None:
             for s, cap in zip(shots, self.caption_shots(row, src, spans)):
+                cap = " ".join((cap or "").split())  # one line per shot in dense_captions
                 s["caption"], s["from"] = (cap or None), "model"
         else:
             meta = _meta(row)

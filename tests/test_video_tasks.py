@@ -10,6 +10,7 @@ Planted videos (ffmpeg lavfi, 64x48 at 25 fps):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -66,7 +67,7 @@ def corpus(tmp_path_factory) -> str:
 def _rows(corpus: str, ids: dict | None = None) -> list[dict]:
     """The corpus's videos as probed rows (what the probe step leaves), in name order; `ids`: the
     run's ids by source key."""
-    from reelforge.curation.schema import empty_row, make_id
+    from reelforge.curation.schema import Media, empty_row, make_id
     from reelforge.curation.video import probe_video
 
     rows = []
@@ -78,7 +79,8 @@ def _rows(corpus: str, ids: dict | None = None) -> list[dict]:
         r = empty_row()
         r.update(id=(ids or {}).get(f"{name}.mp4") or make_id("v", f"{name}.mp4", name), kind="video_text",
                  source="v", source_key=f"{name}.mp4", source_location=path, text=name, meta=meta)
-        m = {"kind": "video", "uri": os.path.realpath(path)}
+        m = dict.fromkeys(f.name for f in dataclasses.fields(Media))
+        m.update(kind="video", uri=os.path.realpath(path))
         m.update({k: info[k] for k in ("format", "width", "height", "duration", "fps", "frames", "codec")})
         r["media"] = [m]
         rows.append(r)
@@ -177,6 +179,31 @@ def test_grounding_and_dense_captions_match_planted_cuts(corpus, tmp_path):
     # the ramp is one shot: no grounding, and no captions for dense_captions; it stays alive, untouched
     ramp = next(r for r in out if r["source_key"] == "ramp.mp4")
     assert ramp["drop_step"] is None and not [c for c in out if c.get("parent_id") == ramp["id"]]
+    # keep_parent: the parent stays alive beside its children
+    rows = [r for r in _rows(corpus) if r["source_key"] == "duo.mp4"]
+    out = _run(rows, str(tmp_path), tasks=["dense_captions"], seed=1, keep_parent=True)
+    assert len(out) == 2 and all(r["drop_step"] is None for r in out) and out[1]["parent_id"] == out[0]["id"]
+
+
+def test_candidate_pool_is_the_same_in_spark_as_in_python(spark, corpus):
+    """The engine's pool (ranked and cut in Spark) equals the plain-Python pool, on any partitioning."""
+    from reelforge.curation.schema import drop
+    from reelforge.jobs.spark import sample_frame
+    from reelforge.jobs.video_tasks import gather_candidates
+    from reelforge.mixers.video_tasks import VideoTasks, candidates_from_rows
+
+    base = _rows(corpus)
+    rows = [dict(base[i % 3], id=f"v{i:02d}") for i in range(24)]
+    rows.append(drop(dict(base[0], id="dropped"), "quality", "low"))
+    rows.append(dict(base[0], id="image", media=[dict(base[0]["media"][0], kind="image")]))
+    rows.append(dict(base[0], id="conv", kind="conversation"))
+    df = sample_frame(spark, rows)
+    for pool, seed, parts in [(2, 0, 1), (5, 3, 3), (100, 3, 4)]:
+        step = VideoTasks(pool=pool, seed=seed)
+        got = gather_candidates(step, df.repartition(parts))
+        want = candidates_from_rows(rows, seed, pool)
+        assert got == want and len(got) == min(pool, 24)
+    assert [c["id"] for c in candidates_from_rows(rows, 0, 5)] != [c["id"] for c in candidates_from_rows(rows, 1, 5)]
 
 
 def test_clip_match_true_clip_comes_from_the_video(corpus, tmp_path):
@@ -290,9 +317,9 @@ def test_model_describes_shots(corpus, tiny_vlm, tmp_path):
     assert [c for _, _, c in _task(d)["shots"]] == want and all(want)
     assert _task(d)["described_by"] == "model" and _task(d)["model"] == tiny_vlm
     assert all(validate_sample(c) == [] for c in kids.values())
-    g = [c for c in kids.values() if _task(c)["name"] == "temporal_grounding"]
-    if len(set(want)) > 1:
-        assert _task(g[0])["description"] in want
+    (g,) = [c for c in kids.values() if _task(c)["name"] == "temporal_grounding"]
+    assert len(set(want)) == 3 and _task(g)["description"] == want[_task(g)["shot"]]
+    assert _task(g)["described_by"] == "model"
 
 
 def _recipe(corpus: str, out: str) -> str:
