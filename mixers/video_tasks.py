@@ -308,6 +308,11 @@ class VideoTasks(Step):
                 except _Skip as e:
                     why[task] = str(e)
                     continue
+                except (ProbeError, MediaReadError):
+                    raise  # the row's own video: the parent leaves with the reason
+                except Exception as e:  # noqa: BLE001 - a failing task costs that task only
+                    why[task] = f"error: {type(e).__name__}: {e}"[:300]
+                    continue
                 errs = validate_sample(child)
                 if errs:  # never expected: a derived sample that breaks its mode's grammar is not emitted
                     why[task] = "invalid chat: " + "; ".join(errs)

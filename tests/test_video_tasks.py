@@ -282,6 +282,20 @@ def test_bad_videos_and_bad_params(corpus, tmp_path):
         VideoTasks(tasks=["clip_match"]).setup(None)
 
 
+def test_a_failing_task_costs_that_task_only(corpus, tmp_path, monkeypatch):
+    from reelforge.mixers.video_tasks import VideoTasks
+
+    def boom(self, row, src, shots):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(VideoTasks, "_frame_order", boom)
+    rows = [r for r in _rows(corpus) if r["source_key"] == "duo.mp4"]
+    out = _run(rows, str(tmp_path), tasks=["frame_order", "dense_captions"])
+    assert [_task(c)["name"] for c in out[1:]] == ["dense_captions"]
+    assert out[0]["drop_reason"] == "split_into_video_tasks"
+    assert "frame_order: error: RuntimeError: planted" in out[0]["drop_detail"]
+
+
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory) -> str:
     from reelforge.curation.tiny_vlm import build_tiny_vlm
