@@ -387,7 +387,9 @@ class VideoTasks(Step):
             path = os.path.join(dest, f"frame_order_{j}.jpg")
             buf = io.BytesIO()
             Image.fromarray(frames[t]).save(buf, format="JPEG", quality=self.jpeg_quality)
-            with open(path + ".part", "wb") as f:
+            if os.path.lexists(path + ".part"):  # never write through whatever a crashed run left
+                os.unlink(path + ".part")
+            with open(path + ".part", "xb") as f:
                 f.write(buf.getvalue())
             os.replace(path + ".part", path)
             media.append(_file_medium(path, "image", format="jpeg", width=int(frames.shape[2]),
