@@ -1,5 +1,6 @@
 """The `clips` step: cut videos at shot boundaries (at most `max_clip_s` long) and/or
-transcode them to a normalised H.264 MP4.
+transcode them to a normalised H.264 MP4. A `conversation` sample is never cut: the times in
+its turns (a builder's temporal grounding, video QA) refer to the whole video.
 
 A video that becomes several clips leaves the pipeline as `split_into_clips` and each clip
 enters as a new sample whose `parent_id` names it, so the ledger still accounts for
@@ -50,7 +51,8 @@ class VideoClips(RowStep):
         out: list[dict] = []
         for row in batch:
             media = row.get("media") or []
-            if row.get("drop_step") is not None or len(media) != 1 or media[0]["kind"] != "video":
+            if row.get("drop_step") is not None or len(media) != 1 or media[0]["kind"] != "video" \
+                    or row.get("kind") == "conversation":  # its turns' times refer to the whole video
                 out.append(row)
                 continue
             try:

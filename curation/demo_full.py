@@ -24,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import tarfile
 import time
 from collections import Counter
@@ -42,6 +43,7 @@ from reelforge.curation.demo_corpus import (
     _sentence,
     _write_lines,
 )
+from reelforge.curation.tools import ffmpeg_path
 
 N_IMAGES = 40  # 30 image-caption pairs, 10 for the mode sources
 N_CAPTION_IMAGES = 30
@@ -52,7 +54,17 @@ MODE_ROWS = 6
 CLIP_MODEL = "reelforge-tiny-clip"
 VLM_FOLDER = "tiny-qwen2_5-vl"
 OWNED = ("images", "videos", "evals", "tokenizer", "images.jsonl", "text.jsonl", "reasoning.jsonl",
-         "plain.jsonl", "auto.jsonl", "agent.jsonl", "planted.json", "recipe.yaml")
+         "plain.jsonl", "auto.jsonl", "agent.jsonl", "planted.json", "recipe.yaml", "grounding", "ocr.jsonl",
+         "math.jsonl")
+WHISPER_FOLDER = "tiny-whisper"
+SPEECH = "Welcome to the reelforge demo. This short video has a voice, and the speech step writes it down."
+# the data-task builders' children, by the end of their id (`<parent>@...`): task name by prefix
+TASK_PREFIXES = (("frame_order", "video: frame order"), ("clip_match", "video: clip matching"),
+                 ("temporal_grounding", "video: temporal grounding"), ("dense_captions", "video: dense captions"),
+                 ("asr_interleave", "ASR interleaved with frames"), ("ground_ref", "grounding: referring"),
+                 ("ground_caption", "grounding: grounded caption"), ("ground_count", "grounding: counting"),
+                 ("synth_ocr_text", "OCR: text"), ("synth_ocr_table", "OCR: table"), ("synth_ocr_code", "OCR: code"),
+                 ("thinking", "modes by share: thinking copy"), ("non_thinking", "modes by share: non-thinking copy"))
 MODE_SOURCES = {"reasoning": "thinking", "plain": "non_thinking", "auto": "auto_think",
                 "agent": "think_with_image", "videos": "video"}
 SPAM = (
@@ -173,6 +185,102 @@ def _videos() -> list[tuple[VideoSpec, dict | None]]:
     return out
 
 
+OCR_TEXTS = (
+    "Shipping note: three crates of blue tiles leave the north depot on Monday and reach the harbour by "
+    "Thursday morning, where the night crew checks every label against the manifest.",
+    "数据团队每天清洗视频语料，去掉重复片段，再为每个片段写出新的描述。",
+    "def count_frames(video):\n    total = 0\n    for frame in video:\n        if frame.is_key:\n"
+    "            total += 1\n    return total\n",
+)
+
+
+def _speech_video(path: str, text: str) -> None:
+    """A 160x120 Mandelbrot zoom with a voice (espeak-ng, 16 kHz mono AAC), bit-exact."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise RuntimeError("the full demo's speech video needs espeak-ng: install it (`make system`, or "
+                           "`apt-get install espeak-ng`)")
+    wav = path + ".wav"
+    try:
+        subprocess.run([espeak, "-v", "en", "-s", "160", "-w", wav, text], check=True, capture_output=True,
+                       timeout=60, stdin=subprocess.DEVNULL)
+        cmd = [ffmpeg_path(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "mandelbrot=s=160x120:r=25",
+               "-i", wav, "-shortest", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "28", "-threads", "1",
+               "-pix_fmt", "yuv420p", "-c:a", "aac", "-ac", "1", "-ar", "16000", "-b:a", "32k",
+               "-fflags", "+bitexact", "-flags:v", "+bitexact", "-flags:a", "+bitexact", "-map_metadata", "-1", path]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise RuntimeError(f"ffmpeg failed on the speech video: {res.stderr.strip()[-500:]}")
+    finally:
+        if os.path.exists(wav):
+            os.remove(wav)
+
+
+GROUNDING_SHAPES = (("square", (230, 60, 40)), ("circle", (40, 90, 220)))
+GROUNDING_BACKGROUNDS = ((245, 240, 225), (20, 30, 30), (250, 230, 60), (120, 200, 120))
+
+
+def _grounding_source(folder: str, rng: random.Random, n_images: int = 4) -> dict:
+    """COCO-style `instances_demo.json` over drawn 160x120 PNGs with 1-3 squares and circles each, on
+    backgrounds far apart (so near-dedup keeps them all); returns {"image<id>": {category: count}}
+    (what the counting questions must answer; the reader's source keys end in `#image<id>`)."""
+    from PIL import ImageDraw
+
+    os.makedirs(folder)
+    cats = [{"id": i + 1, "name": name} for i, (name, _) in enumerate(GROUNDING_SHAPES)]
+    images, anns, counts = [], [], {}
+    for i in range(n_images):
+        name = f"g{i:03d}.png"
+        im = Image.new("RGB", (160, 120), GROUNDING_BACKGROUNDS[i % len(GROUNDING_BACKGROUNDS)])
+        d = ImageDraw.Draw(im)
+        for k in range(0, 160, 20 + 10 * i):  # a stripe pattern of its own: distinct perceptual hashes
+            d.line([(k, 0), (k + 40 * (i % 2 * 2 - 1), 119)], fill=(128, 128, 128), width=2 + i)
+        key = f"image{i + 1}"
+        counts[key] = {}
+        for j in range(1 + i % 3):
+            c = (i + j) % len(GROUNDING_SHAPES)
+            cat, colour = GROUNDING_SHAPES[c]
+            x, y, side = 8 + 50 * j + rng.randint(0, 6), rng.randint(10, 60), rng.randint(24, 40)
+            (d.rectangle if cat == "square" else d.ellipse)([x, y, x + side - 1, y + side - 1], fill=colour)
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c + 1, "bbox": [x, y, side, side],
+                         "area": side * side, "iscrowd": 0})
+            counts[key][cat] = counts[key].get(cat, 0) + 1
+        im.save(os.path.join(folder, name))
+        images.append({"id": i + 1, "file_name": name, "width": 160, "height": 120})
+    with open(os.path.join(folder, "instances_demo.json"), "w", encoding="utf-8") as f:
+        f.write(_dumps({"images": images, "annotations": anns, "categories": cats}) + "\n")
+    return counts
+
+
+def _math_rows() -> list[dict]:
+    """Text questions with reasoning: the `modes` step emits each in thinking and non-thinking form."""
+    rows = []
+    for a, b in ((17, 25), (38, 46), (123, 77), (64, 59)):
+        rows.append({"reasoning": f"Add the tens and the ones of {a} and {b}: the total is {a + b}.",
+                     "conversations": [{"from": "human", "value": f"What is {a} plus {b}?"},
+                                       {"from": "gpt", "value": str(a + b)}]})
+    return rows
+
+
+def task_counts(samples: list[dict]) -> dict[str, int]:
+    """How many samples of each data task are in the shards: builders' children by their id's
+    last `@` part, and the videos whose speech was transcribed (`meta.asr` with segments)."""
+    counts: dict[str, int] = {label: 0 for _, label in TASK_PREFIXES}
+    counts["ASR: videos transcribed"] = 0
+    for js in samples:
+        tail = js["id"].rsplit("@", 1)[1] if "@" in js["id"] else ""
+        for prefix, label in TASK_PREFIXES:
+            if tail == prefix or tail.startswith(prefix + "_") or tail.startswith(prefix + "-"):
+                counts[label] += 1
+                break
+        meta = js.get("meta") or {}
+        if isinstance(meta, str):
+            meta = json.loads(meta or "{}")
+        if (meta.get("asr") or {}).get("segments") and "@" not in js["id"]:
+            counts["ASR: videos transcribed"] += 1
+    return counts
+
+
 def _shape_list(shapes: list[tuple[str, str]]) -> str:
     return " and ".join(f"{_a(c)} {s}" for c, s in shapes)
 
@@ -239,7 +347,7 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
     t0 = time.monotonic()
     root, models = os.path.abspath(root), os.path.abspath(models)
     _prepare(root, OWNED, "planted.json")
-    _prepare(models, ("clip", VLM_FOLDER), "clip")
+    _prepare(models, ("clip", VLM_FOLDER, WHISPER_FOLDER), "clip")
     for sub in ("images", "videos", "evals"):
         os.makedirs(os.path.join(root, sub))
     rng = random.Random(f"reelforge-demo-full-{seed}")
@@ -327,39 +435,64 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
     planted["inconsistent"] = f"reasoning.jsonl:{MODE_ROWS + 1}"
     planted["repetitive"] = f"plain.jsonl:{MODE_ROWS + 1}"
     planted["modes"] = MODE_SOURCES
-    with open(os.path.join(root, "planted.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps(planted, indent=1, sort_keys=True) + "\n")
     log(f"  wrote {len(lines)} image rows, {len(specs)} videos, {len(entries)} texts, "
         f"{sum(len(r) for r in mode_rows.values())} mode rows, {len(ev)} evaluation items")
 
-    # 6. the tokenizer and the tiny models, saved as their real counterparts are
+    # 6. the data-task builders' inputs: a video with a voice (espeak-ng), grounding boxes (COCO
+    # JSON), text to render (Latin, CJK, code) and a source whose questions go out in two modes
+    _speech_video(os.path.join(root, "videos", "talk004.mp4"), SPEECH)
+    with open(os.path.join(root, "videos", "talk004.txt"), "w", encoding="utf-8") as f:
+        f.write("A Mandelbrot zoom while a voice reads a sentence.\n")
+    planted["speech"] = {"source": "videos", "source_key": "talk004.mp4", "text": SPEECH}
+    planted["grounding"] = _grounding_source(os.path.join(root, "grounding"), rng)
+    _write_lines(os.path.join(root, "ocr.jsonl"), [_dumps({"text": t}) for t in OCR_TEXTS])
+    _write_lines(os.path.join(root, "math.jsonl"), [_dumps(r) for r in _math_rows()])
+    planted["mode_shares"] = {"math": {"thinking": 0.5, "non_thinking": 0.5}}
+    with open(os.path.join(root, "planted.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(planted, indent=1, sort_keys=True) + "\n")
+
+    # 7. the tokenizer and the tiny models, saved as their real counterparts are
     from reelforge.curation.tiny_clip import build_tiny_clip
     from reelforge.curation.tiny_models import build_tiny_tokenizer
     from reelforge.curation.tiny_vlm import build_tiny_vlm
+    from reelforge.curation.tiny_whisper import build_tiny_whisper
 
     build_tiny_tokenizer(os.path.join(root, "tokenizer"), texts=docs + bases, vocab_size=800)
     log(f"  building tiny random models in {models} ...")
     with _quiet_builders():
         build_tiny_clip(os.path.join(models, "clip"), name=CLIP_MODEL, seed=seed)
         build_tiny_vlm(os.path.join(models, VLM_FOLDER), seed=seed)
+        build_tiny_whisper(os.path.join(models, WHISPER_FOLDER), seed=seed)
 
     rel_models = os.path.relpath(models, root)
     clip_dir = os.path.join(rel_models, "clip")
+    vlm = os.path.join(rel_models, VLM_FOLDER)
+    clip_model = {"model": CLIP_MODEL, "pretrained": os.path.join(clip_dir, f"{CLIP_MODEL}.pt"),
+                  "model_config": os.path.join(clip_dir, f"{CLIP_MODEL}.json")}
     steps: list[dict] = [
         {"probe": {"timeout_s": 30}},
+        # the builders that read whole videos run before the cut (their samples keep the video's times)
+        {"asr": {"model": os.path.join(rel_models, WHISPER_FOLDER), "batch_size": 4, "device": "cpu"}},
+        {"asr_interleave": {"max_segments": 4}},
+        {"video_tasks": {"seed": seed, "model": vlm, "max_new_tokens": 8, "k": 3, "n_candidates": 3,
+                         "clip_s": 1.0, "shot_frames": 2, "keep_parent": True, "device": "cpu"}},
         {"clips": {"max_clip_s": 10, "scene_threshold": 0.3, "min_clip_s": 0.5}},
         {"dedup_exact": {}},
         {"leakage": {"eval_sets": [{"name": "bench", "path": "evals/bench.jsonl"}]}},
         {"dedup_near": {"threshold": 0.8}},
+        {"crop_clip": {**clip_model, "device": "cpu"}},
+        {"grounding": {"seed": seed}},
+        {"synth_ocr": {"seed": seed, "sources": ["ocr"], "width": 448, "font_size": 20}},
         # documents and captions; the mode sources' short answers ("2") are left to repetition and
-        # format_consistency (the chat profile's mean word length would drop a bare number)
-        {"text_quality": {"profiles": {"conversation": None}}},
-        {"clip": {"model": CLIP_MODEL, "pretrained": os.path.join(clip_dir, f"{CLIP_MODEL}.pt"),
-                  "model_config": os.path.join(clip_dir, f"{CLIP_MODEL}.json"), "batch_size": 64}},
-        {"vlm_judge": {"model": os.path.join(rel_models, VLM_FOLDER), "batch_size": 8, "video_frames": 4}},
-        {"recaption": {"model": os.path.join(rel_models, VLM_FOLDER), "batch_size": 8, "max_new_tokens": 12,
-                       "video_frames": 4, "on_failure": "keep"}},
-        {"modes": {"sources": dict(MODE_SOURCES), "style": "report"}},
+        # format_consistency (the chat profile's mean word length would drop a bare number); the ASR
+        # text of the interleaved samples comes from a random model, so it is not judged as prose
+        {"text_quality": {"profiles": {"conversation": None, "interleaved": None}}},
+        {"clip": {**clip_model, "batch_size": 64}},
+        {"vlm_judge": {"model": vlm, "batch_size": 8, "video_frames": 4}},
+        {"recaption": {"model": vlm, "batch_size": 8, "max_new_tokens": 12, "video_frames": 4, "on_failure": "keep",
+                       "use_asr": True}},
+        {"modes": {"sources": {**MODE_SOURCES, **planted["mode_shares"]}, "emit": "both", "seed": seed,
+                   "style": "report"}},
         {"repetition": {"max_score": 0.5}},
         {"format_consistency": {}},
         # last, so the counts are those of the rendered chat and the sandbox's images
@@ -370,7 +503,10 @@ def make_full_corpus(root: str, models: str, seed: int = 0, log: Callable[..., N
         "sources": [{"name": "images", "format": "jsonl", "path": "images.jsonl"},
                     {"name": "videos", "format": "video_folder", "path": "videos/"},
                     {"name": "text", "format": "text", "path": "text.jsonl"}]
-                   + [{"name": n, "format": "jsonl", "path": f"{n}.jsonl"} for n in mode_rows],
+                   + [{"name": n, "format": "jsonl", "path": f"{n}.jsonl"} for n in mode_rows]
+                   + [{"name": "coco", "format": "coco", "path": "grounding/instances_demo.json"},
+                      {"name": "ocr", "format": "text", "path": "ocr.jsonl"},
+                      {"name": "math", "format": "jsonl", "path": "math.jsonl"}],
         "steps": steps,
         "output": {"path": "../run", "shards": {"max_samples": 64, "max_bytes": "16MB", "shuffle": True,
                                                 "prefix": "shard"}},
@@ -461,6 +597,8 @@ def where_to_look(run_dir: str) -> str:
              f"{os.path.join(run_dir, 'report.md')}"]
     lines.append("  per source (inputs/kept/dropped): " + ", ".join(
         f"{k} {v['inputs']}/{v['kept']}/{v['dropped']}" for k, v in report["sources"].items()))
+    tasks = task_counts([js for _, js in samples])
+    lines.append("  data tasks in the shards: " + ", ".join(f"{k} {v}" for k, v in tasks.items()))
     lines.append("  drops per step: " + ", ".join(
         f"{s['step']} {s['dropped']} ({', '.join(f'{r} {n}' for r, n in s['reasons'].items())})"
         for s in report["steps"] if s["dropped"]))
@@ -474,8 +612,8 @@ def where_to_look(run_dir: str) -> str:
         lines.append(f"  {label}: {len(rows)} ({', '.join(f'{k} {v}' for k, v in sorted(by.items()))}), e.g. "
                      f"`reelforge ledger {run_dir} --key {ex['source_key']}`")
 
-    clipped = [js for _, js in samples if js.get("parent_id") or (js.get("meta") or {}).get("clip")]
-    ex = first(lambda js: js.get("parent_id") or (js.get("meta") or {}).get("clip"))
+    clipped = [js for _, js in samples if (js.get("meta") or {}).get("clip")]
+    ex = first(lambda js: (js.get("meta") or {}).get("clip"))
     split = dropped(lambda r: r["reason"] == "split_into_clips")
     lines.append(f"  clips: {len(split)} video cut at its scene change into {len(clipped)} clips "
                  f"(shard JSON `parent_id`, `meta.clip`)" + (f", e.g. `{show(*ex)}`" if ex else ""))

@@ -380,6 +380,10 @@ class RenderModes(RowStep):
     picks the draw. `emit: both` (or a list of modes) emits one derived copy per mode instead and the
     sample leaves as `split_into_modes` (see the module doc).
 
+    A sample that already has a `mode` (a data-task builder's: `video_tasks`, `grounding`,
+    `synth_ocr`, ...) passes unchanged: it was rendered when it was built; so does an `interleaved`
+    document (`asr_interleave`'s), which is pre-training text, not a dialogue.
+
     `video_frames: [16, 32]`: each video-mode sample is emitted once per count as a derived sample
     whose video carries its own frame plan for that count (see the module doc); `processor`
     (keye-vl-1.5, the default, or keye-vl-1.0) and `visual` (numbers overriding the preset, as the
@@ -421,7 +425,9 @@ class RenderModes(RowStep):
     def process(self, batch: list[dict]) -> list[dict]:
         out: list[dict] = []
         for row in batch:
-            if not alive(row) or (row["source"] not in self.sources and row["source"] not in self.shares):
+            if not alive(row) or (row["source"] not in self.sources and row["source"] not in self.shares) \
+                    or row.get("mode") or row.get("kind") == "interleaved":  # already rendered (a builder's
+                # sample: video_tasks, grounding, ...), or a document rather than a dialogue (asr_interleave)
                 out.append(row)
                 continue
             try:

@@ -65,6 +65,9 @@ def test_inputs_equal_kept_plus_dropped(full):
             if p.endswith(".jsonl"):
                 with open(p) as f:
                     inputs += sum(1 for line in f if line.strip())
+            elif p.endswith(".json"):  # COCO: one sample per image
+                with open(p) as f:
+                    inputs += len(json.load(f)["images"])
             else:
                 inputs += p.endswith(".mp4")
     assert inputs == full["report"]["inputs"] > 0, corpus
@@ -75,7 +78,8 @@ def test_inputs_equal_kept_plus_dropped(full):
     assert fates["kept"] == len(full["samples"]) == len({js["id"] for js in full["samples"]})
     assert full["report"]["balanced"]
     want = {"probe", "clips", "tokens", "dedup_exact", "leakage", "dedup_near", "clip", "vlm_judge", "recaption",
-            "modes", "repetition", "format_consistency"}
+            "modes", "repetition", "format_consistency", "asr", "asr_interleave", "video_tasks", "crop_clip",
+            "grounding", "synth_ocr"}
     assert want <= set(_steps(full))
 
 
@@ -83,8 +87,12 @@ def test_clips_cut_at_the_scene_change_and_name_their_parent(full):
     cut = full["planted"]["scene_cut"]
     parent = full["by_key"][cut["source_key"]]
     assert parent["fate"] == "dropped" and parent["reason"] == "split_into_clips", parent
-    children = [r for r in full["ledger"] if r["parent_id"] == parent["id"]]
+    children = [r for r in full["ledger"] if r["parent_id"] == parent["id"] and "#clip" in r["source_key"]]
     assert len(children) == 2 and all(r["fate"] == "kept" for r in children), children
+    # video_tasks ran before the cut: the two shots give this video its temporal grounding sample
+    tasks = {r["source_key"].rsplit("@", 1)[1] for r in full["ledger"] if r["parent_id"] == parent["id"]
+             and "@" in r["source_key"]}
+    assert "temporal_grounding-s0" in tasks, tasks
     in_shards = [js for js in full["samples"] if js["provenance"]["key"].startswith(cut["source_key"] + "#clip")]
     assert len(in_shards) == 2
     for js in in_shards:
@@ -154,9 +162,11 @@ def test_text_quality_scores_and_drops_spam(full):
 def test_every_mode_in_the_shards(full):
     from reelforge.mixers.chat import to_chat, validate_sample
 
-    modes = Counter(js.get("mode") for js in full["samples"])
+    # the mode sources' own samples (the builders' children, ids `<parent>@...`, are counted in
+    # test_every_data_task_in_the_shards); video: 4 videos with QA or a caption, 2 clips of the cut one
+    modes = Counter(js.get("mode") for js in full["samples"] if "@" not in js["id"])
     assert {m: modes[m] for m in MODES} == {"thinking": 6, "non_thinking": 6, "auto_think": 6,
-                                             "think_with_image": 6, "video": 5}, modes
+                                             "think_with_image": 6, "video": 6}, modes
     for js in full["samples"]:
         if js.get("mode"):
             row = {"messages": js["messages"], "mode": js["mode"], "media": js.get("media") or []}
@@ -201,3 +211,59 @@ def test_where_to_look_names_working_commands(full):
     for path, member in tar_cmds:
         with tarfile.open(path) as tf:
             assert json.loads(tf.extractfile(member).read())["id"] == member[:-5]
+
+
+def test_every_data_task_in_the_shards(full):
+    """Each builder's children reach the shards, with answers that hold by construction."""
+    import re
+
+    from reelforge.curation.demo_full import OCR_TEXTS, task_counts
+    from reelforge.mixers.grounding import parse_grounded
+
+    samples = full["samples"]
+    counts = task_counts(samples)
+    print("\ndata tasks:", counts)
+    assert all(n >= 1 for n in counts.values()), counts
+    assert counts["modes by share: thinking copy"] == counts["modes by share: non-thinking copy"] == 4
+    in_look = full["look"]
+    assert "data tasks in the shards: " in in_look and "grounding: counting" in in_look
+
+    def answer(js: dict) -> str:
+        return js["messages"][-1]["content"]
+
+    # counting: the answer is the planted number of that shape in that image
+    planted = full["planted"]["grounding"]
+    counting = [js for js in samples if "@ground_count" in js["id"]]
+    for js in counting:
+        image = js["provenance"]["key"].split("#", 1)[1].split("@", 1)[0]
+        shape = next(c for c in ("square", "circle") if c in js["messages"][0]["content"])
+        assert int(answer(js)) == planted[image][shape], (js["id"], planted[image])
+    # referring: a box in [0, 1000) that parses
+    for js in (js for js in samples if "@ground_ref" in js["id"]):
+        boxes = [b for item in parse_grounded(answer(js)) for b in item.get("boxes", [])]
+        assert boxes and all(0 <= v < 1000 for b in boxes for v in b), answer(js)
+    # frame order: a permutation of the shown frames
+    for js in (js for js in samples if "@frame_order" in js["id"]):
+        order = [int(x) for x in answer(js).split(",")]
+        assert sorted(order) == list(range(1, len(order) + 1)) and len(js["media"]) == len(order), answer(js)
+    # the two-mode source: each question once per mode, both copies naming the same parent
+    copies: dict[str, set] = {}
+    for js in samples:
+        if js["provenance"]["source"] == "math":
+            copies.setdefault(js["parent_id"], set()).add(js["mode"])
+    assert copies and all(m == {"thinking", "non_thinking"} for m in copies.values()), copies
+    # ASR: the speech video's transcript lies inside the audio, and the interleaved sample is in time order
+    speech = full["by_key"][full["planted"]["speech"]["source_key"]]
+    assert speech["fate"] == "kept", speech
+    talk = next(js for js in samples if js["id"] == speech["id"])
+    asr = talk["meta"]["asr"]
+    assert asr["segments"] and all(0 <= g["start"] <= g["end"] <= asr["duration"] + 1e-6 for g in asr["segments"])
+    inter = [js for js in samples if js["id"].endswith("@asr_interleave")]
+    for js in inter:
+        starts = [float(a) for a, _ in re.findall(r"\[([0-9.]+)-([0-9.]+)\]", js["text"])]
+        assert starts and starts == sorted(starts) and js["text"].count("<image>") == len(js["media"]), js["text"]
+    # OCR: the read-all and read-region answers are the rendered source text, line for line
+    sources = {" ".join(t.split()) for t in OCR_TEXTS}
+    for js in (js for js in samples if "@synth_ocr_text" in js["id"] or "@synth_ocr_code" in js["id"]):
+        lines = [ln.strip() for ln in answer(js).splitlines() if ln.strip()]
+        assert lines and all(any(" ".join(ln.split()) in src for src in sources) for ln in lines), lines
