@@ -56,8 +56,10 @@ demo: setup
 	$(VENV)/bin/reelforge demo --out demo-out
 
 # everything (under 15 minutes on 2 cores); test-fast: no Spark, no training runs, nothing slow (under 2)
+# two pytest workers (the tests wait on Spark, ffmpeg and subprocesses as much as they compute); the
+# local-cluster parity tests share one worker and one cluster (xdist_group "cluster", set in conftest)
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 FAST := not spark and not cluster and not train and not slow
 test-fast: setup

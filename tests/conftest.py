@@ -54,6 +54,8 @@ def local_cluster(tmp_path_factory):
 def _local_cluster_starts_early(request):
     """When a selected test uses `local_cluster`, its process starts with the session: its JVMs
     start beside the other tests (the parity tests run last, back to back)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # under xdist, the worker given the `cluster` group starts it on use
+        return
     if any("local_cluster" in getattr(item, "fixturenames", ()) for item in request.session.items):
         request.getfixturevalue("local_cluster").start()
 
@@ -88,6 +90,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.spark)
         if "local_cluster" in fixtures:
             item.add_marker(pytest.mark.cluster)
+            item.add_marker(pytest.mark.xdist_group("cluster"))  # `--dist loadgroup`: one worker, one cluster
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
     # the parity tests last: by then the local-cluster that started with the session is warm
