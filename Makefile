@@ -30,8 +30,9 @@ $(STAMP): pyproject.toml Makefile
 
 # A Java runtime Spark 4 accepts (17 or 21), ffmpeg/ffprobe, bubblewrap (the think-with-image
 # sandbox's namespaces), and what the data-task builders use: espeak-ng (speech for the demo's
-# videos), Noto CJK fonts (synthetic OCR) and Tesseract with its English and Simplified Chinese
-# data (the OCR legibility test): system packages when we are root.
+# videos), Noto CJK fonts (synthetic OCR), Tesseract with its English and Simplified Chinese
+# data (the OCR legibility test) and headless Chromium with its driver (the report's HTML is opened in
+# a real browser by the tests): system packages when we are root.
 system:
 	@java_ok=0; if command -v java >/dev/null 2>&1; then \
 	  v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -n1); \
@@ -43,6 +44,7 @@ system:
 	command -v tesseract >/dev/null 2>&1 || need="$$need tesseract-ocr tesseract-ocr-eng"; \
 	test -f /usr/share/tesseract-ocr/5/tessdata/chi_sim.traineddata || need="$$need tesseract-ocr-chi-sim"; \
 	fc-list 2>/dev/null | grep -qi "Noto Sans CJK" || need="$$need fonts-noto-cjk fontconfig"; \
+	command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || need="$$need chromium chromium-driver"; \
 	if [ -n "$$need" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing system packages:$$need"; \
