@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from reelforge.curation.errors import ProbeError
-from reelforge.curation.schema import drop
+from reelforge.curation.schema import drop, row_meta
 from reelforge.curation.step import PrefetchRowStep, StepContext, register_step
 from reelforge.curation.vlm import DTYPES, ModelLoadError, resolve_device
 
@@ -179,12 +179,7 @@ def segments_of(chunks: list[dict], start: float, end: float, offset: float | No
     return out
 
 
-def _meta(row: dict) -> dict:
-    try:
-        m = json.loads(row.get("meta") or "{}")
-    except ValueError:
-        return {}
-    return m if isinstance(m, dict) else {}
+_meta = row_meta  # the row's meta as a dict (curation.schema)
 
 
 def set_meta(row: dict, key: str, value: Any) -> None:

@@ -187,6 +187,19 @@ ARROW_SCHEMA: pa.Schema = pa.schema(_arrow_fields(Sample))
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Sample))
 
 
+def row_meta(row: dict) -> dict:
+    """A row's `meta` as a dict: the JSON string parsed (an already parsed dict as it is); {} when
+    it is empty, not JSON or not an object, since corpus rows bring whatever they bring."""
+    raw = row.get("meta")
+    if isinstance(raw, dict):
+        return raw
+    try:
+        m = json.loads(raw) if raw else {}
+    except (TypeError, ValueError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
 def rows_of(batch: "pa.RecordBatch | pa.Table") -> list[dict]:
     """Arrow rows as the Python row view: structs and lists as dicts and lists, and the
     `scores` map as a dict (Arrow's default turns a map into a list of pairs)."""

@@ -31,19 +31,14 @@ import tempfile
 from typing import Any
 
 from reelforge.curation.errors import MediaReadError, ProbeError
-from reelforge.curation.schema import IMAGE_PLACEHOLDER, alive, drop
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, alive, drop, row_meta
 from reelforge.curation.step import RowStep, register_step
 
 TASK = "asr_interleave"
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{2,64}")
 
 
-def _meta(row: dict) -> dict:
-    try:
-        m = json.loads(row.get("meta") or "{}")
-    except ValueError:
-        return {}
-    return m if isinstance(m, dict) else {}
+_meta = row_meta  # the row's meta as a dict (curation.schema)
 
 
 def ordered_segments(segments: Any) -> list[dict]:

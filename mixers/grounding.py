@@ -63,7 +63,7 @@ import random
 import re
 from typing import Any
 
-from reelforge.curation.schema import IMAGE_PLACEHOLDER, alive, drop
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, alive, drop, row_meta
 from reelforge.curation.step import RowStep, register_step
 from reelforge.mixers.chat import to_chat, validate_chat
 
@@ -270,12 +270,7 @@ def _rng(seed: int, row_id: str, task: str) -> random.Random:
     return random.Random(int.from_bytes(h[:8], "big"))
 
 
-def _meta(row: dict) -> dict:
-    try:
-        m = json.loads(row.get("meta") or "{}")
-    except ValueError:
-        return {}
-    return m if isinstance(m, dict) else {}
+_meta = row_meta  # the row's meta as a dict (curation.schema)
 
 
 def _label(b: dict) -> str | None:

@@ -54,7 +54,7 @@ import tempfile
 from typing import Any
 
 from reelforge.curation.errors import MediaReadError, ProbeError
-from reelforge.curation.schema import alive, drop
+from reelforge.curation.schema import alive, drop, row_meta
 from reelforge.curation.step import RowStep, register_step
 from reelforge.curation.tokens import TokenError, VisualTokenConfig
 from reelforge.mixers.chat import MODES, NO_THINK, THINK, TIME_END, TIME_START
@@ -73,12 +73,7 @@ class ModeError(Exception):
         self.reason, self.detail = reason, detail
 
 
-def _meta(row: dict) -> dict:
-    try:
-        m = json.loads(row.get("meta") or "{}")
-    except ValueError:
-        return {}
-    return m if isinstance(m, dict) else {}
+_meta = row_meta  # the row's meta as a dict (curation.schema)
 
 
 def _split(row: dict) -> tuple[list[dict], str, str | None]:

@@ -56,7 +56,7 @@ from collections import Counter
 from dataclasses import fields
 from typing import Any
 
-from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Media, alive, drop, empty_row
+from reelforge.curation.schema import IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER, Media, alive, drop, empty_row, row_meta
 from reelforge.curation.step import RowStep, register_step
 from reelforge.mixers.chat import NO_THINK
 from reelforge.mixers.grounding import STYLES, format_boxes, norm_box
@@ -272,15 +272,7 @@ def _rng(seed: int, *parts: str) -> random.Random:
     return random.Random(int.from_bytes(h[:8], "big"))
 
 
-def _meta(row: dict) -> dict:
-    raw = row.get("meta")
-    if isinstance(raw, dict):
-        return raw
-    try:
-        m = json.loads(raw) if raw else {}
-    except (TypeError, ValueError):
-        return {}
-    return m if isinstance(m, dict) else {}
+_meta = row_meta  # the row's meta as a dict (curation.schema)
 
 
 def _as_int(s: str) -> Any:
