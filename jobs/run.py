@@ -419,6 +419,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     kept_in_shards = sum(s["samples"] for s in stats)
 
     # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
+    from reelforge.curation.energon_meta import write_energon_meta
     from reelforge.jobs.samples import write_sample_stats
     from reelforge.mixers.stats import SAMPLES_DIR
 
@@ -432,6 +433,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
                        "ledger": ledger_path, "samples": samples_path, "report": os.path.join(out, "report.md")}
 
     # the index and the report go last, each atomically: they are what says "complete"
+    write_energon_meta(shard_dir, [s["shard"] for s in stats], log=log)  # .nv-meta/: Energon reads the folder
     index = {"recipe": recipe.name, "seed": recipe.seed, "shards": stats,
              "samples": kept_in_shards, "bytes": sum(s["bytes"] for s in stats),
              "sources": _sum_sources(stats)}

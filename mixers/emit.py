@@ -30,6 +30,7 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
+from reelforge.curation.energon_meta import write_energon_meta
 from reelforge.curation.errors import RecipeError
 from reelforge.curation.shards import ShardFile
 from reelforge.mixers.planner import PLAN_COLUMNS, PLAN_VERSION, load_stats, select, selection_digest
@@ -251,6 +252,7 @@ def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, w
              "stats": plan["stats"], "unit": stage.unit, "target": stage.target, "samples": int(len(rows)),
              "tokens": int(tok_rows.sum()), "bytes": sum(s["bytes"] for s in stats), "entries": entries,
              "sources": by_source, "shards": stats}
+    write_energon_meta(sdir, names, workers=workers, log=log)  # .nv-meta/: Energon reads the stage folder
     with open(os.path.join(sdir, "index.json"), "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
     log(f"stage {stage.name}: {len(rows)} samples, {index['tokens']} tokens, {n_shards} shards in {sdir}")
