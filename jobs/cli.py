@@ -160,11 +160,14 @@ def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from reelforge.mixers.planner import format_plan, plan_mixture, write_plan
+    from reelforge.mixers.planner import check_drift, format_plan, plan_mixture, write_plan
     from reelforge.mixers.spec import load_mixture
 
     mix = load_mixture(args.mixture)
     plan = plan_mixture(mix, args.stats)
+    if not args.allow_drift and any(st["drift"] for st in plan["stages"]):
+        print(format_plan(plan))  # the table, then one sentence per drifting entry (exit 2, no plan written)
+    check_drift(plan, args.allow_drift)
     out = args.out or f"{mix.name}.plan.json"
     png = write_plan(plan, out)
     print(format_plan(plan))
@@ -240,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("mixture", help="mixture YAML (examples: mixers/recipes/)")
     pl.add_argument("--stats", required=True, metavar="RUN_DIR", help="output folder of a finished run")
     pl.add_argument("--out", help="plan JSON to write (default: NAME.plan.json; the plot goes beside it)")
+    pl.add_argument("--allow-drift", dest="allow_drift", action="store_true",
+                    help="write the plan even where an entry's achieved share misses its weight by more than "
+                         "the stage's tolerance")
     pl.set_defaults(fn=_cmd_plan)
     mx = sub.add_parser("mix", help="emit each stage's shards exactly to a plan, globally shuffled")
     mx.add_argument("plan", help="plan JSON from `reelforge plan`")

@@ -6,18 +6,28 @@ For each stage:
 1. every entry's share is its weight (normalised), or its size when no weights are given,
    raised to 1/temperature when a temperature is set;
 2. desired units (tokens, or samples) = target x share; an entry whose desired units exceed
-   `max_epochs` x its size is capped there and the shortfall goes to the uncapped entries in
-   proportion to their shares (water-filling); if every entry is capped the stage comes short,
-   and the plan says so;
+   `max_epochs` x its size is capped there, and the stage's `policy` says what happens to the
+   others: `fill` (the default) gives the shortfall to the uncapped entries in proportion to
+   their shares (water-filling; if every entry is capped the stage comes short, and the plan
+   says so); `keep_ratios` shrinks the whole stage by the factor that brings the most
+   constrained entry to its cap, so every entry keeps its asked share;
 3. the desired units become whole epochs (every sample of the entry k times) plus a
    remainder drawn from a seeded permutation of the entry's samples (sorted by id first, so
    the choice never depends on file order): the longest prefix that fits, topped up greedily
    with later samples that still fit, or one sample more when that lands closer. The emitter
-   repeats exactly this choice from the plan's seed.
+   repeats exactly this choice from the plan's seed;
+4. every entry's achieved share (its units over the stage's) is set against its asked share:
+   one further than the stage's `tolerance` is a sentence in the stage's `drift`, and
+   `check_drift` (what `reelforge plan` calls) refuses the plan unless drift is allowed.
+
+Before any of this, every name a selector gives (source, kind, mode, and the score names of
+`min_scores`) must be one the run's samples table holds: a typo is an error that offers the
+closest names ("did you mean ..."), never an entry that silently gets nothing.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
@@ -29,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from reelforge.curation.errors import RecipeError
-from reelforge.mixers.spec import Entry, Mixture, Stage
+from reelforge.mixers.spec import SELECTORS, Entry, Mixture, Stage
 from reelforge.mixers.stats import SAMPLES_DIR, read_sample_stats
 
 PLAN_VERSION = 1
@@ -130,6 +140,83 @@ def _fmt(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _distinct(table: pa.Table, col: str) -> list[str]:
+    if col == "scores":
+        t = table["scores"].type  # a map is a list of (key, value) structs; MapArray.keys ignores slicing
+        as_list = table["scores"].cast(pa.list_(pa.struct([t.key_field, t.item_field])))
+        keys = pc.struct_field(pc.list_flatten(as_list), [0])
+        return sorted(v for v in pc.unique(keys).to_pylist() if v is not None)
+    return sorted(v for v in pc.unique(table[col]).to_pylist() if v is not None)
+
+
+def check_selectors(stages: list[Stage], table: pa.Table, run_dir: str) -> None:
+    """Every name an entry selects by must be one the run has: else one sentence per unknown
+    name, with the closest names the run does have."""
+    known = {col: _distinct(table, col) for col in (*SELECTORS, "scores")}
+    problems = []
+    for stage in stages:
+        for e in stage.entries:
+            asked = [(col, getattr(e, col)) for col in SELECTORS] + [("scores", sorted(e.min_scores))]
+            for col, names in asked:
+                have = set(known[col])
+                for name in names:
+                    if name in have:
+                        continue
+                    what = "a score named" if col == "scores" else f"{col}"
+                    # modes are a closed set the spec already checked: a valid mode the run lacks is no typo
+                    close = [] if col == "mode" else difflib.get_close_matches(name, known[col], n=3, cutoff=0.6)
+                    if close:
+                        hint = "did you mean " + " or ".join(repr(c) for c in close) + "?"
+                    elif known[col]:
+                        shown = known[col][:12]
+                        hint = ("the run has " + ", ".join(repr(c) for c in shown)
+                                + (f" and {len(known[col]) - len(shown)} more" if len(known[col]) > len(shown)
+                                   else "") + ".")
+                    else:
+                        hint = f"the run's samples have no {'scores' if col == 'scores' else col} at all."
+                    field = "min_scores" if col == "scores" else col
+                    problems.append(f"mixture entry `stages.{stage.name}.{e.name}` selects {what} {name!r} "
+                                    f"(its `{field}`), which no sample of the run at {run_dir} has: {hint}")
+    if problems:
+        raise RecipeError("\n".join(problems))
+
+
+def _desired_fill(stage: Stage, share: np.ndarray, caps: np.ndarray, live: list[int]) -> tuple[np.ndarray, set, list]:
+    """Water-filling: capped entries' shortfall goes to the uncapped ones (policy `fill`)."""
+    desired = np.zeros(len(share))
+    free = list(live)
+    fixed: set[int] = set()
+    while free:
+        remaining = stage.target - sum(desired[j] for j in fixed)
+        wsum = share[free].sum()  # empty entries' shares go to the others through this sum
+        for j in free:
+            desired[j] = remaining * share[j] / wsum
+        over = [j for j in free if desired[j] > caps[j]]
+        if not over:
+            break
+        for j in over:
+            desired[j] = caps[j]
+            fixed.add(j)
+            free.remove(j)
+    return desired, fixed, free
+
+
+def _desired_keep_ratios(stage: Stage, share: np.ndarray, caps: np.ndarray,
+                         live: list[int]) -> tuple[np.ndarray, set, list]:
+    """The stage shrinks by the factor that brings its most constrained entry to its cap, so every
+    entry keeps its share (policy `keep_ratios`); the binding entries are planned at their caps exactly."""
+    desired = np.zeros(len(share))
+    if not live:
+        return desired, set(), []
+    wsum = share[live].sum()
+    want = {j: stage.target * share[j] / wsum for j in live}
+    factor = min(1.0, min(caps[j] / want[j] for j in live))
+    fixed = {j for j in live if factor < 1.0 and caps[j] <= want[j] * factor * (1 + 1e-9)}
+    for j in live:
+        desired[j] = caps[j] if j in fixed else want[j] * factor
+    return desired, fixed, [j for j in live if j not in fixed]
+
+
 def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
     unit = stage.unit
     avail: list[tuple[int, int]] = []
@@ -159,24 +246,20 @@ def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
                           "entries' source, kind and mode names against the run's report.")
     share = base / base.sum()
     caps = np.array([(e.max_epochs or stage.max_epochs) * a[1] for e, a in zip(stage.entries, avail)], dtype=float)
-    desired = np.zeros(len(share))
-    free = [j for j in range(len(share)) if share[j] > 0 and avail[j][0] > 0]
-    fixed: dict[int, float] = {}
-    while free:
-        remaining = stage.target - sum(fixed.values())
-        wsum = share[free].sum()  # empty entries' shares go to the others through this sum
-        for j in free:
-            desired[j] = remaining * share[j] / wsum
-        over = [j for j in free if desired[j] > caps[j]]
-        if not over:
-            break
-        for j in over:
-            fixed[j] = desired[j] = caps[j]
-            free.remove(j)
+    live = [j for j in range(len(share)) if share[j] > 0 and avail[j][0] > 0]
+    how = _desired_keep_ratios if stage.policy == "keep_ratios" else _desired_fill
+    desired, fixed, free = how(stage, share, caps, live)
     for j, e in enumerate(stage.entries):
         if avail[j][0] == 0:
             warnings.append(f"{stage.name}/{e.name}: the run has no samples for this entry "
                             f"(selector {e.selector()}); it gets nothing and its share went to the others.")
+        elif j in fixed and stage.policy == "keep_ratios":
+            asked = stage.target * share[j]
+            cap = e.max_epochs or stage.max_epochs
+            warnings.append(f"{stage.name}/{e.name}: weight {share[j]:.3f} asks for {_fmt(asked)} {unit} = "
+                            f"{asked / avail[j][1]:.2f} epochs, above its cap of {cap:g}; planned {cap:g} epochs "
+                            f"({_fmt(caps[j])} {unit}) and, by policy keep_ratios, shrank the whole stage to "
+                            f"{100 * desired.sum() / stage.target:.1f}% of its target so every entry keeps its share.")
         elif j in fixed:
             asked = stage.target * share[j]
             cap = e.max_epochs or stage.max_epochs
@@ -184,9 +267,13 @@ def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
                             f"{asked / avail[j][1]:.2f} epochs, above its cap of {cap:g}; planned {cap:g} epochs "
                             f"({_fmt(caps[j])} {unit}) and " + (
                                 f"gave the other {_fmt(asked - caps[j])} to the uncapped entries in proportion "
-                                "to their weights." if free else
+                                "to their weights (policy fill)." if free else
                                 f"no uncapped entry was left to take the other {_fmt(asked - caps[j])}."))
-    if not free and desired.sum() < stage.target * (1 - TOLERANCE):  # every entry capped or empty
+    if stage.policy == "keep_ratios" and fixed:
+        warnings.append(f"{stage.name}: policy keep_ratios planned {_fmt(desired.sum())} of the target "
+                        f"{_fmt(stage.target)} {unit} ({100 * desired.sum() / stage.target:.1f}%): raise max_epochs "
+                        "or add data to reach it, or set `policy: fill` to give the shortfall to the uncapped entries.")
+    elif not free and desired.sum() < stage.target * (1 - TOLERANCE):  # every entry capped or empty
         warnings.append(f"{stage.name}: the target of {_fmt(stage.target)} {unit} cannot be met: every entry is at "
                         f"its epoch cap, so the stage has {_fmt(desired.sum())} {unit} "
                         f"({100 * desired.sum() / stage.target:.1f}% of target). Raise max_epochs or add data.")
@@ -215,11 +302,49 @@ def plan_stage(stage: Stage, table: pa.Table, seed: int, run_dir: str) -> dict:
             "selection_sha256": selection_digest(table, rows, reps),
         })
     planned = sum(x["units"] for x in entries_out)
+    drift = []
+    for j, x in enumerate(entries_out):
+        achieved = x["units"] / planned if planned else 0.0
+        x["asked_share"] = x["share"]
+        x["achieved_share"] = round(achieved, 6)
+        off = achieved - float(share[j])
+        if abs(off) > stage.tolerance:
+            drift.append(f"{stage.name}/{x['name']}: asked {100 * share[j]:.2f}% of the stage, achieved "
+                         f"{100 * achieved:.2f}% ({100 * off:+.2f} points, tolerance {100 * stage.tolerance:g}) "
+                         f"under policy {stage.policy}, because {_drift_cause(stage, j, x, fixed)}.")
     return {"name": stage.name, "unit": unit, "target": stage.target, "planned": planned,
             "planned_tokens": sum(x["tokens"] for x in entries_out),
             "planned_samples": sum(x["samples"] for x in entries_out),
             "max_epochs": stage.max_epochs, "temperature": stage.temperature, "shards": stage.shards,
-            "note": stage.note, "entries": entries_out, "warnings": warnings}
+            "policy": stage.policy, "tolerance": stage.tolerance, "note": stage.note, "entries": entries_out,
+            "warnings": warnings, "drift": drift}
+
+
+def _drift_cause(stage: Stage, j: int, x: dict, fixed: set) -> str:
+    if x["available_samples"] == 0:
+        return "the run has no samples for its selector"
+    if j in fixed:
+        return (f"it is capped at {x['max_epochs']:g} epochs of its {_fmt(x['available_units'])} {stage.unit}"
+                + ("; `policy: keep_ratios` would shrink the stage instead" if stage.policy == "fill" else ""))
+    if fixed and stage.policy == "fill":
+        return "it took part of the capped entries' shortfall; `policy: keep_ratios` would shrink the stage instead"
+    return "its samples are too coarse to land closer (or another entry's are)"
+
+
+def plan_drift(plan: dict) -> list[str]:
+    """Every sentence of every stage's drift: entries whose achieved share is off their asked share."""
+    return [d for st in plan["stages"] for d in st.get("drift", [])]
+
+
+def check_drift(plan: dict, allow_drift: bool = False) -> list[str]:
+    """Records `allow_drift` in the plan; refuses a drifting plan unless drift is allowed."""
+    drift = plan_drift(plan)
+    plan["allow_drift"] = bool(allow_drift)
+    if drift and not allow_drift:
+        raise RecipeError(f"the plan misses the mixture's weights by more than the tolerance in {len(drift)} "
+                          "entr" + ("y" if len(drift) == 1 else "ies") + " (set `policy: keep_ratios` or "
+                          "`tolerance` on the stage, or pass --allow-drift to accept it):\n" + "\n".join(drift))
+    return drift
 
 
 def selection_digest(table: pa.Table, rows: np.ndarray, reps: np.ndarray) -> str:
@@ -234,6 +359,7 @@ def selection_digest(table: pa.Table, rows: np.ndarray, reps: np.ndarray) -> str
 def plan_mixture(mix: Mixture, run_dir: str) -> dict:
     run_dir = os.path.abspath(run_dir)
     table = load_stats(run_dir, PLAN_COLUMNS)
+    check_selectors(mix.stages, table, run_dir)
     stages = [plan_stage(s, table, mix.seed, run_dir) for s in mix.stages]
     return {"version": PLAN_VERSION, "mixture": mix.name, "mixture_path": mix.path, "seed": mix.seed,
             "stats": run_dir, "stats_samples": table.num_rows, "stages": stages}
@@ -249,17 +375,21 @@ def format_plan(plan: dict) -> str:
         lines.append(f"stage {st['name']}: target {_fmt(st['target'])} {unit}, planned {_fmt(st['planned'])} "
                      f"({pct:.2f}%), {st['planned_samples']} samples, {_fmt(st['planned_tokens'])} tokens, "
                      f"cap {st['max_epochs']:g} epochs" + (f", temperature {st['temperature']:g}"
-                                                           if st["temperature"] else ""))
-        lines.append(f"  {'entry':<20} {'share':>7} {'samples':>10} {'tokens':>10} {'of stage':>8} "
+                                                           if st["temperature"] else "")
+                     + f", policy {st.get('policy', 'fill')}, "
+                       f"tolerance {100 * st.get('tolerance', TOLERANCE):g} points")
+        lines.append(f"  {'entry':<20} {'asked':>7} {'achieved':>8} {'samples':>10} {'tokens':>10} "
                      f"{'epochs':>7} {'cap':>5}  available")
         for e in st["entries"]:
-            of = 100 * e["units"] / st["planned"] if st["planned"] else 0.0
+            of = e.get("achieved_share", e["units"] / st["planned"] if st["planned"] else 0.0)
             flag = " capped" if e["capped"] else ""
-            lines.append(f"  {e['name']:<20} {e['share']:>7.3f} {e['samples']:>10} {_fmt(e['tokens']):>10} "
-                         f"{of:>7.1f}% {e['epochs']:>7.3f} {e['max_epochs']:>5g}  "
+            lines.append(f"  {e['name']:<20} {100 * e['share']:>6.2f}% {100 * of:>7.2f}% {e['samples']:>10} "
+                         f"{_fmt(e['tokens']):>10} {e['epochs']:>7.3f} {e['max_epochs']:>5g}  "
                          f"{e['available_samples']} samples / {_fmt(e['available_units'])} {unit}{flag}")
         for w in st["warnings"]:
             lines.append(f"  warning: {w}")
+        for d in st.get("drift", []):
+            lines.append(f"  drift: {d}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,8 @@ A mixture is plain YAML, checked up front so a mistake costs one sentence naming
         target_tokens: 300B          # or target_samples: 784000 (weights are then shares of samples)
         max_epochs: 4                # no entry is drawn more often than this (per-entry override below)
         temperature: 2.0             # optional: shares become weight^(1/T), normalised
+        policy: keep_ratios          # or fill (the default): what an entry at its epoch cap does to the others
+        tolerance: 0.005             # achieved share may differ from the asked share by this much (0.5 points)
         shards: {max_samples: 1000, max_bytes: 1GiB, prefix: stage2}
         sources:
           - {name: captions, source: [laion_like, coyo_like], weight: 0.30}
@@ -23,6 +25,15 @@ any score a step set, by name; a sample without that score is not selected);
 `min_quality_score` / `min_clip_score` are kept as aliases of `min_scores.quality` /
 `min_scores.clip`. Weights are shares of the stage's target (they are
 normalised); with no weights at all the shares follow the entries' sizes (to the power 1/T).
+
+When an entry's share asks for more than `max_epochs` of its samples, the stage's `policy`
+decides: `keep_ratios` shrinks the stage's total so every entry keeps its asked share (the
+stage comes short of its target, and the plan says by how much); `fill` keeps the target and
+gives the capped entries' shortfall to the uncapped ones in proportion to their shares (their
+shares then grow). `fill` is the default, the planner's behaviour before the field existed.
+Either way the plan records each entry's asked and achieved share, and `reelforge plan` fails
+when one differs by more than the stage's `tolerance` (a fraction: 0.005 = 0.5 points) unless
+it is given `--allow-drift`. `policy` and `tolerance` may also be set under `defaults`.
 """
 
 from __future__ import annotations
@@ -40,6 +51,9 @@ _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.I)
 _MULT = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 MODES = ("thinking", "non_thinking", "auto_think", "think_with_image", "video")
 SCORE_ALIASES = {"min_quality_score": "quality", "min_clip_score": "clip"}  # older recipes' spelling
+POLICIES = ("fill", "keep_ratios")  # what a capped entry does to the others (see the module's doc)
+DEFAULT_POLICY = "fill"  # the planner's behaviour before `policy` existed, which the shipped recipes assume
+DEFAULT_TOLERANCE = 0.005  # achieved vs asked share, as a fraction of the stage (0.5 points)
 
 
 @dataclass
@@ -80,6 +94,8 @@ class Stage:
     entries: list[Entry]
     shards: dict
     note: str = ""
+    policy: str = DEFAULT_POLICY
+    tolerance: float = DEFAULT_TOLERANCE
 
 
 @dataclass
@@ -170,7 +186,7 @@ def _stage(raw: Any, i: int, defaults: dict) -> Stage:
     if not isinstance(raw, dict):
         raise RecipeError(f"mixture field `{where}` must be a mapping with name, target_tokens and sources.")
     _keys(raw, {"name", "target_tokens", "target_samples", "max_epochs", "temperature", "sources", "shards",
-                "note"}, where)
+                "note", "policy", "tolerance"}, where)
     name = raw.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", name):
         raise RecipeError(f"mixture field `{where}.name` must be letters, digits, '_' or '-', got {name!r}.")
@@ -179,9 +195,17 @@ def _stage(raw: Any, i: int, defaults: dict) -> Stage:
                           "or `target_samples` (e.g. 784000).")
     unit = "tokens" if "target_tokens" in raw else "samples"
     target = parse_count(raw[f"target_{unit}"], f"{where}.target_{unit}")
-    merged = {**defaults, **{k: raw[k] for k in ("max_epochs", "temperature") if k in raw}}
+    merged = {**defaults, **{k: raw[k] for k in ("max_epochs", "temperature", "policy", "tolerance") if k in raw}}
     max_epochs = _number(merged, "max_epochs", where, 0.0, strict=True)
     temperature = _number(merged, "temperature", where, 0.0, strict=True)
+    policy = merged.get("policy", DEFAULT_POLICY)
+    if policy not in POLICIES:
+        raise RecipeError(f"mixture field `{where}.policy` must be keep_ratios (shrink the stage so every entry "
+                          f"keeps its share) or fill (give capped entries' shortfall to the others), got {policy!r}.")
+    tolerance = _number(merged, "tolerance", where, 0.0)
+    if tolerance is not None and tolerance >= 1:
+        raise RecipeError(f"mixture field `{where}.tolerance` is a fraction of the stage (0.005 = 0.5 points) "
+                          f"and must be below 1, got {tolerance:g}.")
     srcs = raw.get("sources")
     if isinstance(srcs, dict):  # shorthand: {source_name: weight}
         srcs = [{"name": k, "weight": v} for k, v in srcs.items()]
@@ -214,7 +238,8 @@ def _stage(raw: Any, i: int, defaults: dict) -> Stage:
         raise RecipeError(str(e).replace("recipe field", "mixture field")) from None
     return Stage(name=name, unit=unit, target=target, max_epochs=max_epochs or 1.0, temperature=temperature,
                  entries=entries, shards={"max_samples": ms, "max_bytes": max_bytes, "prefix": prefix},
-                 note=str(raw.get("note", "")))
+                 note=str(raw.get("note", "")), policy=policy,
+                 tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance)
 
 
 def parse_mixture(raw: Any, path: str = "") -> Mixture:
@@ -226,8 +251,9 @@ def parse_mixture(raw: Any, path: str = "") -> Mixture:
         raise RecipeError(f"mixture field `seed` must be an integer, got {seed!r}.")
     defaults = raw.get("defaults") or {}
     if not isinstance(defaults, dict):
-        raise RecipeError("mixture field `defaults` must be a mapping (max_epochs, temperature, shards).")
-    _keys(defaults, {"max_epochs", "temperature", "shards"}, "defaults")
+        raise RecipeError("mixture field `defaults` must be a mapping (max_epochs, temperature, shards, policy, "
+                          "tolerance).")
+    _keys(defaults, {"max_epochs", "temperature", "shards", "policy", "tolerance"}, "defaults")
     stages = raw.get("stages")
     if not isinstance(stages, list) or not stages:
         raise RecipeError("mixture field `stages` must be a non-empty list of stages.")
