@@ -178,7 +178,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_mix(args: argparse.Namespace) -> int:
     from reelforge.mixers.emit import emit_plan, load_plan
 
-    indexes = emit_plan(load_plan(args.plan), args.out, seed=args.seed, stages=args.stage, workers=args.workers)
+    indexes = emit_plan(load_plan(args.plan), args.out, seed=args.seed, stages=args.stage, workers=args.workers,
+                        verify=args.verify)
     for name, idx in indexes.items():
         print(f"{name}: {os.path.join(args.out, name, 'index.json')}")
         for e, v in idx["entries"].items():
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     mx.add_argument("--seed", type=int, help="shuffle seed (default: the plan's); the samples stay the plan's")
     mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
     mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")
+    mx.add_argument("--verify", action="store_true",
+                    help="check every run shard's sha256 against the run's index.json before copying "
+                         "(a shard whose size differs is always checked)")
     mx.set_defaults(fn=_cmd_mix)
     al = sub.add_parser("align", help="rounds of iterative alignment: sample from the round's model, reward, "
                                       "select pairs, train MPO; the next round samples from its export")

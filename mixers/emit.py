@@ -259,9 +259,41 @@ def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, w
     return index
 
 
+def check_run_shards(shard_dir: str, verify: bool = False) -> int:
+    """The run's shards against its index.json: a shard whose size differs from its record, or (with
+    `verify`) whose sha256 does, is one RecipeError naming it. Returns how many were hashed."""
+    import hashlib
+
+    p = os.path.join(shard_dir, "index.json")
+    if not os.path.exists(p):
+        return 0
+    with open(p) as f:
+        recs = json.load(f).get("shards", [])
+    hashed = 0
+    for rec in recs:
+        path = os.path.join(shard_dir, rec["shard"])
+        if not os.path.exists(path):
+            continue  # a shard the plan never reads may be gone; one it reads fails in the copy
+        size = os.path.getsize(path)
+        if size == rec.get("bytes", size) and not (verify and rec.get("sha256")):
+            continue
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        hashed += 1
+        if size != rec.get("bytes", size) or h.hexdigest() != rec.get("sha256", h.hexdigest()):
+            raise RecipeError(f"run shard {path} is not the shard the run wrote ({size} bytes, sha256 "
+                              f"{h.hexdigest()[:16]}...; its index.json says {rec.get('bytes')} bytes, sha256 "
+                              f"{str(rec.get('sha256'))[:16]}...): restore it from the run, or run the curation "
+                              "job again.")
+    return hashed
+
+
 def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[str] | None = None,
-              workers: int = 1, log: Callable[[str], None] = print) -> dict[str, dict]:
-    """Write the shards of each stage (or only `stages`) under out_dir/<stage>/; returns their indexes."""
+              workers: int = 1, log: Callable[[str], None] = print, verify: bool = False) -> dict[str, dict]:
+    """Write the shards of each stage (or only `stages`) under out_dir/<stage>/; returns their indexes.
+    The run's shards are checked against its index.json first (check_run_shards; sha256 with `verify`)."""
     names = [s["name"] for s in plan["stages"]]
     for s in stages or []:
         if s not in names:
@@ -270,6 +302,7 @@ def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[st
     if not os.path.isdir(run_shards):
         raise RecipeError(f"the plan's run {plan['stats']} has no shards folder: emit on a machine that sees the "
                           "run, or plan again with --stats pointing at it.")
+    check_run_shards(run_shards, verify)
     table = load_stats(plan["stats"], EMIT_COLUMNS)
     if table.num_rows != plan["stats_samples"]:
         raise RecipeError(f"the run {plan['stats']} now has {table.num_rows} samples, the plan was made for "

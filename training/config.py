@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ DEFAULTS: dict[str, Any] = {
               "projector_hidden": None, "attn_implementation": "sdpa", "vision_rope": "2d"},
     "data": {"sources": [], "max_len": 2048, "batch_size": 1, "num_workers": 1, "blend": "tokens",
              "pack": True, "kinds": None, "epochs": None, "split": "auto", "visual": {}, "max_text_len": 64,
-             "prefetch": 4, "positions": "1d"},
+             "prefetch": 4, "positions": "1d", "verify": False},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "betas": [0.9, 0.999], "eps": 1e-8, "warmup_steps": 0,
               "schedule": "cosine", "min_lr_ratio": 0.1, "grad_clip": 1.0},
     "loss": {
@@ -132,6 +133,9 @@ def stage_from_dict(d: dict[str, Any], base_dir: str = ".", path: str | None = N
         raise RecipeError(f"stage field `data.blend` must be tokens or samples, got {raw['data']['blend']!r}.")
     if raw["data"]["positions"] not in ("1d", "mrope"):
         raise RecipeError(f"stage field `data.positions` must be 1d or mrope, got {raw['data']['positions']!r}.")
+    if not isinstance(raw["data"]["verify"], bool):
+        raise RecipeError(f"stage field `data.verify` must be true or false (check every shard's sha256 against "
+                          f"its index.json before training), got {raw['data']['verify']!r}.")
     if raw["data"]["split"] not in ("auto", "shards", "samples"):
         raise RecipeError(f"stage field `data.split` must be auto, shards or samples, got {raw['data']['split']!r}.")
     if raw["deepspeed"]["zero_stage"] not in (0, 1, 2, 3):
@@ -237,8 +241,51 @@ def deep_update(d: dict, over: dict) -> dict:
     return out
 
 
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with the YAML 1.2 core schema's plain-scalar rules instead of YAML 1.1's:
+    `3e-3`, `1e5` and `.5` are floats (1.1 wants a dot and a signed exponent), only true/false (in
+    three casings) are booleans (yes/no/on/off stay strings), `010` is ten (no 1.1 octal; `0o10` is
+    eight), `0x1F` hexadecimal, null/~/empty null; no 1:20 sexagesimals, no underscores in numbers."""
+
+    def construct_yaml_int(self, node):  # type: ignore[override]
+        v = self.construct_scalar(node)
+        sign = -1 if v[0] == "-" else 1
+        body = v.lstrip("+-")
+        if body.startswith("0o"):
+            return int(body[2:], 8)
+        if body.startswith("0x"):
+            return int(body[2:], 16)
+        return sign * int(body)
+
+    def construct_yaml_float(self, node):  # type: ignore[override]
+        v = self.construct_scalar(node).lower()
+        if v.lstrip("+-") == ".inf":
+            return float("-inf") if v[0] == "-" else float("inf")
+        if v == ".nan":
+            return float("nan")
+        return float(v)
+
+
+Yaml12Loader.yaml_implicit_resolvers = {}
+for _tag, _regexp, _first in (
+        ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", list("tTfF")),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", list("-+0123456789")),
+        ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$", list("-+.0123456789"))):
+    Yaml12Loader.add_implicit_resolver(_tag, re.compile(_regexp), _first)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:int", Yaml12Loader.construct_yaml_int)
+Yaml12Loader.add_constructor("tag:yaml.org,2002:float", Yaml12Loader.construct_yaml_float)
+
+
+def yaml12(text: str) -> Any:
+    """`text` read as YAML under the 1.2 core schema (see Yaml12Loader)."""
+    return yaml.load(text, Loader=Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(s: str) -> dict[str, Any]:
-    """`data.max_len=512` -> {"data": {"max_len": 512}} (value parsed as YAML)."""
+    """`data.max_len=512` -> {"data": {"max_len": 512}}; the value is read as YAML 1.2 (core schema):
+    `optim.lr=3e-3` is a float, `data.pack=false` a boolean, `data.kinds=[image_text]` a list."""
     if "=" not in s:
         raise RecipeError(f"--set takes FIELD=VALUE such as steps=10, got {s!r}.")
     key, value = s.split("=", 1)
@@ -248,5 +295,10 @@ def parse_override(s: str) -> dict[str, Any]:
     for p in parts[:-1]:
         cur[p] = {}
         cur = cur[p]
-    cur[parts[-1]] = yaml.safe_load(value)
+    try:
+        cur[parts[-1]] = yaml12(value)
+    except yaml.YAMLError as e:
+        why = getattr(e, "problem", None) or e
+        raise RecipeError(f"--set {key.strip()}: the value {value!r} is not valid YAML ({why}); "
+                          "quote a string, e.g. --set name='my stage'.") from None
     return node

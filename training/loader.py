@@ -68,36 +68,68 @@ class ShardSet:
     caption: str = "original"  # which text captions train on: original | latest | model:NAME | random
 
 
-def _index_counts(folder: str) -> dict[str, int]:
+def _index_records(folder: str) -> dict[str, dict]:
+    """Each shard's record in the folder's index.json (samples, bytes, sha256), by path."""
     p = os.path.join(folder, "index.json")
     if not os.path.exists(p):
         return {}
     with open(p) as f:
         idx = json.load(f)
-    return {os.path.join(folder, s["shard"]): int(s["samples"]) for s in idx.get("shards", [])}
+    return {os.path.join(folder, s["shard"]): s for s in idx.get("shards", [])}
+
+
+def _file_sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_shard(url: str, rec: dict | None, verify: bool, where: str = "data.sources") -> None:
+    """Refuses a shard that is not the one its index.json recorded: its sha256 is checked when `verify`
+    (the stage's `data.verify`) and always when its size differs from the record's `bytes`."""
+    if not rec:
+        return  # no index.json record (tar paths from elsewhere): nothing to check against
+    size = os.path.getsize(url)
+    size_ok = rec.get("bytes") is None or int(rec["bytes"]) == size
+    if size_ok and not (verify and rec.get("sha256")):
+        return
+    digest = _file_sha256(url)
+    if size_ok and digest == rec["sha256"]:
+        return
+    raise RecipeError(f"stage field `{where}`: shard {url} is refused: it is not the shard its index.json recorded "
+                      f"({size} bytes, sha256 {digest[:16]}...; recorded {rec.get('bytes')} bytes, sha256 "
+                      f"{str(rec.get('sha256'))[:16]}...); copy it again from the run, or re-run `reelforge mix`.")
 
 
 def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: str = "data.sources",
-                      caption: str = "original") -> ShardSet:
-    """Folders (their *.tar, with counts from index.json), globs or tar paths -> a ShardSet."""
+                      caption: str = "original", verify: bool = False) -> ShardSet:
+    """Folders (their *.tar, with counts from index.json), globs or tar paths -> a ShardSet; each shard
+    is checked against its index.json record (see check_shard)."""
     urls: list[str] = []
-    counts: dict[str, int] = {}
+    recs: dict[str, dict] = {}
     for p in paths:
         if os.path.isdir(p):
-            counts.update(_index_counts(p))
+            recs.update(_index_records(p))
             found = sorted(glob.glob(os.path.join(p, "*.tar")))
         elif any(c in p for c in "*?["):
             found = sorted(glob.glob(p))
             for d in {os.path.dirname(f) for f in found}:
-                counts.update(_index_counts(d))
+                recs.update(_index_records(d))
         else:
             found = [p] if os.path.isfile(p) else []
             if found:
-                counts.update(_index_counts(os.path.dirname(p)))
+                recs.update(_index_records(os.path.dirname(p)))
         if not found:
             raise RecipeError(f"stage field `{where}` ({name}): no .tar shards at {p}; point `path` at the "
                               "shards folder of a run (OUT/shards), a glob, or tar files.")
         urls.extend(found)
+    for u in urls:
+        check_shard(u, recs.get(u), verify, where)
+    counts = {k: int(r["samples"]) for k, r in recs.items()}
     check_shard_version(urls[0])  # a newer layout is refused here, in one sentence, before any worker starts
     return ShardSet(name=name, weight=float(weight), urls=urls, counts=[counts.get(u) for u in urls],
                     caption=caption)
@@ -120,7 +152,7 @@ def check_shard_version(url: str) -> None:
 
 def shard_sets_of(cfg) -> list[ShardSet]:
     return [resolve_shard_set(s["name"], s["path"], s["weight"], f"data.sources[{i}].path",
-                              s.get("caption", "original"))
+                              s.get("caption", "original"), bool(cfg.data.get("verify", False)))
             for i, s in enumerate(cfg.data["sources"])]
 
 
@@ -235,6 +267,7 @@ class Item:
     kind: str
     role: str = "seq"
     extra: dict[str, Any] = field(default_factory=dict)
+    entry: str | None = None  # the plan entry it was drawn for (report.entry_of), when the stage names a plan
 
 
 FRAME, FAST_START, FAST_END = "<|frame|>", "<|fast_start|>", "<|fast_end|>"
@@ -505,6 +538,10 @@ class Encoder:
             return None
         images, media = self.media(raw, meta)
         mk = dict(id=meta["id"], source=src, kind=kind)
+        if getattr(self, "entries", None) is not None:  # set by the loader when the stage names a plan
+            from reelforge.training.report import OUTSIDE, entry_of
+
+            mk["entry"] = entry_of(meta, self.entries) or OUTSIDE
         vfps = {"video_fps": list(self._fps)} if self._fps else {}
         if obj == "vit_contrastive":
             t = self.ids(caption_text(meta, caption, self.seed))[: self.max_text_len]
@@ -680,7 +717,7 @@ def collate_packed(packs: list[list[Item]], pad_id: int, mrope: dict | None = No
             s += [k] * n
             images += it.images
             samples.append({"id": it.id, "source": it.source, "kind": it.kind, "role": it.role, "tokens": n,
-                            "segment": k})
+                            "segment": k, "entry": it.entry})
             k += 1
         rows.append(r)
         labels.append(lab)
@@ -736,7 +773,7 @@ def list_batches(reader: SlotReader, batch_size: int) -> Iterator[tuple[dict, di
             items += got
         if items and (got is None or len(items) >= batch_size):
             yield {"items": items, "samples": [{"id": i.id, "source": i.source, "kind": i.kind, "role": i.role,
-                                                "tokens": len(i.input_ids)} for i in items],
+                                                "tokens": len(i.input_ids), "entry": i.entry} for i in items],
                    "tokens": sum(len(i.input_ids) for i in items)}, reader.snapshot()
             items = []
         if got is None:
@@ -759,6 +796,7 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         sp = self.spec
         enc = Encoder(sp["tokenizer"], sp["visual"], sp["max_len"], sp["objective"], sp["kinds"], sp["max_text_len"],
                       sp["seed"])
+        enc.entries = sp.get("entries")
         reader = SlotReader(self.sets, enc, sp["seed"], slot, sp["world"] * k, sp["split"], sp["blend"],
                             sp["epochs"], self.states.get(v))
         if sp["objective"] in ("lm", "mpo"):
@@ -772,6 +810,16 @@ class _SlotDataset(torch.utils.data.IterableDataset):
         for batch, state in it:
             batch["_worker"], batch["_state"] = v, state
             yield batch
+
+
+def _entries_of(cfg) -> list[dict] | None:
+    """The plan entries samples are attributed to (report.plan_entries), or None."""
+    from reelforge.training.report import plan_entries
+
+    try:
+        return plan_entries(cfg)
+    except (OSError, ValueError, AttributeError, KeyError):
+        return None  # no readable planner plan: samples are counted by source and set only
 
 
 class ShardLoader:
@@ -789,17 +837,19 @@ class ShardLoader:
                      "visual": d["visual"], "max_len": d["max_len"], "objective": cfg.objective,
                      "kinds": d["kinds"], "max_text_len": d["max_text_len"], "seed": cfg.seed, "split": d["split"],
                      "blend": d["blend"], "epochs": d["epochs"], "batch_size": d["batch_size"], "pack": d["pack"],
-                     "positions": d.get("positions", "1d")}
+                     "positions": d.get("positions", "1d"), "entries": _entries_of(cfg)}
         self.num_workers, self.prefetch = d["num_workers"], d["prefetch"]
         self._states: dict[int, dict] = {}
         self.consumed = 0
         self.seen: dict[str, int] = {}
         self.seen_tokens: dict[str, int] = {}
+        self.seen_entries: dict[str, int] = {}  # by plan entry (report.entry_of), when the stage names a plan
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "rank": self.spec["rank"], "world": self.spec["world"],
                 "workers": self.workers, "consumed": self.consumed, "states": copy.deepcopy(self._states),
-                "seen": dict(self.seen), "seen_tokens": dict(self.seen_tokens)}
+                "seen": dict(self.seen), "seen_tokens": dict(self.seen_tokens),
+                "seen_entries": dict(self.seen_entries)}
 
     def load_state_dict(self, st: dict) -> None:
         if (st.get("world"), st.get("workers")) != (self.spec["world"], self.workers):
@@ -810,6 +860,7 @@ class ShardLoader:
         self.consumed = int(st["consumed"])
         self.seen = dict(st.get("seen", {}))
         self.seen_tokens = dict(st.get("seen_tokens", {}))
+        self.seen_entries = dict(st.get("seen_entries", {}))
 
     def __iter__(self) -> Iterator[dict]:
         ds = _SlotDataset(self.spec, self.sets, dict(self._states), self.consumed % self.workers)
@@ -824,6 +875,8 @@ class ShardLoader:
             for s in b["samples"]:
                 if s["role"] != "rejected":
                     self.seen[s["source"]] = self.seen.get(s["source"], 0) + 1
+                    if s.get("entry") is not None:
+                        self.seen_entries[s["entry"]] = self.seen_entries.get(s["entry"], 0) + 1
                 self.seen_tokens[s["source"]] = self.seen_tokens.get(s["source"], 0) + s["tokens"]
             yield b
 

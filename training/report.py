@@ -12,6 +12,56 @@ import os
 from typing import Any
 
 
+def _plan_stage(cfg) -> dict | None:
+    """The mixture planner's stage this training stage runs (`report.plan` + `report.plan_stage`, else
+    the stage of the same name, else the plan's only stage); None when the plan is another JSON."""
+    rep = cfg.report
+    if rep.get("targets") or not rep.get("plan"):
+        return None
+    with open(rep["plan"]) as f:
+        plan = json.load(f)
+    if not (isinstance(plan, dict) and isinstance(plan.get("stages"), list)):
+        return None
+    stages = plan["stages"]
+    want = rep.get("plan_stage") or cfg.name
+    st = next((x for x in stages if x.get("name") == want), stages[0] if len(stages) == 1 else None)
+    if st is None:
+        from reelforge.curation.errors import RecipeError
+
+        raise RecipeError(f"stage field `report.plan_stage` must name one of the plan's stages "
+                          f"{[x.get('name') for x in stages]}, got {want!r}.")
+    return st
+
+
+OUTSIDE = "(outside the plan)"  # seen_entries' key for samples no plan entry selects
+
+
+def plan_entries(cfg) -> list[dict] | None:
+    """The plan stage's entries as [{name, selector}] (what the loader attributes samples by), or None."""
+    st = _plan_stage(cfg)
+    if st is None:
+        return None
+    return [{"name": e["name"], "selector": dict(e.get("selector") or {})} for e in st.get("entries", [])]
+
+
+def entry_of(sample: dict, entries: list[dict] | None) -> str | None:
+    """The plan entry a sample (its row view: source, kind, mode, scores) was drawn for: the first whose
+    selector it meets, by the planner's rule (mixers/planner.py `entry_indices`: each listed source,
+    kind, mode must contain the sample's; each `min_scores` score must be present and >= the bound;
+    an entry without conditions takes everything). The planner refuses entries that overlap, so at
+    most one matches a sample of the plan's run."""
+    for e in entries or []:
+        sel = e["selector"]
+        if any(sel.get(col) and sample.get(col) not in sel[col] for col in ("source", "kind", "mode")):
+            continue
+        scores = sample.get("scores") or {}
+        mins = dict(sel.get("min_scores") or {})
+        if any(not isinstance(scores.get(k), (int, float)) or scores[k] < v for k, v in mins.items()):
+            continue
+        return e["name"]
+    return None
+
+
 def _plan_targets(cfg) -> dict[str, float] | None:
     rep = cfg.report
     if rep.get("targets"):
@@ -21,14 +71,7 @@ def _plan_targets(cfg) -> dict[str, float] | None:
     with open(rep["plan"]) as f:
         plan = json.load(f)
     if isinstance(plan, dict) and isinstance(plan.get("stages"), list):  # the mixture planner's plan JSON
-        stages = plan["stages"]
-        want = rep.get("plan_stage") or cfg.name
-        st = next((x for x in stages if x.get("name") == want), stages[0] if len(stages) == 1 else None)
-        if st is None:
-            from reelforge.curation.errors import RecipeError
-
-            raise RecipeError(f"stage field `report.plan_stage` must name one of the plan's stages "
-                              f"{[x.get('name') for x in stages]}, got {want!r}.")
+        st = _plan_stage(cfg)
         return {e["name"]: float(e["samples"]) for e in st.get("entries", [])}
     node: Any = plan.get("sources", plan) if isinstance(plan, dict) else plan
     if isinstance(node, list):
@@ -74,11 +117,14 @@ def reward_summary(rows: list[dict], k: int | None = None) -> dict:
     return {"per_step": per, "window": k, "first": first, "last": last, "rise": last - first}
 
 
-def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, int] | None = None) -> dict:
+def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, int] | None = None,
+                 seen_entries: dict[str, int] | None = None) -> dict:
     """Writes report.json and loss.png under out_dir; returns the report.
 
-    `seen` counts samples by their provenance source, `seen_sets` by the stage's shard-set names;
-    the plan is compared with whichever shares more names with it (plan entries usually name sets).
+    `seen` counts samples by their provenance source, `seen_sets` by the stage's shard-set names,
+    `seen_entries` by the plan entry the loader attributed them to (`entry_of`). A planner plan
+    (`report.plan`) is compared entry by entry (`plan_comparison_by: entry`); a `report.targets`
+    mapping or another plan JSON with whichever of sources and sets shares more names with it.
     """
     rows = []
     p = os.path.join(out_dir, "metrics.jsonl")
@@ -97,13 +143,22 @@ def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, i
     }
     if seen_sets:
         report["samples_per_set"] = dict(sorted(seen_sets.items()))
+    if seen_entries:
+        report["samples_per_entry"] = dict(sorted(seen_entries.items()))
     rewarded = [r for r in rows if isinstance(r.get("reward"), (int, float))]
     if rewarded:
         report["reward"] = reward_summary(rewarded)
     targets = _plan_targets(cfg)
     if targets:
-        if seen_sets and len(set(seen_sets) & set(targets)) > len(set(seen) & set(targets)):
-            seen = seen_sets
+        by = "source"
+        if _plan_stage(cfg) is not None:
+            seen, by = {k: v for k, v in (seen_entries or {}).items() if k != OUTSIDE}, "entry"
+            unmatched = (seen_entries or {}).get(OUTSIDE, 0)
+            if unmatched:
+                report["samples_outside_plan"] = unmatched
+        elif seen_sets and len(set(seen_sets) & set(targets)) > len(set(seen) & set(targets)):
+            seen, by = seen_sets, "set"
+        report["plan_comparison_by"] = by
         total_seen, total_plan = sum(seen.values()) or 1, sum(targets.values()) or 1
         report["plan_comparison"] = {
             k: {"seen": seen.get(k, 0), "planned": targets.get(k, 0.0),

@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import os
+import signal
 import socket
 import time
 from typing import Any, Callable
@@ -393,9 +394,51 @@ def _truncate_jsonl(path: str, step: int) -> None:
         f.writelines(keep)
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM set a flag instead of killing the run; the loop checks it at each step
+    boundary (all ranks agree through the step's all-reduce), saves a checkpoint there and returns, so
+    `reelforge train` exits 0 and the next run resumes from that step. Installed from the main thread
+    only (Python's rule); the previous handlers come back on exit. DataLoader workers forked while it
+    is installed inherit the flag-setting handler, so a Ctrl-C to the process group does not kill
+    them under the step that is finishing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.got: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def _on(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
+        self.got = self.got or signum
+
+    def __enter__(self) -> "StopSignals":
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._on)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.got).name if self.got else ""
+
+
 def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
           log: Callable[[str], None] = print) -> dict:
-    """Run (or resume) a stage; returns a summary. `stop_after` stops at that step, as if interrupted."""
+    """Run (or resume) a stage; returns a summary. `stop_after` stops at that step, as if interrupted.
+    SIGINT / SIGTERM stop it at the next step boundary with a checkpoint there (summary `interrupted`)."""
+    with StopSignals() as signals:
+        return _train(cfg, stop_after, fresh, log, signals)
+
+
+def _train(cfg: StageConfig, stop_after: int | None, fresh: bool, log: Callable[[str], None],
+           signals: StopSignals) -> dict:
     import deepspeed
 
     rank, world, local = init_distributed()
@@ -459,7 +502,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
     it = iter(loader)
     seen_f = open(os.path.join(out_dir, "seen", f"rank{rank}.jsonl"), "a")
     metrics_f = open(os.path.join(out_dir, "metrics.jsonl"), "a" if tag else "w") if rank == 0 else None
-    exhausted = stop = False
+    exhausted = stop = interrupted = False
     end = min(cfg.steps, stop_after) if stop_after else cfg.steps
     t_start = time.perf_counter()
     tokens_total = 0
@@ -469,7 +512,7 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
     while step < end:
         t0 = time.perf_counter()
         lr_now = sched.get_last_lr()[0]  # the rate this step's update uses
-        losses, n_tok, ids, parts = [], 0, [], {}
+        losses, n_tok, ids, entries, parts = [], 0, [], [], {}
         n_vis = attn_sq = vis_sq = 0  # visual tokens, sum of sample lengths^2, of patches^2 per image
         stop = False
         data_s = 0.0  # waiting for the loader: the step's input-bound share
@@ -497,14 +540,15 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
                 attn_sq += sum(s["tokens"] ** 2 for s in batch["samples"])
                 vis_sq += sum((im.shape[1] * im.shape[2] // 196) ** 2 for im in batch.get("images") or [])
             ids += [s["id"] for s in batch["samples"] if s["role"] != "rejected"]
+            entries += [s.get("entry") for s in batch["samples"] if s["role"] != "rejected"]
             if not batch.get("dummy"):
                 add_stats(parts, st)
         if stop:
             break
         step += 1
         mine = [x for x in losses if not math.isnan(x)]
-        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq), float(vis_sq)],
-                             dtype=torch.float64, device=device)
+        stats = torch.tensor([sum(mine), float(len(mine)), float(n_tok), float(n_vis), float(attn_sq), float(vis_sq),
+                              float(signals.got is not None)], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
         stats = stats.cpu()
         loss_mean = float(stats[0] / max(stats[1], 1))
@@ -512,7 +556,8 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
         extra = mean_stats(_gather(parts, world) if world > 1 and cfg.objective in ("mpo", "grpo") else [parts])
         tokens_total += int(stats[2])
         dt = time.perf_counter() - t0
-        seen_f.write(json.dumps({"step": step, "ids": ids}) + "\n")
+        said_entries = {"entries": entries} if any(e is not None for e in entries) else {}  # the plan's entry per id
+        seen_f.write(json.dumps({"step": step, "ids": ids, **said_entries}) + "\n")
         seen_f.flush()
         if metrics_f is not None:
             rec = {"step": step, "loss": loss_mean, "lr": lr_now, "tokens": int(stats[2]),
@@ -525,8 +570,14 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
                 log(f"[{cfg.name}] step {step}/{cfg.steps} loss {loss_mean:.4f}{said} lr {rec['lr']:.2e} "
                     f"{rec['tokens_per_s'] or 0:.0f} tok/s")
         every = cfg.output["save_every"]
-        if (every and step % every == 0) or step == end:
+        interrupted = bool(stats[6] > 0) and step < end  # any rank signalled: every rank stops here
+        if (every and step % every == 0) or step == end or interrupted:
             save_checkpoint(engine, loader, objective, ckpt_dir, step, rank, world)
+        if interrupted:
+            if rank == 0:
+                log(f"[{cfg.name}] {signals.name or 'a signal on another rank'}: stopped at step {step}/{cfg.steps} "
+                    f"with a checkpoint ({os.path.join(ckpt_dir, f'step-{step}')}); run it again to resume")
+            break
     seen_f.close()
     if metrics_f is not None:
         metrics_f.close()
@@ -542,14 +593,15 @@ def train(cfg: StageConfig, stop_after: int | None = None, fresh: bool = False,
             per_set[k] = per_set.get(k, 0) + v
     seen = _gather(st["seen"], world)
     sets = _gather(per_set, world)
-    summary = {"stage": cfg.name, "step": step, "steps": cfg.steps, "wall_s": wall,
+    by_entry = _gather(st.get("seen_entries", {}), world)
+    summary = {"stage": cfg.name, "step": step, "steps": cfg.steps, "wall_s": wall, "interrupted": interrupted,
                "tokens_per_s": tokens_total / wall if wall > 0 else None, "world": world}
     if rank == 0:
         totals, set_totals = _sum_dicts(seen), _sum_dicts(sets)
         summary["samples_per_source"] = totals
         from reelforge.training.report import write_report
 
-        summary["report"] = write_report(out_dir, cfg, totals, set_totals)
+        summary["report"] = write_report(out_dir, cfg, totals, set_totals, _sum_dicts(by_entry))
     dist.barrier()
     return summary
 
