@@ -64,25 +64,30 @@ def load_full_demo_recipe(recipe_path: str, out: str, log=print):
 
 
 def _cmd_ledger(args: argparse.Namespace) -> int:
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
+    from reelforge.jobs.inspect import InspectError, ledger_lines
 
-    path = os.path.join(args.run_dir, "ledger") if os.path.isdir(os.path.join(args.run_dir, "ledger")) else args.run_dir
-    if not os.path.isdir(path):
-        raise RecipeError(f"no ledger under {args.run_dir}: pass the output folder of a run.")
-    table = ds.dataset(path, format="parquet")
-    if args.id:
-        flt = pc.field("id") == args.id
-    elif args.key:
-        flt = pc.field("source_key") == args.key
-    else:
-        flt = None
-    rows = table.to_table(filter=flt).to_pylist() if flt is not None else table.head(args.limit).to_pylist()
-    for r in rows[: args.limit]:
+    try:
+        rows = ledger_lines(args.run_dir, id=args.id, key=args.key, reason=args.reason, step=args.step,
+                            limit=args.limit)
+    except InspectError as e:
+        raise RecipeError(str(e)) from None
+    for r in rows:
         print(json.dumps(r, ensure_ascii=False, sort_keys=True))
     if not rows:
         print("no ledger line matches", file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from reelforge.jobs.inspect import InspectError, inspect_run
+
+    try:
+        res = inspect_run(args.run_dir, args.out, reason=args.reason, step=args.step, source=args.source,
+                          kept=args.kept, n=args.n)
+    except InspectError as e:
+        raise RecipeError(str(e)) from None
+    print(f"contact sheet: {os.path.abspath(res['path'])} ({res['shown']} of {res['matched']} samples)")
     return 0
 
 
@@ -237,9 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     lg = sub.add_parser("ledger", help="find a sample's fate by id or source key")
     lg.add_argument("run_dir")
     lg.add_argument("--id")
-    lg.add_argument("--key")
+    lg.add_argument("--key", help="a source key (part-0.tar/000017, llava.jsonl:17), or with its file's "
+                                  "folders in front (data/llava.jsonl:17)")
+    lg.add_argument("--reason", help="only drops for this reason (e.g. low_clip_score)")
+    lg.add_argument("--step", help="only drops at this step")
     lg.add_argument("--limit", type=int, default=20)
     lg.set_defaults(fn=_cmd_ledger)
+    ins = sub.add_parser("inspect", help="an HTML contact sheet of a run's dropped (or kept) samples")
+    ins.add_argument("run_dir")
+    ins.add_argument("--reason")
+    ins.add_argument("--step")
+    ins.add_argument("--source")
+    ins.add_argument("--kept", action="store_true", help="kept samples instead of dropped ones")
+    ins.add_argument("--n", type=int, default=48, help="samples on the sheet (the first by id)")
+    ins.add_argument("--out", help="HTML file to write (default: ./inspect-FATE-FILTER.html)")
+    ins.set_defaults(fn=_cmd_inspect)
     pl = sub.add_parser("plan", help="plan a mixture: token targets -> per-source sample counts, from a run's stats")
     pl.add_argument("mixture", help="mixture YAML (examples: mixers/recipes/)")
     pl.add_argument("--stats", required=True, metavar="RUN_DIR", help="output folder of a finished run")

@@ -230,3 +230,240 @@ def write_report(report: dict, out: str) -> None:
     plot_funnel(report, os.path.join(out, "funnel.png"))
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(report))
+    write_report_html(report, out)
+
+
+# --- report.html: the same figures, plus drops by step x reason and source x reason, score and
+# token histograms and video hours, in one self-contained file (inline CSS, PNG data: URIs) --------
+
+
+def _png_data_uri(fig) -> str:
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _parquet_batches(path: str, columns: list[str]):
+    """Record batches of a Spark-written Parquet folder (only these columns; nothing if absent)."""
+    import pyarrow.dataset as ds
+
+    if not path or not os.path.isdir(path):
+        return
+    d = ds.dataset(path, format="parquet")
+    cols = [c for c in columns if c in d.schema.names]
+    yield from d.to_batches(columns=cols, batch_size=65536)
+
+
+def run_distributions(report: dict) -> dict:
+    """What report.html plots beyond report.json, read from the run's Parquet (batch by batch, one
+    number per sample and score kept): every score of the last step's rows (kept or dropped), tokens
+    per kind of the kept samples (the samples table) and the video seconds in and out."""
+    paths = report.get("paths") or {}
+    samples = paths.get("samples")
+    run_dir = os.path.dirname(paths["ledger"]) if paths.get("ledger") else None
+    steps = report.get("steps") or []
+    last = (os.path.join(run_dir, "_work", f"{len(steps) - 2:02d}_{steps[-2]['step']}")
+            if run_dir and len(steps) >= 2 else None)
+    scores: dict[str, dict[str, list[float]]] = {}  # name -> kept/dropped -> values
+    tokens: dict[str, list[int]] = {}
+    kept_ids: set[str] = set()
+    for b in _parquet_batches(samples, ["id", "kind", "tokens"]):
+        d = b.to_pydict()
+        kept_ids.update(d["id"])
+        for k, t in zip(d["kind"], d["tokens"]):
+            if t is not None:
+                tokens.setdefault(k, []).append(t)
+    video = {"in_s": 0.0, "out_s": 0.0, "in_videos": 0, "out_videos": 0, "known": False}
+    from_work = bool(last and os.path.isdir(last))
+    if from_work:
+        for b in _parquet_batches(last, ["id", "scores", "media", "parent_id", "drop_step"]):
+            for r in b.to_pylist(maps_as_pydicts="strict"):
+                fate = "kept" if r["id"] in kept_ids else "dropped"
+                for name, v in (r.get("scores") or {}).items():
+                    if v is not None:
+                        scores.setdefault(name, {"kept": [], "dropped": []})[fate].append(float(v))
+                secs = [m.get("duration") or 0.0 for m in (r.get("media") or []) if m.get("kind") == "video"]
+                if secs and r.get("parent_id") is None:
+                    video["in_s"] += sum(secs)
+                    video["in_videos"] += len(secs)
+                if secs and fate == "kept":
+                    video["out_s"] += sum(secs)
+                    video["out_videos"] += len(secs)
+        video["known"] = True
+    else:  # _work removed: the kept samples' scores only
+        for b in _parquet_batches(samples, ["scores"]):
+            for s in b.column("scores").to_pylist(maps_as_pydicts="strict"):
+                for name, v in (s or {}).items():
+                    if v is not None:
+                        scores.setdefault(name, {"kept": [], "dropped": []})["kept"].append(float(v))
+    return {"scores": dict(sorted(scores.items())), "tokens": dict(sorted(tokens.items())), "video": video,
+            "scores_from": "the last step's rows (kept and dropped)" if from_work
+            else "the samples table (kept only: _work/ was removed)"}
+
+
+def _funnel_figures(report: dict) -> tuple[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = report["steps"]
+    y = list(range(len(steps)))[::-1]
+    uris = []
+    for key_in, key_out, label in (("in", "out", "samples"), ("tokens_in", "tokens_out", "tokens")):
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(steps) + 1.2))
+        outs = [s[key_out] for s in steps]
+        lost = [max(0, s[key_in] - s[key_out]) for s in steps]
+        ax.barh(y, outs, color="#3b7dd8", label="continues")
+        ax.barh(y, lost, left=outs, color="#e8833a", label="dropped here")
+        ax.set_yticks(y)
+        ax.set_yticklabels([s["step"] for s in steps])
+        ax.set_xlabel(label)
+        ax.set_title(f"funnel in {label}")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        uris.append(_png_data_uri(fig))
+    return uris[0], uris[1]
+
+
+def _histogram(title: str, series: dict[str, list[float]], xlabel: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(4.6, 2.8))
+    vals = [np.asarray(v, dtype=float) for v in series.values() if len(v)]
+    if vals:
+        lo, hi = min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
+        bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
+        present = {k: v for k, v in series.items() if len(v)}
+        ax.hist(list(present.values()), bins=bins, stacked=True, label=list(present), color=None)
+        ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel("samples", fontsize=8)
+    fig.tight_layout()
+    return _png_data_uri(fig)
+
+
+_HTML_CSS = """
+body{font:14px system-ui,sans-serif;margin:24px;color:#222;max-width:1200px}
+table{border-collapse:collapse;margin:8px 0 16px} td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}
+th{background:#eef} td.n{text-align:right;font-variant-numeric:tabular-nums} td.z{color:#bbb;text-align:right}
+.figs{display:flex;flex-wrap:wrap;gap:12px} .ok{color:#2a7} .bad{color:#c33;font-weight:700}
+h2{border-bottom:1px solid #ddd;padding-bottom:2px;margin-top:28px}
+"""
+
+
+def _cross_table(rows: dict[str, dict[str, int]], row_label: str) -> list[str]:
+    """A step (or source) x reason table of drop counts."""
+    import html
+
+    reasons = sorted({r for d in rows.values() for r in d}, key=lambda r: (-sum(d.get(r, 0) for d in rows.values()), r))
+    if not reasons:
+        return ["<p>no drops.</p>"]
+    out = ["<table><tr><th>" + html.escape(row_label) + "</th>"
+           + "".join(f"<th>{html.escape(r)}</th>" for r in reasons) + "<th>all</th></tr>"]
+    for name, d in rows.items():
+        if not any(d.values()):
+            continue
+        cells = "".join(f"<td class='n'>{d[r]:,}</td>" if d.get(r) else "<td class='z'>0</td>" for r in reasons)
+        out.append(f"<tr><td>{html.escape(name)}</td>{cells}<td class='n'>{sum(d.values()):,}</td></tr>")
+    out.append("</table>")
+    return out
+
+
+def render_html(report: dict, dist: dict | None = None) -> str:
+    import html
+
+    dist = dist if dist is not None else run_distributions(report)
+    esc = html.escape
+    derived = f" + {report['derived']:,} derived" if report.get("derived") else ""
+    ok = report.get("balanced")
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'>",
+             f"<title>reelforge run report: {esc(report['recipe'])}</title><style>{_HTML_CSS}</style></head><body>",
+             f"<h1>reelforge run report: {esc(report['recipe'])}</h1>",
+             f"<p>Master <code>{esc(str(report['master']))}</code>, {report.get('elapsed_s', 0):.1f} s. "
+             f"<b>{report['inputs']:,} inputs{derived} = {report['kept']:,} kept + {report['dropped']:,} dropped</b> "
+             f"(<span class='{'ok' if ok else 'bad'}'>{'balanced' if ok else 'NOT BALANCED'}</span>), "
+             f"{report['shards']} shards.</p>"]
+    samples_png, tokens_png = _funnel_figures(report)
+    parts += ["<h2 id='funnel'>Funnel</h2>", "<div class='figs'>",
+              f"<img id='funnel-samples' alt='funnel in samples' src='{samples_png}'>",
+              f"<img id='funnel-tokens' alt='funnel in tokens' src='{tokens_png}'></div>",
+              "<table><tr><th>step</th><th>in</th><th>out</th><th>dropped</th><th>derived</th><th>media in</th>"
+              "<th>media out</th><th>tokens in</th><th>tokens out</th><th>seconds</th></tr>"]
+    for s in report["steps"]:
+        parts.append(f"<tr><td>{esc(s['step'])}</td>" + "".join(
+            f"<td class='n'>{v}</td>" for v in (
+                f"{s['in']:,}", f"{s['out']:,}", f"{s['dropped']:,}", f"{s.get('derived', 0):,}",
+                _fmt_bytes(s["media_bytes_in"]), _fmt_bytes(s["media_bytes_out"]), f"{s['tokens_in']:,}",
+                f"{s['tokens_out']:,}", s["seconds"])) + "</tr>")
+    parts += ["</table>", "<p>Tokens are known from the <code>tokens</code> step on; samples dropped before it "
+              "count 0.</p>", "<h2 id='drops-step'>Drops by step and reason</h2>"]
+    parts += _cross_table({s["step"]: s["reasons"] for s in report["steps"]}, "step")
+    parts.append("<h2 id='drops-source'>Drops by source and reason</h2>")
+    parts += _cross_table({n: d.get("reasons", {}) for n, d in report["sources"].items()}, "source")
+    parts += ["<h2 id='sources'>Sources (kept tokens)</h2>",
+              "<table><tr><th>source</th><th>inputs</th><th>kept</th><th>dropped</th><th>text tokens</th>"
+              "<th>visual tokens</th><th>tokens</th></tr>"]
+    for name, d in report["sources"].items():
+        parts.append(f"<tr><td>{esc(name)}</td>" + "".join(f"<td class='n'>{d.get(k, 0):,}</td>" for k in (
+            "inputs", "kept", "dropped", "text_tokens", "visual_tokens", "tokens")) + "</tr>")
+    parts.append("</table>")
+    parts += ["<h2 id='scores'>Scores</h2>", f"<p>From {esc(dist['scores_from'])}.</p>"]
+    if dist["scores"]:
+        parts.append("<div class='figs'>")
+        for name, by_fate in dist["scores"].items():
+            n = sum(len(v) for v in by_fate.values())
+            parts.append(f"<img class='hist' id='score-{esc(name)}' alt='score {esc(name)}' "
+                         f"src='{_histogram(f'score {name} ({n:,} samples)', by_fate, name)}'>")
+        parts.append("</div>")
+    else:
+        parts.append("<p>no sample has a score.</p>")
+    parts.append("<h2 id='tokens'>Tokens per kind (kept samples)</h2>")
+    if dist["tokens"]:
+        parts.append("<div class='figs'>")
+        for kind, vals in dist["tokens"].items():
+            parts.append(f"<img class='hist' id='tokens-{esc(kind)}' alt='tokens {esc(kind)}' "
+                         f"src='{_histogram(f'{kind}: {len(vals):,} samples', {kind: vals}, 'tokens')}'>")
+        parts.append("</div>")
+    else:
+        parts.append("<p>no kept sample has a token count.</p>")
+    v = dist["video"]
+    parts.append("<h2 id='video'>Video hours</h2>")
+    if v["known"]:
+        parts.append(f"<table><tr><th></th><th>videos</th><th>hours</th></tr>"
+                     f"<tr><td>in (input samples, probed duration)</td><td class='n'>{v['in_videos']:,}</td>"
+                     f"<td class='n'>{v['in_s'] / 3600:.4f}</td></tr>"
+                     f"<tr><td>out (kept samples, clips included)</td><td class='n'>{v['out_videos']:,}</td>"
+                     f"<td class='n'>{v['out_s'] / 3600:.4f}</td></tr></table>"
+                     "<p>A video dropped before <code>probe</code> has no known duration and counts 0.</p>")
+    else:
+        parts.append("<p>not known: <code>_work/</code> was removed (output.keep_work: false).</p>")
+    reused = report.get("reused")
+    parts.append("<h2 id='reuse'>Reused steps</h2>")
+    parts.append(f"<p>{esc(', '.join(reused)) if reused else 'none'}</p>" if reused is not None
+                 else "<p>not recorded: this run's report does not say which steps were reused from "
+                      "<code>_work/</code>.</p>")
+    paths = report.get("paths", {})
+    if paths:
+        parts += ["<h2 id='paths'>Where things are</h2><ul>"] + [
+            f"<li>{esc(k)}: <code>{esc(str(p))}</code></li>" for k, p in paths.items()] + ["</ul>"]
+    parts.append("<p>One sample's fate: <code>reelforge ledger OUT --id ID</code> (or <code>--key SOURCE_KEY</code>, "
+                 "<code>--reason R</code>); a contact sheet: <code>reelforge inspect OUT --reason R</code>.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report_html(report: dict, out: str) -> None:
+    with open(os.path.join(out, "report.html"), "w", encoding="utf-8") as f:
+        f.write(render_html(report))
