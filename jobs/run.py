@@ -49,8 +49,8 @@ LOCK = "_reelforge.lock"
 STEP_MARKER = "_REELFORGE"
 PENDING = "shards_pending.json"  # under _work: the shard names a write is about to make
 # what a run writes at the top of its output folder (a folder holding only these is a run's)
-OWNED = {"_work", "shards", "ledger", "samples", "report.json", "report.md", "funnel.png", "embeddings", RUN_MARKER,
-         LOCK}
+OWNED = {"_work", "shards", "ledger", "samples", "report.json", "report.md", "report.html", "funnel.png", "embeddings",
+         RUN_MARKER, LOCK}
 
 
 class AccountingError(Exception):
@@ -244,7 +244,7 @@ def _clear_previous_output(out: str, shard_dir: str, work: str) -> None:
     from reelforge.mixers.stats import SAMPLES_DIR
 
     for p in [os.path.join(shard_dir, "index.json"), os.path.join(out, "report.json"),
-              os.path.join(out, "report.md"), os.path.join(out, "funnel.png"),
+              os.path.join(out, "report.md"), os.path.join(out, "report.html"), os.path.join(out, "funnel.png"),
               os.path.join(out, "ledger"), os.path.join(out, SAMPLES_DIR)]:
         _remove(p)
     for name in names:

@@ -44,7 +44,7 @@ def test_keep_work_false_removes_work_and_a_rerun_recomputes(spark, tmp_path):
     assert rep["balanced"] and rep["kept"] == 40 and rep["dropped"] == 1
     assert not os.path.exists(os.path.join(out, "_work"))
     assert sorted(os.listdir(out)) == sorted(["_reelforge_run.json", "funnel.png", "ledger", "report.json",
-                                              "report.md", "samples", "shards"])
+                                              "report.html", "report.md", "samples", "shards"])
     first = _outputs(out)
     assert sum(s["samples"] for s in first[0]["shards"]) == 40
 
