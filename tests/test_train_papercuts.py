@@ -288,3 +288,66 @@ def test_mix_checks_run_shards(shards, tmp_path, capsys):
     shutil.copy(os.path.join(shards, os.path.basename(tars[0])), tars[0])
     assert main(["mix", str(plan), "--out", str(tmp_path / "mixed")]) == 2  # size differs: no --verify needed
     assert f"run shard {tars[1]} is not the shard the run wrote" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- report by plan entry
+
+
+def test_entry_of_matches_the_planners_selection():
+    """entry_of (the loader's attribution) against the planner's own selection (entry_indices) on a
+    table of samples with every selector the plan has: source, kind, mode, min_scores."""
+    import random
+
+    import numpy as np
+    import pyarrow as pa
+
+    from reelforge.mixers.planner import entry_indices
+    from reelforge.mixers.spec import Entry
+    from reelforge.training.report import entry_of
+
+    rnd = random.Random(0)
+    rows = []
+    for i in range(400):
+        scores = {k: round(rnd.random(), 2) for k in ("clip", "quality") if rnd.random() < 0.7}
+        rows.append({"id": f"s{i:04d}", "source": rnd.choice(["laion", "coco", "chat", "web"]),
+                     "kind": rnd.choice(["image_text", "conversation", "text"]),
+                     "mode": rnd.choice([None, "think", "no_think"]), "scores": scores})
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("id", pa.string()), ("source", pa.string()), ("kind", pa.string()), ("mode", pa.string()),
+        ("scores", pa.map_(pa.string(), pa.float64()))]))
+    plan_entries = [
+        {"name": "captions", "selector": {"source": ["laion", "coco"], "kind": ["image_text"],
+                                          "min_scores": {"clip": 0.3}}},
+        {"name": "think", "selector": {"kind": ["conversation"], "mode": ["think"]}},
+        {"name": "prose", "selector": {"source": ["web"], "kind": ["text"], "min_scores": {"quality": 0.5}}},
+    ]
+    got = np.array([entry_of(r, plan_entries) or "" for r in rows])
+    for e in plan_entries:
+        want = entry_indices(table, Entry.from_selector(e["name"], e["selector"]))
+        assert len(want) > 10 and np.array_equal(np.flatnonzero(got == e["name"]), want), e["name"]
+    assert (got == "").sum() > 100  # the rest belong to no entry
+    assert entry_of(rows[0], [{"name": "all", "selector": {}}]) == "all"  # no conditions: everything
+
+
+def test_report_compares_plan_entries_not_sources(tmp_path):
+    """The papercut: a planner plan's entries ('captions') never match source names ('laion'), so the
+    report said 'captions planned 37, seen 0'; it now compares the loader's per-entry counts."""
+    from types import SimpleNamespace
+
+    from reelforge.training.report import OUTSIDE, write_report
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "tokens": 10, "seconds": 1}) + "\n")
+    plan = {"version": 1, "stages": [{"name": "s1", "entries": [{"name": "captions", "samples": 37},
+                                                                 {"name": "chat", "samples": 13}]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    cfg = SimpleNamespace(name="s1", objective="lm",
+                          report={"plan": str(tmp_path / "plan.json"), "plan_stage": None, "targets": None})
+    rep = write_report(str(out), cfg, {"laion": 30, "coco": 7, "sharegpt": 12}, {"mixed": 49},
+                       {"captions": 37, "chat": 11, OUTSIDE: 1})
+    assert rep["plan_comparison_by"] == "entry" and rep["samples_outside_plan"] == 1
+    assert rep["plan_comparison"]["captions"] == {"seen": 37, "planned": 37.0, "seen_share": 37 / 48,
+                                                  "planned_share": 37 / 50}
+    assert rep["plan_comparison"]["chat"]["seen"] == 11 and set(rep["plan_comparison"]) == {"captions", "chat"}
+    assert rep["samples_per_source"] == {"coco": 7, "laion": 30, "sharegpt": 12}

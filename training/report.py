@@ -122,9 +122,9 @@ def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, i
     """Writes report.json and loss.png under out_dir; returns the report.
 
     `seen` counts samples by their provenance source, `seen_sets` by the stage's shard-set names,
-    `seen_entries` by the plan entry the loader attributed them to (`entry_of`). A planner plan
-    (`report.plan`) is compared entry by entry (`plan_comparison_by: entry`); a `report.targets`
-    mapping or another plan JSON with whichever of sources and sets shares more names with it.
+    `seen_entries` by the plan entry the loader attributed them to (`entry_of`, under a planner plan).
+    The plan is compared with whichever of the three shares the most names with it, entries first on
+    a tie (`plan_comparison_by`): under a planner plan that is its entries, whatever the sets are named.
     """
     rows = []
     p = os.path.join(out_dir, "metrics.jsonl")
@@ -150,14 +150,12 @@ def write_report(out_dir: str, cfg, seen: dict[str, int], seen_sets: dict[str, i
         report["reward"] = reward_summary(rewarded)
     targets = _plan_targets(cfg)
     if targets:
-        by = "source"
-        if _plan_stage(cfg) is not None:
-            seen, by = {k: v for k, v in (seen_entries or {}).items() if k != OUTSIDE}, "entry"
-            unmatched = (seen_entries or {}).get(OUTSIDE, 0)
-            if unmatched:
-                report["samples_outside_plan"] = unmatched
-        elif seen_sets and len(set(seen_sets) & set(targets)) > len(set(seen) & set(targets)):
-            seen, by = seen_sets, "set"
+        # the counts that share the most names with the plan; on a tie entries, then sets, then sources
+        by_entry = {k: v for k, v in (seen_entries or {}).items() if k != OUTSIDE}
+        cands = [("entry", by_entry), ("set", seen_sets or {}), ("source", seen)]
+        by, seen = max(cands, key=lambda c: (len(set(c[1]) & set(targets)), -cands.index(c)))
+        if by == "entry" and (seen_entries or {}).get(OUTSIDE):
+            report["samples_outside_plan"] = seen_entries[OUTSIDE]
         report["plan_comparison_by"] = by
         total_seen, total_plan = sum(seen.values()) or 1, sum(targets.values()) or 1
         report["plan_comparison"] = {
