@@ -45,7 +45,11 @@ def direct(paths: list[str]) -> list[tuple[str, str, dict[str, bytes]]]:
 def rows_as_samples(ds) -> list[tuple[str, str, dict[str, bytes]]]:
     out = []
     for r in ds:
-        members = {m["name"]: m["bytes"] for m in r["media"]}
+        members = {}
+        for m in r["media"]:
+            key, suffix = _base_plus_ext(m["name"])  # the member's own name in the tar
+            assert key == r["__key__"], m["name"]
+            members[suffix] = m["bytes"]
         assert len(members) == len(r["media"]), "a member name twice in one row"
         if r["json"] is not None:
             members["json"] = r["json"].encode("utf-8")
@@ -87,12 +91,13 @@ def test_every_member_arrives_with_its_bytes(run_shards, loaded):
           f"via hf.load: {sum(kinds(got).values())}")
     # the shards really hold the member names a column-per-extension schema cannot hold
     assert {"jpg", "mp4"} <= set(members) and any("." in s for s in members), members
-    # each sample's JSON names exactly the media members the row carries
-    for _, key, g in got:
-        meta = json.loads(g["json"])
-        named = {m.get("member") for m in meta.get("media") or []} - {None}
-        if named:
-            assert named == set(g) - {"json"}, (key, named, set(g))
+    # each sample's JSON names exactly the media members the row carries, by their names
+    n_named = 0
+    for r in loaded:
+        named = [m.get("member") for m in json.loads(r["json"]).get("media") or []]
+        assert named == [m["name"] for m in r["media"]], (r["__key__"], named)
+        n_named += len(named)
+    assert n_named == media
 
 
 @pytest.mark.slow  # the demo run (Spark), shared with other tests
@@ -189,19 +194,25 @@ def test_rewritten_shards_are_read_again_and_damaged_ones_refused(tmp_path):
     d = tmp_path / "shards"
     d.mkdir()
     _tar(str(d / "a.tar"), [("k0.json", _json(0)), ("k0.0.jpg", b"x"), ("k0.1.mp4", b"yy"), ("k1.json", _json(1)),
-                            ("k2.json", _json(2)), ("k2.webp", b"w")])
-    (d / "index.json").write_text(json.dumps({"shards": [{"shard": "a.tar", "samples": 3}]}))
+                            ("k2.json", _json(2)), ("k2.webp", b"w"), ("k3.txt", b"no json")])
+    (d / "index.json").write_text(json.dumps({"shards": [{"shard": "a.tar", "samples": 4}]}))
     cache = str(tmp_path / "cache")
     ds = hf.load(str(d), cache_dir=cache)
-    assert ds["__key__"] == ["k0", "k1", "k2"]
-    assert ds[0]["media"] == [{"name": "0.jpg", "bytes": b"x"}, {"name": "1.mp4", "bytes": b"yy"}]
+    assert ds["__key__"] == ["k0", "k1", "k2", "k3"]
+    assert ds[0]["media"] == [{"name": "k0.0.jpg", "bytes": b"x"}, {"name": "k0.1.mp4", "bytes": b"yy"}]
     assert ds[1]["media"] == [] and json.loads(ds[1]["json"])["id"] == "s1"
+    assert ds[3]["json"] is None and ds[3]["media"] == [{"name": "k3.txt", "bytes": b"no json"}]
+    # streaming: the same rows, also through the Arrow paths (an empty `media` list and a missing
+    # `json` beside full ones in one batch used to be typed apart there)
+    it = hf.load(str(d), streaming=True)
+    assert list(it) == ds.to_list() == it.take(10).to_list()
+    assert [t.num_rows for t in it.with_format("arrow").iter(batch_size=2)] == [2, 2]
     # the same path re-written: the cache is keyed by size and mtime, so the new bytes are read
     _tar(str(d / "a.tar"), [("k0.json", _json(0)), ("k0.png", b"zzz")])
     os.utime(d / "a.tar", ns=(1, 1))
     (d / "index.json").write_text(json.dumps({"shards": [{"shard": "a.tar", "samples": 1}]}))
     again = hf.load(str(d), cache_dir=cache)
-    assert again["__key__"] == ["k0"] and again[0]["media"] == [{"name": "png", "bytes": b"zzz"}]
+    assert again["__key__"] == ["k0"] and again[0]["media"] == [{"name": "k0.png", "bytes": b"zzz"}]
     # a shard with fewer samples than its index says: refused, never a short dataset
     (d / "index.json").write_text(json.dumps({"shards": [{"shard": "a.tar", "samples": 2}]}))
     with pytest.raises(ValueError, match="holds 1 samples but its index.json says 2"):

@@ -4,7 +4,7 @@ One line::
 
     from reelforge.training import hf
     ds = hf.load("OUT/shards")            # a run's shards (or OUT, or a `mix` stage folder, a tar, a glob)
-    ds[0]["json"], ds[0]["media"]         # the sample JSON text; [{"name": "0.jpg", "bytes": b"..."}, ...]
+    ds[0]["json"], ds[0]["media"]         # the sample JSON text; [{"name": "KEY.0.jpg", "bytes": b"..."}, ...]
 
 Why not `datasets.load_dataset("webdataset", data_files=...)`: HF's webdataset builder decides
 its columns from the member extensions of the first 5 samples of the first tar
@@ -27,8 +27,9 @@ nothing is dropped:
 * `json` (string, or None for a sample without one): the `.json` member's text exactly as
   stored (`json.loads` it, or `curation.shards.parse_sample_json` for the checked schema);
 * `media` (list of {name: string, bytes: large_binary}): every other member in tar order,
-  `name` being the member's suffix after the key (`jpg`, `mp4`, `0.jpg`, `1.png`, ...) so it
-  matches the names the sample JSON gives its media.
+  `name` being the member's name in the tar (`KEY.jpg`, `KEY.mp4`, `KEY.0.jpg`, `KEY.1.png`,
+  ...), which is what the sample JSON's `media[i].member` names (also in a `mix` stage, where
+  a repeat's key and member names change together).
 
 The tars are read with `tarfile` in stream mode, in the order `index.json` lists them (sorted
 names without an index). A shard holding fewer or more samples than its index says, or one
@@ -151,7 +152,7 @@ def iter_tar(url: str) -> Iterator[dict]:
                 if suffix == JSON_MEMBER and cur[JSON_MEMBER] is None:
                     cur[JSON_MEMBER] = data.decode("utf-8")
                 else:  # a second json member would be a media-like member: kept, never dropped
-                    cur["media"].append({"name": suffix, "bytes": data})
+                    cur["media"].append({"name": ti.name, "bytes": data})
     except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
         raise ValueError(f"load: {url} is not a readable shard tar ({type(e).__name__}: {e}); "
                          "re-write it or leave it out of the paths.") from e
@@ -183,6 +184,30 @@ def _generate(shards: list) -> Iterator[dict]:
                              "is damaged or was replaced: re-write it.")
 
 
+TABLE_ROWS = 64  # rows per Arrow table in streaming (fewer once a table holds TABLE_BYTES of media)
+TABLE_BYTES = 64 << 20
+
+
+def _generate_tables(shards: list) -> Iterator[tuple[str, object]]:
+    """The streaming path: Arrow tables in the fixed schema. Rows handed to
+    `IterableDataset.from_generator` would be typed batch by batch from their values (an empty
+    `media` list or a missing `json` is typed null there and breaks `to_list`, `with_format("arrow")`
+    and batched `map`), so the tables are built here with the schema itself."""
+    import pyarrow as pa
+
+    schema = features().arrow_schema
+    rows: list[dict] = []
+    size = 0
+    for row in _generate(shards):
+        rows.append(row)
+        size += sum(len(m["bytes"]) for m in row["media"])
+        if len(rows) >= TABLE_ROWS or size >= TABLE_BYTES:
+            yield f"{rows[0]['__url__']}:{rows[0]['__key__']}", pa.Table.from_pylist(rows, schema=schema)
+            rows, size = [], 0
+    if rows:
+        yield f"{rows[0]['__url__']}:{rows[0]['__key__']}", pa.Table.from_pylist(rows, schema=schema)
+
+
 def _signature(path) -> list[tuple[str, int, int, int | None]]:
     out = []
     for url, expected in resolve(path):
@@ -201,9 +226,12 @@ def load(path, split: str = "train", streaming: bool = False, cache_dir: str | N
         raise ImportError("reelforge.training.hf needs the `datasets` package: install reelforge[hf].") from e
 
     shards = _signature(path)
-    if streaming:
-        return datasets.IterableDataset.from_generator(_generate, features=features(),
-                                                       gen_kwargs={"shards": shards}, split=split)
+    if streaming:  # what `IterableDataset.from_generator` builds, over Arrow tables instead of rows
+        from datasets.iterable_dataset import ArrowExamplesIterable
+
+        return datasets.IterableDataset(ArrowExamplesIterable(_generate_tables, {"shards": shards}),
+                                        info=datasets.DatasetInfo(features=features()),
+                                        split=datasets.NamedSplit(split))
     return datasets.Dataset.from_generator(_generate, features=features(), cache_dir=cache_dir,
                                            keep_in_memory=keep_in_memory, gen_kwargs={"shards": shards},
                                            num_proc=num_proc if num_proc and len(shards) > 1 else None,
