@@ -121,6 +121,8 @@ def test_mix_stage_folders_read_by_energon(demo_run, tmp_path):
             assert [m for m in s.media] == [ref[s.__key__][i["member"].split(".", 1)[1]] for i in s.media_info]
             repeats += s.__key__ != s.id  # a repeat: key ID_rR, the id stays the sample's
     assert repeats > 0  # the demo mixture repeats interleaved samples: their rekeyed members are found
+    sizes = ", ".join(f"{k} {v['samples']}" for k, v in indexes.items())
+    print(f"\nenergon mix stages: {sizes} samples read whole, {repeats} repeats (key ID_rR) among them")
 
 
 def _folder(root: str, name: str, n: int, shards: int) -> str:
@@ -171,3 +173,13 @@ def test_meta_is_replaced_and_duplicates_refused(tmp_path):
     with pytest.raises(RecipeError, match="unique"):
         write_energon_meta(d)
     assert not os.path.exists(os.path.join(d, ".nv-meta"))
+
+
+def test_without_energon_nothing_is_written_and_it_says_so(tmp_path, monkeypatch):
+    import reelforge.curation.energon_meta as em
+
+    d = _folder(str(tmp_path), "delta", 4, 1)
+    monkeypatch.setattr(em, "energon_available", lambda: False)
+    said = []
+    assert em.write_energon_meta(d, log=said.append) is None
+    assert not os.path.exists(os.path.join(d, ".nv-meta")) and "reelforge[energon]" in said[0]
