@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 from pyspark.sql import functions as F
 
 
@@ -260,49 +261,129 @@ def _parquet_batches(path: str, columns: list[str]):
     yield from d.to_batches(columns=cols, batch_size=65536)
 
 
+BINS = 30  # bars per histogram
+
+
+def _score_parts(batch, write_drops):
+    """One batch of the last step's rows: {(score, kept|dropped): values}, and the video seconds and
+    counts of the input samples (no parent) and of the kept ones; vectorised (Arrow compute)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = batch.schema.names
+    kept = pc.is_null(batch.column("drop_step")) if "drop_step" in names else pa.array([True] * batch.num_rows)
+    if write_drops:  # live rows the shard writer refused: not kept
+        kept = pc.and_(kept, pc.invert(pc.is_in(batch.column("id"), value_set=write_drops)))
+    kept_np = np.asarray(kept.to_numpy(zero_copy_only=False), dtype=bool)
+    parts: dict[tuple[str, str], np.ndarray] = {}
+    if "scores" in names:
+        col = batch.column("scores")
+        if pa.types.is_map(col.type):  # as list<struct<key, value>>: what list_flatten takes
+            col = col.cast(pa.list_(pa.struct([("key", col.type.key_type), ("value", col.type.item_type)])))
+        flat = pc.list_flatten(col)
+        if len(flat):
+            parent = pc.list_parent_indices(col).to_numpy()
+            keys = flat.field("key")
+            vals = np.asarray(flat.field("value").to_numpy(zero_copy_only=False), dtype=float)
+            fate = kept_np[parent]
+            for name in pc.unique(keys).to_pylist():
+                sel = np.asarray(pc.equal(keys, name).to_numpy(zero_copy_only=False), dtype=bool) & ~np.isnan(vals)
+                for f, mask in (("kept", fate), ("dropped", ~fate)):
+                    parts[(name, f)] = vals[sel & mask]
+    video = np.zeros(4)  # in seconds, in videos, out seconds, out videos
+    if "media" in names:
+        col = batch.column("media")
+        flat = pc.list_flatten(col)
+        if len(flat):
+            parent = pc.list_parent_indices(col).to_numpy()
+            is_video = np.asarray(pc.equal(flat.field("kind"), "video").to_numpy(zero_copy_only=False), dtype=bool)
+            secs = np.nan_to_num(np.asarray(flat.field("duration").to_numpy(zero_copy_only=False), dtype=float))
+            root = (np.asarray(pc.is_null(batch.column("parent_id")).to_numpy(zero_copy_only=False), dtype=bool)
+                    if "parent_id" in names else np.ones(batch.num_rows, dtype=bool))
+            for k, mask in ((0, is_video & root[parent]), (2, is_video & kept_np[parent])):
+                video[k] += secs[mask].sum()
+                video[k + 1] += mask.sum()
+    return parts, video
+
+
+class _Hist:
+    """A histogram over series that share bins, in two passes: `span` (min, max), then `add`."""
+
+    def __init__(self):
+        self.lo, self.hi, self.counts, self.n = np.inf, -np.inf, {}, 0
+
+    def span(self, values) -> None:
+        if len(values):
+            self.lo, self.hi = min(self.lo, float(values.min())), max(self.hi, float(values.max()))
+
+    @property
+    def edges(self):
+        return np.linspace(self.lo, self.hi if self.hi > self.lo else self.lo + 1, BINS + 1)
+
+    def add(self, series: str, values) -> None:
+        if not len(values):
+            return
+        c = np.histogram(values, bins=self.edges)[0]
+        self.counts[series] = self.counts.get(series, 0) + c
+        self.n += len(values)
+
+
 def run_distributions(report: dict) -> dict:
-    """What report.html plots beyond report.json, read from the run's Parquet (batch by batch, one
-    number per sample and score kept): every score of the last step's rows (kept or dropped), tokens
-    per kind of the kept samples (the samples table) and the video seconds in and out."""
+    """What report.html plots beyond report.json, streamed from the run's Parquet in two passes
+    (min and max, then counts in 30 bins; memory per histogram, not per sample): every score of
+    the last step's rows (kept or dropped), tokens per kind of the kept samples (the samples
+    table) and the video seconds of the input and of the kept samples."""
+    import pyarrow as pa
+
     paths = report.get("paths") or {}
     samples = paths.get("samples")
     run_dir = os.path.dirname(paths["ledger"]) if paths.get("ledger") else None
     steps = report.get("steps") or []
     last = (os.path.join(run_dir, "_work", f"{len(steps) - 2:02d}_{steps[-2]['step']}")
             if run_dir and len(steps) >= 2 else None)
-    scores: dict[str, dict[str, list[float]]] = {}  # name -> kept/dropped -> values
-    tokens: dict[str, list[int]] = {}
-    kept_ids: set[str] = set()
-    for b in _parquet_batches(samples, ["id", "kind", "tokens"]):
-        d = b.to_pydict()
-        kept_ids.update(d["id"])
-        for k, t in zip(d["kind"], d["tokens"]):
-            if t is not None:
-                tokens.setdefault(k, []).append(t)
-    video = {"in_s": 0.0, "out_s": 0.0, "in_videos": 0, "out_videos": 0, "known": False}
     from_work = bool(last and os.path.isdir(last))
-    if from_work:
-        for b in _parquet_batches(last, ["id", "scores", "media", "parent_id", "drop_step"]):
-            for r in b.to_pylist(maps_as_pydicts="strict"):
-                fate = "kept" if r["id"] in kept_ids else "dropped"
-                for name, v in (r.get("scores") or {}).items():
-                    if v is not None:
-                        scores.setdefault(name, {"kept": [], "dropped": []})[fate].append(float(v))
-                secs = [m.get("duration") or 0.0 for m in (r.get("media") or []) if m.get("kind") == "video"]
-                if secs and r.get("parent_id") is None:
-                    video["in_s"] += sum(secs)
-                    video["in_videos"] += len(secs)
-                if secs and fate == "kept":
-                    video["out_s"] += sum(secs)
-                    video["out_videos"] += len(secs)
-        video["known"] = True
-    else:  # _work removed: the kept samples' scores only
-        for b in _parquet_batches(samples, ["scores"]):
-            for s in b.column("scores").to_pylist(maps_as_pydicts="strict"):
-                for name, v in (s or {}).items():
-                    if v is not None:
-                        scores.setdefault(name, {"kept": [], "dropped": []})["kept"].append(float(v))
-    return {"scores": dict(sorted(scores.items())), "tokens": dict(sorted(tokens.items())), "video": video,
+    write_drops = None
+    if from_work and any(s["step"] == "write" and s["dropped"] for s in steps):
+        import pyarrow.dataset as ds
+
+        write_drops = ds.dataset(paths["ledger"], format="parquet").to_table(
+            columns=["id"], filter=ds.field("step") == "write").column("id").combine_chunks()
+    scores: dict[str, _Hist] = {}
+    tokens: dict[str, _Hist] = {}
+    video = np.zeros(4)
+
+    def score_passes():
+        if from_work:
+            yield from (_score_parts(b, write_drops)
+                        for b in _parquet_batches(last, ["id", "scores", "media", "parent_id", "drop_step"]))
+        else:  # _work removed: the kept samples' scores only
+            for b in _parquet_batches(samples, ["scores"]):
+                yield _score_parts(pa.RecordBatch.from_arrays([b.column("scores")], ["scores"]), None)
+
+    def token_passes():
+        for b in _parquet_batches(samples, ["kind", "tokens"]):
+            kinds = b.column("kind").to_numpy(zero_copy_only=False)
+            toks = b.column("tokens").to_numpy(zero_copy_only=False)
+            for k in set(kinds.tolist()):
+                v = np.asarray([t for t in toks[kinds == k] if t is not None], dtype=float)
+                yield k, v[~np.isnan(v)]
+
+    for second in (False, True):
+        for parts, vid in score_passes():
+            if not second:
+                video += vid
+            for (name, fate), v in parts.items():
+                h = scores.setdefault(name, _Hist())
+                h.add(fate, v) if second else h.span(v)
+        for kind, v in token_passes():
+            h = tokens.setdefault(kind, _Hist())
+            h.add(kind, v) if second else h.span(v)
+    scores = {k: h for k, h in scores.items() if h.n}
+    tokens = {k: h for k, h in tokens.items() if h.n}
+    return {"scores": dict(sorted(scores.items())), "tokens": dict(sorted(tokens.items())),
+            "video": {"in_s": float(video[0]), "in_videos": int(video[1]), "out_s": float(video[2]),
+                      "out_videos": int(video[3]), "known": from_work},
             "scores_from": "the last step's rows (kept and dropped)" if from_work
             else "the samples table (kept only: _work/ was removed)"}
 
@@ -332,21 +413,19 @@ def _funnel_figures(report: dict) -> tuple[str, str]:
     return uris[0], uris[1]
 
 
-def _histogram(title: str, series: dict[str, list[float]], xlabel: str) -> str:
+def _histogram(title: str, hist: _Hist, xlabel: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, ax = plt.subplots(figsize=(4.6, 2.8))
-    vals = [np.asarray(v, dtype=float) for v in series.values() if len(v)]
-    if vals:
-        lo, hi = min(float(v.min()) for v in vals), max(float(v.max()) for v in vals)
-        bins = np.linspace(lo, hi if hi > lo else lo + 1, 31)
-        present = {k: v for k, v in series.items() if len(v)}
-        ax.hist(list(present.values()), bins=bins, stacked=True, label=list(present), color=None)
-        ax.legend(fontsize=7)
+    edges, bottom = hist.edges, np.zeros(BINS)
+    for name, c in hist.counts.items():
+        if c.sum():
+            ax.bar(edges[:-1], c, width=np.diff(edges), bottom=bottom, align="edge", label=name)
+            bottom = bottom + c
+    ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.set_ylabel("samples", fontsize=8)
@@ -422,19 +501,18 @@ def render_html(report: dict, dist: dict | None = None) -> str:
     parts += ["<h2 id='scores'>Scores</h2>", f"<p>From {esc(dist['scores_from'])}.</p>"]
     if dist["scores"]:
         parts.append("<div class='figs'>")
-        for name, by_fate in dist["scores"].items():
-            n = sum(len(v) for v in by_fate.values())
+        for name, h in dist["scores"].items():
             parts.append(f"<img class='hist' id='score-{esc(name)}' alt='score {esc(name)}' "
-                         f"src='{_histogram(f'score {name} ({n:,} samples)', by_fate, name)}'>")
+                         f"src='{_histogram(f'score {name} ({h.n:,} samples)', h, name)}'>")
         parts.append("</div>")
     else:
         parts.append("<p>no sample has a score.</p>")
     parts.append("<h2 id='tokens'>Tokens per kind (kept samples)</h2>")
     if dist["tokens"]:
         parts.append("<div class='figs'>")
-        for kind, vals in dist["tokens"].items():
+        for kind, h in dist["tokens"].items():
             parts.append(f"<img class='hist' id='tokens-{esc(kind)}' alt='tokens {esc(kind)}' "
-                         f"src='{_histogram(f'{kind}: {len(vals):,} samples', {kind: vals}, 'tokens')}'>")
+                         f"src='{_histogram(f'{kind}: {h.n:,} samples', h, 'tokens')}'>")
         parts.append("</div>")
     else:
         parts.append("<p>no kept sample has a token count.</p>")

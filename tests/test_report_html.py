@@ -12,7 +12,7 @@ import pytest
 
 from reelforge.jobs.cli import main
 
-pytestmark = pytest.mark.slow  # the demo run (Spark), shared with other tests
+slow = pytest.mark.slow  # the demo run (Spark), shared with other tests
 
 SECTIONS = ("funnel", "drops-step", "drops-source", "sources", "scores", "tokens", "video", "reuse")
 
@@ -65,6 +65,7 @@ def _shard_videos(out: str) -> tuple[int, float]:
     return n, secs
 
 
+@slow
 def test_report_html_in_chromium(demo_run, browser):
     out, report = demo_run["out"], demo_run["report"]
     path = os.path.join(out, "report.html")
@@ -105,6 +106,7 @@ def test_report_html_in_chromium(demo_run, browser):
     assert "not recorded" in browser.find_element("id", "reuse").find_element("xpath", "following-sibling::p").text
 
 
+@slow
 def test_inspect_contact_sheet_in_chromium(demo_run, browser, tmp_path, capsys):
     out = demo_run["out"]
     reasons = {r for s in demo_run["report"]["steps"] for r in s["reasons"]}
@@ -136,6 +138,7 @@ def test_inspect_contact_sheet_in_chromium(demo_run, browser, tmp_path, capsys):
     assert main(["inspect", out, "--reason", "no_such_reason", "--out", kept]) == 2
 
 
+@slow
 def test_thumbnail_stays_inside_the_recorded_roots(demo_run, tmp_path):
     from PIL import Image
 
@@ -154,6 +157,7 @@ def test_thumbnail_stays_inside_the_recorded_roots(demo_run, tmp_path):
     assert got.size == (40, 30) and max(abs(a - b) for a, b in zip(got.getpixel((20, 15)), (255, 0, 0))) < 8
 
 
+@slow
 def test_ledger_reason_and_key(demo_run, capsys):
     out = demo_run["out"]
     assert main(["ledger", out, "--reason", "duplicate_media", "--limit", "1000"]) == 0
@@ -171,3 +175,49 @@ def test_ledger_reason_and_key(demo_run, capsys):
         got = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
         assert [g["id"] for g in got] == [one["id"]], key
     assert main(["ledger", out, "--key", f"not-{folder}/{one['source_key']}"]) == 1
+
+
+def test_distributions_stream_scores_tokens_and_video_hours(tmp_path):
+    """run_distributions against numbers counted here: scores split kept / dropped (a row the shard
+    writer refused is not kept), tokens per kind, video seconds of inputs (no parent) and of kept rows."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reelforge.jobs.report import BINS, run_distributions
+
+    root = tmp_path / "run"
+    for d in ("_work/01_x", "samples", "ledger"):
+        (root / d).mkdir(parents=True)
+    rows = [  # id, scores, media (kind, seconds), parent, drop_step
+        ("a", {"clip": 0.1, "vlm": 0.9}, [("video", 10.0)], None, "clip_score"),
+        ("b", {"clip": 0.5}, [("video", 4.0), ("image", None)], None, None),
+        ("c", {"clip": 0.7}, [("video", 2.5)], "b", None),  # a clip: not an input, kept
+        ("d", {}, [("image", None)], None, None),
+        ("e", {"clip": 0.9}, [("video", 6.0)], None, None),  # refused by the shard writer
+        ("f", None, None, None, "bad_json"),
+    ]
+    media_t = pa.list_(pa.struct([("kind", pa.string()), ("duration", pa.float64())]))
+    t = pa.table({"id": [r[0] for r in rows],
+                  "scores": pa.array([list(r[1].items()) if r[1] is not None else None for r in rows],
+                                     pa.map_(pa.string(), pa.float64())),
+                  "media": pa.array([[{"kind": k, "duration": s} for k, s in r[2]] if r[2] else None
+                                     for r in rows], media_t),
+                  "parent_id": [r[3] for r in rows], "drop_step": [r[4] for r in rows]})
+    pq.write_table(t.slice(0, 3), root / "_work/01_x/part-0.parquet")
+    pq.write_table(t.slice(3), root / "_work/01_x/part-1.parquet")
+    pq.write_table(pa.table({"id": ["b", "c", "d"], "kind": ["video_text", "video_text", "image_text"],
+                             "tokens": pa.array([100, 300, None], pa.int64())}), root / "samples/p.parquet")
+    pq.write_table(pa.table({"id": ["a", "e", "f", "b", "c", "d"], "step": ["x", "write", "ingest", None, None, None]}),
+                   root / "ledger/p.parquet")
+    steps = [{"step": s, "dropped": int(s == "write")} for s in ("ingest", "x", "write")]
+    d = run_distributions({"paths": {"ledger": str(root / "ledger"), "samples": str(root / "samples")},
+                           "steps": steps})
+    clip = d["scores"]["clip"]
+    assert clip.n == 4 and {k: int(v.sum()) for k, v in clip.counts.items()} == {"kept": 2, "dropped": 2}
+    assert clip.edges[0] == pytest.approx(0.1) and clip.edges[-1] == pytest.approx(0.9) and len(clip.edges) == BINS + 1
+    assert int(clip.counts["dropped"][0]) == 1 and int(clip.counts["dropped"][-1]) == 1  # a (0.1) and e (0.9)
+    assert {k: int(v.sum()) for k, v in d["scores"]["vlm"].counts.items()} == {"dropped": 1}
+    assert {k: h.n for k, h in d["tokens"].items()} == {"video_text": 2}
+    assert d["video"] == {"in_s": 20.0, "in_videos": 3, "out_s": 6.5, "out_videos": 2, "known": True}
+    assert np.isclose(d["tokens"]["video_text"].edges[[0, -1]], [100, 300]).all()
