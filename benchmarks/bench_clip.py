@@ -80,25 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from task_engine import pick_engine, run_as_tasks
+    from task_engine import pick_engine, run_as_tasks, spark_frame
 
     engine = pick_engine(args.engine)
     step = ClipScore(model=args.model, pretrained=ckpt, batch_size=args.batch, device=args.device)
     step.batch_rows = args.batch
     spark = None
     if engine == "spark":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        from reelforge.curation.schema import ARROW_SCHEMA
         from reelforge.jobs.engine import run_step
-        from reelforge.jobs.spark import get_spark, spark_schema
 
-        spark = get_spark(args.master)
-        pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
-        df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
-        df = df.repartition(spark.sparkContext.defaultParallelism).cache()
-        df.count()
+        spark, df = spark_frame(rows, work, args.master)
 
     def spark_run() -> float:
         t = time.perf_counter()

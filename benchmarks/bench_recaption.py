@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from reelforge.curation.probe import Probe
     from reelforge.curation.recaption import DEFAULT_PROMPTS, Recaption
-    from reelforge.curation.schema import ARROW_SCHEMA, empty_row
+    from reelforge.curation.schema import empty_row
     from reelforge.curation.tiny_vlm import build_tiny_vlm
 
     if args.plain_threads:
@@ -94,22 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t, caps
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from task_engine import pick_engine, run_as_tasks
+    from task_engine import pick_engine, run_as_tasks, spark_frame
 
     engine = pick_engine(args.engine)
     spark = None
     if engine == "spark":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         from reelforge.jobs.engine import run_step
-        from reelforge.jobs.spark import get_spark, spark_schema
 
-        spark = get_spark(args.master)
-        pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
-        df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
-        df = df.repartition(spark.sparkContext.defaultParallelism).cache()
-        df.count()
+        spark, df = spark_frame(rows, work, args.master)
     step = Recaption(model=model_dir, batch_size=args.batch, max_new_tokens=args.new_tokens, device=args.device,
                      min_chars=0)
 

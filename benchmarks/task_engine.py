@@ -39,3 +39,22 @@ def run_as_tasks(step, rows: list[dict], tasks: int = 1) -> list[dict]:
         for b in run_batches(step, table.slice(start, per).to_batches(), StepContext()):
             out += rows_of(b)
     return out
+
+
+def spark_frame(rows: list[dict], work: str, master: str):
+    """(a Spark session on `master`, the rows as a cached DataFrame of the schema, one partition per
+    core): what the Spark side of a step benchmark runs on."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from reelforge.curation.schema import ARROW_SCHEMA
+    from reelforge.jobs.spark import get_spark, spark_schema
+
+    spark = get_spark(master)
+    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), os.path.join(work, "rows.parquet"))
+    df = spark.read.schema(spark_schema()).parquet(os.path.join(work, "rows.parquet"))
+    df = df.repartition(spark.sparkContext.defaultParallelism).cache()
+    df.count()
+    return spark, df
