@@ -157,6 +157,33 @@ def test_hf_webdataset_builder_cannot_give_every_member(run_shards, tmp_path):
 
 
 @pytest.mark.slow  # the demo run (Spark), shared with other tests
+def test_hf_webdataset_builder_succeeds_without_members_when_the_first_samples_agree(run_shards, tmp_path):
+    """The issue's symptom: the same samples in another order (as another seed or a `mix` stage
+    can lay them out: single-`jpg` samples first) load "successfully" with only jpg/json columns;
+    every other media member is gone, and so are the JSON fields the first samples lacked."""
+    samples = direct(shard_paths(run_shards))
+    want = kinds(samples)
+    total_media = sum(n for s, n in want.items() if s != "json")
+    paths = []
+    for url in shard_paths(run_shards):
+        mine = sorted((s for s in samples if s[0] == url), key=lambda s: sorted(s[2]) != ["jpg", "json"])
+        paths.append(str(tmp_path / os.path.basename(url)))
+        _tar(paths[-1], [(f"{k}.{suffix}", data) for _, k, m in mine for suffix, data in m.items()])
+    ds = datasets.load_dataset("webdataset", data_files={"train": paths}, split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert len(ds) == len(samples) and set(ds.column_names) == {"__key__", "__url__", "json", "jpg"}
+    hf_media = len(ds) - ds.data.column("jpg").null_count
+    assert hf_media == want["jpg"] < total_media
+    ours = hf.load(paths, streaming=True)
+    assert sum(len(r["media"]) for r in ours) == total_media  # the reordered tars lose nothing through hf.load
+    kept = set(ds.features["json"])
+    lost = Counter(k for _, _, m in samples for k in json.loads(m["json"]) if k not in kept)
+    assert lost  # e.g. a preference sample's `chosen` / `rejected`
+    print(f"\nHF webdataset builder, same samples single-jpg first: {len(ds)} rows, columns {sorted(ds.column_names)}; "
+          f"media {hf_media} of {total_media}; JSON fields dropped: {dict(lost)}")
+
+
+@pytest.mark.slow  # the demo run (Spark), shared with other tests
 def test_a_mix_stage_folder_loads_whole(demo_run, tmp_path):
     from test_mix_plan_emit import demo_mixture
 
@@ -172,6 +199,11 @@ def test_a_mix_stage_folder_loads_whole(demo_run, tmp_path):
     want = direct(shard_paths(stage))
     assert len(ds) == len(want) == json.load(open(os.path.join(stage, "index.json")))["samples"]
     assert [(os.path.abspath(u), k, m) for u, k, m in want] == rows_as_samples(ds)
+    for r in ds:  # repeats (key ID_rR) renamed their members and their JSON together
+        assert [m.get("member") for m in json.loads(r["json"]).get("media") or []] == [m["name"] for m in r["media"]]
+    repeats = sum(bool(re.search(r"_r\d+$", k)) for k in ds["__key__"])
+    print(f"\nmix stage: {len(ds)} samples ({repeats} repeats), {sum(len(m) for m in ds['media'])} media members, "
+          f"as in the tars: {sum(n for s, n in kinds(want).items() if s != 'json')}")
     with pytest.raises(ValueError, match="holds the stages .*pass one stage folder"):
         hf.load(out)
 
