@@ -255,6 +255,9 @@ def test_rewritten_shards_are_read_again_and_damaged_ones_refused(tmp_path):
         f.truncate(700)
     with pytest.raises(ValueError, match="not a readable shard tar"):
         list(hf.load(str(tmp_path / "cut.tar"), streaming=True))
+    _tar(str(tmp_path / "latin.tar"), [("k.json", "{\"id\": \"é\"}".encode("latin-1"))])
+    with pytest.raises(ValueError, match="k.json is not UTF-8 text"):
+        list(hf.load(str(tmp_path / "latin.tar"), streaming=True))
     # a newer shard layout: refused like the training loader refuses it
     _tar(str(tmp_path / "new.tar"), [("k.json", json.dumps({"version": 99, "id": "k"}).encode())])
     with pytest.raises(ShardVersionError, match="version 99"):

@@ -150,10 +150,14 @@ def iter_tar(url: str) -> Iterator[dict]:
                         yield cur
                     cur = {"__key__": key, "__url__": url, JSON_MEMBER: None, "media": []}
                 if suffix == JSON_MEMBER and cur[JSON_MEMBER] is None:
-                    cur[JSON_MEMBER] = data.decode("utf-8")
+                    try:
+                        cur[JSON_MEMBER] = data.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise ValueError(f"load: {url}: the member {ti.name} is not UTF-8 text ({e}); the shard "
+                                         "was not written by reelforge: re-write it.") from e
                 else:  # a second json member would be a media-like member: kept, never dropped
                     cur["media"].append({"name": ti.name, "bytes": data})
-    except (tarfile.TarError, OSError, UnicodeDecodeError) as e:
+    except (tarfile.TarError, OSError) as e:
         raise ValueError(f"load: {url} is not a readable shard tar ({type(e).__name__}: {e}); "
                          "re-write it or leave it out of the paths.") from e
     if cur is not None:
