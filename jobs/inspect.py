@@ -103,11 +103,11 @@ def _png_uri(img) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def placeholder(text: str) -> str:
+def placeholder(text: str, size: tuple[int, int] = (THUMB, THUMB * 3 // 4)) -> str:
     """A grey thumbnail that says why there is no picture."""
     from PIL import Image, ImageDraw
 
-    img = Image.new("RGB", (THUMB, THUMB * 3 // 4), (200, 200, 200))
+    img = Image.new("RGB", size, (200, 200, 200))
     d = ImageDraw.Draw(img)
     for i, line in enumerate(re.findall(r".{1,26}", text)[:5]):
         d.text((8, 8 + 14 * i), line, fill=(60, 60, 60))
@@ -255,11 +255,11 @@ def inspect_run(run_dir: str, out: str | None = None, *, reason: str | None = No
     for line in lines:
         row = rows.get(line["id"]) or from_shards.get(line["id"]) or {}
         if "media_thumbs" in row:
-            thumbs = row["media_thumbs"] or [placeholder("no media")]
+            thumbs = row["media_thumbs"] or [placeholder("no media", (96, 24))]
         elif row.get("media"):
             thumbs = [thumbnail(m, roots)[0] for m in row["media"][:4]]
         else:
-            thumbs = [placeholder("no media" if row else "_work removed: no row")]
+            thumbs = [placeholder("no media", (96, 24)) if row else placeholder("_work removed: no row")]
         scores = dict(row.get("scores") or {})
         toks = row.get("tokens")
         if isinstance(toks, dict):  # the shard JSON's tokens block

@@ -423,7 +423,8 @@ def _histogram(title: str, hist: _Hist, xlabel: str) -> str:
     edges, bottom = hist.edges, np.zeros(BINS)
     for name, c in hist.counts.items():
         if c.sum():
-            ax.bar(edges[:-1], c, width=np.diff(edges), bottom=bottom, align="edge", label=name)
+            ax.bar(edges[:-1], c, width=np.diff(edges), bottom=bottom, align="edge", label=name,
+                   color={"kept": "#3b7dd8", "dropped": "#e8833a"}.get(name, "#3b7dd8"))
             bottom = bottom + c
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
