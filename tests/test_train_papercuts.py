@@ -140,35 +140,45 @@ def test_sigterm_checkpoints_exits_0_and_resumes_and_demo_loss_falls(tiny, shard
     cfg = load_stage(path)
     assert set(cfg.trainable) >= {"llm", "projector"}, cfg.trainable
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    log = open(tmp_path / "run1.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "reelforge.jobs.cli", "train", path], cwd=ROOT, env=env,
-                         stdout=log, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and p.poll() is None:
-        if os.path.exists(metrics) and len(_metrics(out)) >= 2:
-            break
-        time.sleep(0.05)
-    assert p.poll() is None, open(tmp_path / "run1.log").read()[-4000:]
-    p.send_signal(signal.SIGTERM)
-    rc = p.wait(timeout=240)
-    log.close()
-    said = open(tmp_path / "run1.log").read()
-    assert rc == 0, said[-4000:]
-    rows = _metrics(out)
-    n = rows[-1]["step"]
-    assert 2 <= n < cfg.steps and [r["step"] for r in rows] == list(range(1, n + 1)), (n, said[-2000:])
-    assert f"SIGTERM: stopped at step {n}/{cfg.steps}" in said
-    with open(os.path.join(out, "ckpt", "latest")) as f:
-        assert f.read().strip() == f"step-{n}"
-    assert not os.path.exists(os.path.join(out, "final"))  # not finished: no export
+    def interrupted_run(name: str, after: int, sig: signal.Signals) -> tuple[int, str]:
+        """`reelforge train` until `after` steps are logged, then `sig`: SIGTERM to the process (a job
+        scheduler), SIGINT to its whole process group (Ctrl-C: the loader's worker gets it too)."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        with open(tmp_path / name, "w") as log:
+            p = subprocess.Popen([sys.executable, "-m", "reelforge.jobs.cli", "train", path], cwd=ROOT, env=env,
+                                 stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            deadline = time.time() + 540  # a first DeepSpeed import may build its shm op (minutes on a busy box)
+            while time.time() < deadline and p.poll() is None:
+                if os.path.exists(os.path.join(out, "metrics.jsonl")) and len(_metrics(out)) >= after:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None, open(tmp_path / name).read()[-4000:]
+            if sig == signal.SIGINT:
+                os.killpg(p.pid, sig)
+            else:
+                p.send_signal(sig)
+            rc = p.wait(timeout=540)
+        said = open(tmp_path / name).read()
+        assert rc == 0, said[-4000:]
+        rows = _metrics(out)
+        n = rows[-1]["step"]
+        assert after <= n < cfg.steps and [r["step"] for r in rows] == list(range(1, n + 1)), (n, said[-2000:])
+        assert f"{sig.name}: stopped at step {n}/{cfg.steps}" in said
+        with open(os.path.join(out, "ckpt", "latest")) as f:
+            assert f.read().strip() == f"step-{n}"
+        assert not os.path.exists(os.path.join(out, "final"))  # not finished: no export
+        return n, said
+
+    n, _ = interrupted_run("run1.log", 2, signal.SIGTERM)
     first_ids = seen_ids(out)
+    m, said = interrupted_run("run2.log", n + 2, signal.SIGINT)
+    assert f"resumed demo_tiny from step-{n} at step {n}" in said
+    assert seen_ids(out)[:len(first_ids)] == first_ids
 
     r2 = run_cli("train", path)
-    assert f"resumed demo_tiny from step-{n} at step {n}" in r2.stdout, r2.stdout[-2000:]
+    assert f"resumed demo_tiny from step-{m} at step {m}" in r2.stdout, r2.stdout[-2000:]
     rows = _metrics(out)
     assert [r["step"] for r in rows] == list(range(1, cfg.steps + 1))
     assert os.path.exists(os.path.join(out, "final"))
