@@ -129,6 +129,21 @@ def _plan(path: str, kinds: dict[str, str]) -> str:
 # ----------------------------------------------------------------------------- SIGTERM, report by entry, demo loss
 
 
+def test_stop_signals_set_a_flag_and_restore_the_handlers():
+    from reelforge.training.train import StopSignals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopSignals() as sig:
+        assert sig.got is None and sig.name == ""
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the process lives on, the flag is set
+        time.sleep(0.01)
+        assert sig.got == signal.SIGTERM and sig.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_sigterm_checkpoints_exits_0_and_resumes_and_demo_loss_falls(tiny, shards, tmp_path):
     """The shipped demo stage (LLM + projector) as a subprocess: SIGTERM after a few steps -> exit 0 and a
     checkpoint at the step reached; running it again resumes there and finishes; its loss falls; the

@@ -400,7 +400,7 @@ class StopSignals:
     `reelforge train` exits 0 and the next run resumes from that step. Installed from the main thread
     only (Python's rule); the previous handlers come back on exit. DataLoader workers forked while it
     is installed inherit the flag-setting handler, so a Ctrl-C to the process group does not kill
-    them under the step that is finishing."""
+    them under the step that is finishing. A second Ctrl-C raises KeyboardInterrupt at once."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -409,7 +409,9 @@ class StopSignals:
         self._old: dict[int, Any] = {}
 
     def _on(self, signum, frame) -> None:  # noqa: ARG002 - the signal module's signature
-        self.got = self.got or signum
+        if self.got is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the step's checkpoint
+        self.got = signum
 
     def __enter__(self) -> "StopSignals":
         import threading
