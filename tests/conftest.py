@@ -88,13 +88,9 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if {"spark", "demo_run", "local_cluster"} & fixtures:
             item.add_marker(pytest.mark.spark)
-        # `--dist loadgroup` (make test): the local-cluster parity tests on one worker, with one cluster;
-        # every other file's tests together, so a module-scoped fixture (a Spark run) is built once
         if "local_cluster" in fixtures:
             item.add_marker(pytest.mark.cluster)
-            item.add_marker(pytest.mark.xdist_group("cluster"))
-        elif item.module is not None:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+            item.add_marker(pytest.mark.xdist_group("cluster"))  # `--dist loadgroup`: one worker, one cluster
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
     # the parity tests last: by then the local-cluster that started with the session is warm
