@@ -65,7 +65,7 @@ test: setup
 
 FAST := not spark and not cluster and not train and not slow
 test-fast: setup
-	$(PY) -m pytest -q -m "$(FAST)" --durations=10
+	$(PY) -m pytest -q -n 2 -m "$(FAST)" --durations=10
 
 lint: setup
 	$(VENV)/bin/ruff check .
