@@ -112,8 +112,29 @@ def caption_of(row: dict, which: str) -> str:
     return " ".join(text.split())
 
 
+class ClipModelStep(PrefetchRowStep):
+    """A step that runs an open_clip model (`clip`, `crop_clip`): the scorer loaded once per process
+    on the task's device, and with `percentile`, the per-source cut on the step's score after
+    scoring (DataComp-style: keep the top (100 - p)% rather than a fixed threshold)."""
+
+    score_name = SCORE
+    cut_reason = "low_clip_percentile"
+    percentile: float | None = None
+
+    def cut(self) -> PercentileCut | None:
+        return None if self.percentile is None else PercentileCut(self.percentile, self.cut_reason)
+
+    def cut_value(self, row: dict) -> float | None:
+        return get_score(row, self.score_name)
+
+    def setup(self, context: StepContext | None = None) -> None:
+        super().setup(context)
+        self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
+                                   resolve_device(self.device, self.context.gpus))
+
+
 @register_step("clip")
-class ClipScore(PrefetchRowStep):
+class ClipScore(ClipModelStep):
     """Decode and preprocessing of the next chunk run in background threads (`decode_workers`)
     while the model embeds the current one."""
 
@@ -151,19 +172,6 @@ class ClipScore(PrefetchRowStep):
     def model_tag(self) -> str:
         """The `model` column of the kept embeddings (`filters.embeddings.model_tag`)."""
         return model_tag(self.model, self.pretrained, self.model_config)
-
-    def cut(self) -> PercentileCut | None:
-        """With `percentile`, each source's lowest-scoring share is dropped after scoring
-        (DataComp-style: keep the top (100 - p)% rather than a fixed threshold)."""
-        return None if self.percentile is None else PercentileCut(self.percentile, "low_clip_percentile")
-
-    def cut_value(self, row: dict) -> float | None:
-        return get_score(row, SCORE)
-
-    def setup(self, context: StepContext | None = None) -> None:
-        super().setup(context)
-        self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
-                                   resolve_device(self.device, self.context.gpus))
 
     def _pixels_of(self, row: dict):
         """All media of a row decoded and preprocessed into one tensor, and the number of

@@ -35,10 +35,10 @@ from typing import Any
 import numpy as np
 
 from reelforge.curation.media_io import decode_visual
-from reelforge.curation.schema import drop, get_score, set_score
-from reelforge.curation.step import PercentileCut, PrefetchRowStep, StepContext, register_step
-from reelforge.curation.vlm import halving_batches, resolve_device
-from reelforge.filters.clip_score import check_clip_model, load_scorer
+from reelforge.curation.schema import drop, set_score
+from reelforge.curation.step import register_step
+from reelforge.curation.vlm import halving_batches
+from reelforge.filters.clip_score import ClipModelStep, check_clip_model
 
 SCORE = "crop_clip"
 
@@ -70,10 +70,12 @@ def box_text(box: dict, template: str = "{}") -> str:
 
 
 @register_step("crop_clip")
-class CropClip(PrefetchRowStep):
+class CropClip(ClipModelStep):
     """Scores every grounding box's crop against its phrase (see the module's docstring)."""
 
     batch_rows = 64
+    score_name = SCORE
+    cut_reason = "low_crop_clip_percentile"
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "", model_config: str = "",
                  batch_size: int = 64, threshold: float | None = None, percentile: float | None = None,
@@ -99,17 +101,6 @@ class CropClip(PrefetchRowStep):
         self.decode_workers = max(1, int(decode_workers))
         self.prefetch = int(prefetch)
         check_clip_model(model, pretrained, model_config)
-
-    def cut(self) -> PercentileCut | None:
-        return None if self.percentile is None else PercentileCut(self.percentile, "low_crop_clip_percentile")
-
-    def cut_value(self, row: dict) -> float | None:
-        return get_score(row, SCORE)
-
-    def setup(self, context: StepContext | None = None) -> None:
-        super().setup(context)
-        self._scorer = load_scorer(self.model, self.pretrained or None, self.model_config or None,
-                                   resolve_device(self.device, self.context.gpus))
 
     def _crops(self, row: dict):
         """The row's box crops, preprocessed into one tensor (one crop per box, in order)."""
