@@ -500,23 +500,21 @@ def render_html(report: dict, dist: dict | None = None) -> str:
             "inputs", "kept", "dropped", "text_tokens", "visual_tokens", "tokens")) + "</tr>")
     parts.append("</table>")
     parts += ["<h2 id='scores'>Scores</h2>", f"<p>From {esc(dist['scores_from'])}.</p>"]
-    if dist["scores"]:
+    def figures(hists: dict, ident: str, title, xlabel, empty: str) -> None:
+        if not hists:
+            parts.append(f"<p>{empty}</p>")
+            return
         parts.append("<div class='figs'>")
-        for name, h in dist["scores"].items():
-            parts.append(f"<img class='hist' id='score-{esc(name)}' alt='score {esc(name)}' "
-                         f"src='{_histogram(f'score {name} ({h.n:,} samples)', h, name)}'>")
+        for name, h in hists.items():
+            parts.append(f"<img class='hist' id='{ident}-{esc(name)}' alt='{ident} "
+                         f"{esc(name)}' src='{_histogram(title(name, h), h, xlabel(name))}'>")
         parts.append("</div>")
-    else:
-        parts.append("<p>no sample has a score.</p>")
+
+    figures(dist["scores"], "score", lambda n, h: f"score {n} ({h.n:,} samples)", lambda n: n,
+            "no sample has a score.")
     parts.append("<h2 id='tokens'>Tokens per kind (kept samples)</h2>")
-    if dist["tokens"]:
-        parts.append("<div class='figs'>")
-        for kind, h in dist["tokens"].items():
-            parts.append(f"<img class='hist' id='tokens-{esc(kind)}' alt='tokens {esc(kind)}' "
-                         f"src='{_histogram(f'{kind}: {h.n:,} samples', h, 'tokens')}'>")
-        parts.append("</div>")
-    else:
-        parts.append("<p>no kept sample has a token count.</p>")
+    figures(dist["tokens"], "tokens", lambda n, h: f"{n}: {h.n:,} samples", lambda n: "tokens",
+            "no kept sample has a token count.")
     v = dist["video"]
     parts.append("<h2 id='video'>Video hours</h2>")
     if v["known"]:
