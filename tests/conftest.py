@@ -8,6 +8,18 @@ import sys
 import pytest
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+sys.path.insert(0, os.path.dirname(__file__))
+import s3_server  # noqa: E402 - its endpoint and test credentials go into the environment before any JVM starts
+
+s3_server.set_environment()
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 server (moto) for the object-storage tests: `s3.bucket(name)` -> "s3://name"."""
+    server = s3_server.S3Server().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")
