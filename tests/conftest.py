@@ -95,6 +95,7 @@ def shards(demo_corpus, tmp_path_factory) -> str:
 TRAIN_MODULES = ("test_train_stages",)
 
 
+@pytest.hookimpl(trylast=True)  # after xdist's own hook (see _share_a_worker)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -102,8 +103,45 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.spark)
         if "local_cluster" in fixtures:
             item.add_marker(pytest.mark.cluster)
-            item.add_marker(pytest.mark.xdist_group("cluster"))  # `--dist loadgroup`: one worker, one cluster
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
+    _share_a_worker(config, items)
     # the parity tests last: by then the local-cluster that started with the session is warm
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+def _shared_fixtures(item) -> bool:
+    """Whether the test uses a module- or class-scoped fixture (a Spark run, a corpus built once per file)."""
+    defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(defs.get(name) and defs[name][-1].scope in ("module", "class", "package")
+               for name in getattr(item, "fixturenames", ()))
+
+
+def _share_a_worker(config, items) -> None:
+    """`--dist loadgroup` (make test): the tests that share something costly run on one worker. The
+    local-cluster tests share one cluster (group `cluster`); in each file, the tests that share a module-
+    scoped fixture share one build of it (group = the file; `cluster` when one of them is a parity test).
+    xdist reads the group from a `@group` suffix of the node id, which it writes into `item._nodeid`; since
+    pytest 9.2 the id lives in `item._id` and that write is lost (pytest-xdist#1386: every test was spread
+    alone, so the demo-full run, every module-scoped run and the local cluster were built on both
+    workers). The suffix is written here, once, where xdist's did not take."""
+    if not getattr(config.option, "loadgroup", False):  # set on the xdist workers of `--dist loadgroup`
+        return
+    cluster_files = {item.module.__name__ for item in items
+                     if item.get_closest_marker("cluster") and item.module is not None and _shared_fixtures(item)}
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            group = "cluster"
+        elif item.module is not None and _shared_fixtures(item):
+            group = "cluster" if item.module.__name__ in cluster_files else item.module.__name__.rsplit(".", 1)[-1]
+        else:
+            continue
+        item.add_marker(pytest.mark.xdist_group(group))
+        if "@" in item.nodeid.rsplit("]", 1)[-1]:  # a fixed xdist (or an older pytest) already wrote one
+            continue
+        if hasattr(item, "_id"):
+            from _pytest.nodeid import NodeId
+
+            item._id = NodeId.parse(f"{item.nodeid}@{group}")
+        else:
+            item._nodeid = f"{item.nodeid}@{group}"
