@@ -100,18 +100,25 @@ def test_run_shards_read_by_energon_two_ranks_two_workers(demo_run):
     assert dec.get_video_duration()[0] > 0
 
 
-def test_mix_stage_folders_read_by_energon(demo_run, tmp_path):
+@pytest.fixture(scope="module")
+def mix(demo_run, tmp_path_factory) -> tuple[str, dict]:
+    """`reelforge mix` of the demo mixture over the session's demo run: (out, stage -> index)."""
     from test_mix_plan_emit import demo_mixture
 
     from reelforge.mixers.emit import emit_plan
     from reelforge.mixers.planner import plan_mixture
     from reelforge.mixers.spec import parse_mixture
 
+    out = str(tmp_path_factory.mktemp("mix"))
     plan = plan_mixture(parse_mixture(demo_mixture(demo_run["out"])), demo_run["out"])
-    indexes = emit_plan(plan, str(tmp_path), log=lambda *a: None)
+    return out, emit_plan(plan, out, log=lambda *a: None)
+
+
+def test_mix_stage_folders_read_by_energon(mix):
+    out, indexes = mix
     repeats = 0
     for stage, index in indexes.items():
-        folder = os.path.join(str(tmp_path), stage)
+        folder = os.path.join(out, stage)
         ref = _tar_samples(folder)
         assert len(ref) == index["samples"] > 0
         got = [s for r in _read_world(folder, world=1, workers=0, decode_images=False) for s in r]
@@ -140,26 +147,38 @@ def _folder(root: str, name: str, n: int, shards: int) -> str:
     return d
 
 
-def test_energon_blend_of_two_folders_by_weight(tmp_path):
-    a = _folder(str(tmp_path), "alpha", 300, 3)
-    b = _folder(str(tmp_path), "beta", 200, 2)
-    mds = tmp_path / "blend.yaml"
-    mds.write_text(yaml.safe_dump({
-        "__module__": "megatron.energon", "__class__": "MetadatasetV2",
-        "splits": {"train": {"blend": [{"weight": 3, "path": a}, {"weight": 1, "path": b}]}}}))
+def test_energon_blend_of_two_stage_folders_by_weight(mix):
+    """Issue 17: Energon's blend of two stage folders that `reelforge mix` wrote, weighted 3:1, yields
+    shares of 0.75 / 0.25 within 2%; every sample is one of its folder's, with the JSON its tar holds."""
+    out, indexes = mix
+    stages = sorted(indexes, key=lambda k: -indexes[k]["samples"])[:2]
+    a, b = (os.path.join(out, k) for k in stages)
+    ref = {a: _tar_samples(a), b: _tar_samples(b)}
+    assert all(len(ref[d]) == indexes[k]["samples"] > 0 for d, k in zip((a, b), stages))
+    mds = os.path.join(out, "blend.yaml")
+    with open(mds, "w") as f:
+        yaml.safe_dump({"__module__": "megatron.energon", "__class__": "MetadatasetV2",
+                        "splits": {"train": {"blend": [{"weight": 3, "path": a}, {"weight": 1, "path": b}]}}}, f)
     n = 8000
     wc = WorkerConfig(rank=0, world_size=1, num_workers=0)
-    ds = get_train_dataset(str(mds), worker_config=wc, batch_size=None, shuffle_buffer_size=None,
-                           max_samples_per_sequence=None, task_encoder=ReelTaskEncoder())
+    ds = get_train_dataset(mds, worker_config=wc, batch_size=None, shuffle_buffer_size=None,
+                           max_samples_per_sequence=None, task_encoder=ReelTaskEncoder(decode_images=False))
     got = Counter()
     for i, s in enumerate(get_loader(ds)):
-        assert s.kind == "text" and s.row["text"] == s.source
-        got[s.source] += 1
+        (src,) = {os.path.realpath(str(x.dataset_path)) for x in s.__sources__}
+        folder = a if src == os.path.realpath(a) else b
+        assert src == os.path.realpath(folder), (src, a, b)
+        assert s.raw_json == ref[folder][s.__key__]["json"], (folder, s.__key__)
+        got[folder] += 1
         if i + 1 == n:
             break
-    share = got["alpha"] / n
-    print(f"\nenergon blend 3:1 over {n} samples: alpha {share:.4f} (expected 0.75), beta {got['beta'] / n:.4f}")
-    assert abs(share - 0.75) < 0.02 and got["alpha"] + got["beta"] == n
+    share = got[a] / n
+    print(f"\nenergon blend 3:1 of the mix stages {stages[0]} ({len(ref[a])} samples) and {stages[1]} "
+          f"({len(ref[b])} samples) over {n} draws: {stages[0]} {share:.4f} (expected 0.75), "
+          f"{stages[1]} {got[b] / n:.4f} (expected 0.25)")
+    # by weight, not by size: by size the larger stage would take its share of the samples
+    assert got[a] + got[b] == n and abs(share - 0.75) < 0.02
+    assert abs(len(ref[a]) / (len(ref[a]) + len(ref[b])) - 0.75) > 0.04
 
 
 def test_meta_is_replaced_and_duplicates_refused(tmp_path):
