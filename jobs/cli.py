@@ -7,18 +7,19 @@ import json
 import os
 import sys
 
+from reelforge.curation.storage import StorageError
 from reelforge.curation.tools import SetupError
 from reelforge.jobs.recipe import RecipeError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from reelforge.jobs.recipe import load_recipe
-    from reelforge.jobs.run import run_recipe
+    from reelforge.jobs.remote import run
 
     recipe = load_recipe(args.recipe, out=args.out)
     if args.keep_work is not None:
         recipe.keep_work = args.keep_work
-    report = run_recipe(recipe, master=args.master)
+    report = run(recipe, master=args.master, work=args.work)  # a local recipe: jobs.run.run_recipe, as before
     print(f"shards: {report['paths']['shards']}\nledger: {report['paths']['ledger']}\n"
           f"report: {report['paths']['report']}")
     return 0
@@ -208,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a recipe: sources -> steps -> shards, ledger and report")
     r.add_argument("recipe")
     r.add_argument("--master", help="Spark master (default: the recipe's, else local[*])")
-    r.add_argument("--out", help="output folder (default: the recipe's output.path)")
+    r.add_argument("--out", help="output folder or URL such as s3://bucket/prefix (default: the recipe's output.path)")
+    r.add_argument("--work", help="with a URL output: the local staging folder the run works in before it "
+                                  "publishes (default: the recipe's output.work, else under ~/.cache/reelforge)")
     r.add_argument("--keep-work", dest="keep_work", action=argparse.BooleanOptionalAction, default=None,
                    help="keep OUT/_work (step outputs a re-run resumes from) once the run is complete; "
                         "default: the recipe's output.keep_work, else true")
@@ -300,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (RecipeError, SetupError) as e:
+    except (RecipeError, SetupError, StorageError) as e:
         print(f"reelforge: {e}", file=sys.stderr)
         return 2
     except (OutputWriteError, AccountingError) as e:  # the run's own sentence; exit 1: not the recipe's fault

@@ -11,6 +11,7 @@ write, so the check costs no Spark job of its own.
 from __future__ import annotations
 
 import json
+import os
 from typing import Iterable, Iterator
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from reelforge.curation.ingest import count_problems, rows_to_batches
 from reelforge.curation.readers import FILE_REASONS, READERS, count_records
 from reelforge.jobs.spark import spark_schema
 
+LOCATION_MAP = "_location_map"  # a source mirrored from a URL (jobs.remote): option [mirror folder, URL]
 _FILES = "source string, format string, path string, root string, options string"
 
 
@@ -49,6 +51,22 @@ def _record_rows(batch: pa.RecordBatch) -> int:
     return sum(not (s == "ingest" and r in FILE_REASONS) for s, r in zip(step, reason))
 
 
+def _relocated(batch: pa.RecordBatch, mapping) -> pa.RecordBatch:
+    """The batch with `source_location` naming the object's URL instead of its mirror copy."""
+    i = batch.schema.get_field_index("source_location")
+    cols = list(batch.columns)
+    cols[i] = pa.array(relocate(cols[i].to_pylist(), mapping), type=cols[i].type)
+    return pa.RecordBatch.from_arrays(cols, schema=batch.schema)
+
+
+def relocate(values: list, mapping) -> list:
+    """source_location values under the mirror folder, as the object URLs they came from."""
+    d, url = mapping
+    d = d.rstrip(os.sep) + os.sep
+    return [f"{url}/{v[len(d):].replace(os.sep, '/')}" if isinstance(v, str) and v.startswith(d) else v
+            for v in values]
+
+
 def ingest(spark, sources) -> tuple[DataFrame, Accumulator]:
     """One Spark task per source file; each yields rows of the sample schema and, in the same
     task, counts the file's records (`count_records`, a reading independent of the reader's) and
@@ -60,10 +78,11 @@ def ingest(spark, sources) -> tuple[DataFrame, Accumulator]:
         for b in batches:
             for f in b.to_pylist():
                 opts = json.loads(f["options"])
+                mirrored = opts.pop(LOCATION_MAP, None)  # a source mirrored from a URL (jobs.remote)
                 rows = 0
                 for out in rows_to_batches(READERS[f["format"]](f["path"], f["source"], f["root"], opts)):
                     rows += _record_rows(out)
-                    yield out
+                    yield _relocated(out, mirrored) if mirrored else out
                 counts.add({(f["source"], f["path"]): (count_records(f["format"], f["path"], opts), rows)})
 
     return fdf.mapInArrow(read, spark_schema()), counts

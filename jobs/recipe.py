@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from reelforge.curation import storage
 from reelforge.curation.config import parse_size, read_yaml
 from reelforge.curation.errors import RecipeError  # the same class, importable here as before
 from reelforge.curation.readers import DEFAULT_PATTERNS, READERS
@@ -53,6 +54,7 @@ class Source:
     paths: list[str]
     options: dict = field(default_factory=dict)
     root: str = ""
+    remote: dict = field(default_factory=dict)  # an s3:// (fsspec) source: {"root": URL, "max_mirror_bytes": N}
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Recipe:
     base_dir: str
     digests: dict | None = field(default=None, repr=False)  # source file -> sha256 of its content
     keep_work: bool = True  # output.keep_work: false removes <output>/_work once the run is complete
+    work: str = ""  # output.work: the local staging folder of a run whose output is a URL (jobs.remote)
 
     def source_digests(self, cache_path: str | None = None, hash_many=None) -> dict[str, str]:
         """sha256 of every source file's content, computed once per Recipe (see content_digests)."""
@@ -165,6 +168,10 @@ def _folders(value, base: str, where: str) -> list[str]:
 
 
 def _expand(path: str, fmt: str, base: str, where: str) -> tuple[list[str], str]:
+    if storage.is_url(path):  # listed here (names only), mirrored before ingest by jobs.remote
+        from reelforge.jobs.remote import expand_url
+
+        return expand_url(path, fmt, where)
     p = path if os.path.isabs(path) else os.path.join(base, path)
     if os.path.isdir(p):
         root = p
@@ -200,13 +207,21 @@ def _step_params(cls: type) -> dict[str, inspect.Parameter]:
 def _check_output_apart(out: str, sources: list[Source], scanned: list[tuple[str, str]]) -> None:
     """The output folder must not hold a source's files, nor lie where a source searches:
     a run would delete or re-read its own input."""
+    if storage.is_url(out):
+        from reelforge.jobs.remote import check_url_output_apart
+
+        return check_url_output_apart(out, sources)
     canon = os.path.realpath(out)
     for i, s in enumerate(sources):
         for p in s.paths:
+            if storage.is_url(p):
+                continue
             if _inside(os.path.realpath(p), canon):
                 raise RecipeError(f"output folder {out} holds {p}, an input of source `sources[{i}]` "
                                   f"({s.name}): pass --out with a folder outside the corpus.")
     for root, where in scanned:
+        if storage.is_url(root):
+            continue
         if _inside(canon, os.path.realpath(root)):
             raise RecipeError(f"output folder {out} is inside {root}, which recipe field `{where}` searches "
                               "for input: pass --out with a folder outside it.")
@@ -237,7 +252,7 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         where = f"sources[{i}]"
         if not isinstance(s, dict):
             raise RecipeError(f"recipe field `{where}` must be a mapping with name, format and path.")
-        _check_keys(s, {"name", "format", "path", "options"}, where)
+        _check_keys(s, {"name", "format", "path", "options", "max_mirror_bytes"}, where)
         name = s.get("name")
         if not isinstance(name, str) or not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise RecipeError(f"recipe field `{where}.name` must be a word of letters, digits, '_', '.' "
@@ -255,9 +270,14 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
             raise RecipeError(f"recipe field `{where}.path` must be a path, a glob or a list of them.")
         files: list[str] = []
         root = ""
+        if len({storage.is_url(p) for p in plist}) > 1:
+            raise RecipeError(f"recipe field `{where}.path` mixes URLs and local paths: make it two sources.")
         for p in plist:
             found, root = _expand(p, fmt, base_dir, f"{where}.path")
             files += found
+            if storage.is_url(p):
+                scanned.append((root, f"{where}.path"))
+                continue
             full = p if os.path.isabs(p) else os.path.join(base_dir, p)
             if os.path.isdir(full) or "**" in p:
                 scanned.append((root, f"{where}.path"))
@@ -275,7 +295,21 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
             opts["roots"] = list(dict.fromkeys(top_roots + own_roots))
         else:
             opts.pop("roots", None)
-        sources.append(Source(name, fmt, sorted(set(files)), opts, root))
+        remote = {}
+        if storage.is_url(plist[0]):
+            from reelforge.jobs.remote import common_root
+
+            if "media_root" in opts:
+                raise RecipeError(f"recipe field `{where}.options.media_root` is not read for a source on object "
+                                  "storage: media are read relative to the source's root prefix, which is mirrored.")
+            cap = s.get("max_mirror_bytes")
+            remote = {"root": common_root([r for r, w in scanned if w == f"{where}.path"]),
+                      "max_mirror_bytes": None if cap is None else parse_size(cap, f"{where}.max_mirror_bytes")}
+            root = remote["root"]
+        elif s.get("max_mirror_bytes") is not None:
+            raise RecipeError(f"recipe field `{where}.max_mirror_bytes` applies to a source on object storage "
+                              "(an s3:// path): remove it.")
+        sources.append(Source(name, fmt, sorted(set(files)), opts, root, remote))
 
     known = _steps()
     steps: list[StepSpec] = []
@@ -323,16 +357,27 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         output = {"path": output}
     if not isinstance(output, dict):
         raise RecipeError("recipe field `output` must be a mapping with `path` and `shards`.")
-    _check_keys(output, {"path", "shards", "keep_work"}, "output")
+    _check_keys(output, {"path", "shards", "keep_work", "work"}, "output")
     keep_work = output.get("keep_work", True)
     if not isinstance(keep_work, bool):
         raise RecipeError(f"recipe field `output.keep_work` must be true or false, got {keep_work!r}.")
     out_path = out or output.get("path")
     if not out_path:
         raise RecipeError("recipe field `output.path` is missing: name an output folder, or pass --out.")
-    if not os.path.isabs(out_path) and out is None:
+    if not isinstance(out_path, str):
+        raise RecipeError(f"recipe field `output.path` must be a folder or a URL, got {out_path!r}.")
+    if storage.is_url(out_path):  # a bucket prefix: the run stages locally, then publishes (jobs.remote)
+        out_path = storage.normalize(out_path)
+    elif not os.path.isabs(out_path) and out is None:
         out_path = os.path.join(base_dir, out_path)
-    _check_output_apart(os.path.abspath(out_path), sources, scanned)
+    if not storage.is_url(out_path):
+        out_path = os.path.abspath(out_path)
+    work = output.get("work") or ""
+    if not isinstance(work, str) or storage.is_url(work):
+        raise RecipeError(f"recipe field `output.work` must be a local folder, got {work!r}.")
+    if work:
+        work = os.path.abspath(os.path.join(base_dir, work))
+    _check_output_apart(out_path, sources, scanned)
     shards = dict(output.get("shards") or {})
     _check_keys(shards, {"max_samples", "max_bytes", "shuffle", "prefix"}, "output.shards")
     ms = shards.get("max_samples", 1000)
@@ -350,5 +395,5 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
         raise RecipeError("recipe field `spark` must be a mapping with `master` and/or `conf`.")
     _check_keys(spark, {"master", "conf"}, "spark")
     return Recipe(name=str(raw.get("name", "recipe")), seed=seed, sources=sources, steps=steps,
-                  output=os.path.abspath(out_path), shards=shards, spark=spark, raw=raw, base_dir=base_dir,
-                  keep_work=keep_work)
+                  output=out_path, shards=shards, spark=spark, raw=raw, base_dir=base_dir,
+                  keep_work=keep_work, work=work)

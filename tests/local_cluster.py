@@ -48,10 +48,11 @@ class LocalCluster:
         with open(self.log_path, "rb") as f:
             return f.read().decode(errors="replace")[-n:]
 
-    def run(self, recipe, out, timeout: float = 900) -> dict:
-        """Run `recipe` into `out` on the cluster; its report, or an AssertionError saying why not."""
+    def run(self, recipe, out, timeout: float = 900, work: str | None = None, env: dict | None = None) -> dict:
+        """Run `recipe` into `out` (a folder or a URL) on the cluster; its report, or an AssertionError
+        saying why not. `work`: a URL output's staging folder; `env`: variables set in the server first."""
         proc = self.start()
-        proc.stdin.write(json.dumps({"recipe": str(recipe), "out": str(out)}) + "\n")
+        proc.stdin.write(json.dumps({"recipe": str(recipe), "out": str(out), "work": work, "env": env or {}}) + "\n")
         proc.stdin.flush()
         if not select.select([proc.stdout], [], [], timeout)[0]:
             self.close()
@@ -80,7 +81,7 @@ def serve(master: str) -> None:
     answers = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # the JVM's and any print's output goes to the log, never into the answers
     from reelforge.jobs.recipe import load_recipe
-    from reelforge.jobs.run import run_recipe
+    from reelforge.jobs.remote import run as run_recipe  # a local recipe: jobs.run.run_recipe; a URL: mirror, publish
     from reelforge.jobs.spark import get_spark
 
     spark = get_spark(master)  # the JVMs start now, while the client's session runs other tests
@@ -88,8 +89,9 @@ def serve(master: str) -> None:
         for line in sys.stdin:
             req = json.loads(line)
             try:
+                os.environ.update(req.get("env") or {})
                 report = run_recipe(load_recipe(req["recipe"], out=req["out"]), spark=spark,
-                                    log=lambda s: print(s, file=sys.stderr))
+                                    log=lambda s: print(s, file=sys.stderr), work=req.get("work"))
                 answer = {"ok": True, "report": report}
             except BaseException:  # noqa: BLE001 - the client shows it
                 answer = {"ok": False, "error": traceback.format_exc()}
