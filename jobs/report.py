@@ -188,6 +188,15 @@ def plot_funnel(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def _reused_markdown(report: dict) -> list[str]:
+    """One line: which steps this run reused from `_work/` (their fingerprint matched)."""
+    reused = report.get("reused")
+    if reused is None:
+        return []
+    said = ", ".join(f"`{r}`" for r in reused) if reused else "none (every step ran)"
+    return [f"Reused steps: {said}.", ""]
+
+
 def render_markdown(report: dict) -> str:
     derived = f" + {report['derived']} derived" if report.get("derived") else ""
     lines = [f"# reelforge run report: {report['recipe']}", "",
@@ -195,6 +204,7 @@ def render_markdown(report: dict) -> str:
              f"**{report['inputs']} inputs{derived}"
              f" = {report['kept']} kept + {report['dropped']} dropped** "
              f"({'balanced' if report['balanced'] else 'NOT BALANCED'}), {report['shards']} shards.", "",
+             *_reused_markdown(report),
              "![funnel](funnel.png)", "", "## Steps", "",
              "| step | in | out | dropped | media in | media out | tokens in | tokens out | seconds | reasons |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -322,10 +322,11 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.curation.shards import read_stats
     from reelforge.jobs.engine import run_step
     from reelforge.jobs.ingest import check_counts, ingest
+    from reelforge.jobs.progress import step_progress
     from reelforge.jobs.report import build_report, ledger_summary, write_report
     from reelforge.jobs.semantic import check_embeddings
     from reelforge.jobs.shards import write_shards
-    from reelforge.jobs.spark import get_spark, spark_schema
+    from reelforge.jobs.spark import get_spark, spark_schema, ui_url
 
     t_start = time.time()
     # the funnel plot's matplotlib (~1 s of imports) loads while the driver waits on the JVM
@@ -336,22 +337,51 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     if spark is None:
         spark = get_spark(master or recipe.spark.get("master"), recipe.spark.get("conf"))
     log(f"reelforge: recipe {recipe.name!r} on {spark.sparkContext.master}, output {out}")
+    url = ui_url(spark)
+    if url:
+        log(f"Spark UI: {url}")
     recipe.digests = None  # hashed afresh for every run (unchanged files come from the cache)
     recipe.source_digests(os.path.join(work, "digests.json"), _spark_hasher(spark))
     schema = spark_schema()
     timings: dict[str, float] = {}
+    n_phases = len(recipe.steps) + 2
+    step_names = ["ingest"] + [s.name for s in recipe.steps]
+    reused: list[str] = []  # the steps whose fingerprint matched: their _work/ output is reused
+
+    def step_done(idx: int, name: str) -> bool:
+        path = os.path.join(work, f"{idx:02d}_{name}")
+        if not _done(path, recipe.fingerprint(idx)):
+            return False
+        log(f"[{idx + 1}/{n_phases}] {name}: already done, reusing {path}")
+        reused.append(name)
+        return True
+
+    # --- a no-op re-run: the shards, ledger, samples and report of this very recipe are in place --
+    shard_dir = os.path.join(out, "shards")
+    shard_fp = shards_fingerprint(recipe)
+    previous = _published_output(out, shard_dir, shard_fp)
+    if previous is not None:
+        for idx, name in enumerate(step_names):
+            step_done(idx, name)
+        _remove(os.path.join(work, PENDING))
+        if not recipe.keep_work:
+            _remove(work)
+        previous["reused"] = step_names + ["shards"]
+        log(f"nothing to do: {out} already holds this recipe's shards, ledger, samples and report "
+            f"(reused all {len(step_names)} steps and the shards)")
+        return previous
 
     def stage(idx: int, name: str, build, check=None) -> str:
         path = os.path.join(work, f"{idx:02d}_{name}")
         fp = recipe.fingerprint(idx)
-        if _done(path, fp):
-            log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name}: already done, reusing {path}")
+        if step_done(idx, name):
             marker = _read_json(os.path.join(path, STEP_MARKER)) or {}
             timings[name] = marker.get("seconds", 0.0)
             return path
         t = time.time()
-        log(f"[{idx + 1}/{len(recipe.steps) + 2}] {name} ...")
-        build().write.mode("overwrite").option("compression", "zstd").parquet(path)
+        log(f"[{idx + 1}/{n_phases}] {name} ...")
+        with step_progress(spark, f"[{idx + 1}/{n_phases}] {name}", log):
+            build().write.mode("overwrite").option("compression", "zstd").parquet(path)
         spark.catalog.clearCache()  # what a step persisted for itself (its keys, its scored rows) is done
         timings[name] = time.time() - t
         df = spark.read.schema(schema).parquet(path)
@@ -374,17 +404,18 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
 
     # --- shards ---------------------------------------------------------------------------
     t = time.time()
-    log(f"[{len(recipe.steps) + 2}/{len(recipe.steps) + 2}] write shards ...")
-    shard_dir = os.path.join(out, "shards")
+    log(f"[{n_phases}/{n_phases}] write shards ...")
     _clear_previous_output(out, shard_dir, work)
     os.makedirs(shard_dir, exist_ok=True)
     sh = recipe.shards
-    results, names, stats_dir, keyed = write_shards(
-        final, shard_dir, max_samples=sh["max_samples"], max_bytes=sh["max_bytes"],
-        shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"], rows_hint=_parquet_rows(prev), source=prev)
-    write_json_atomic(os.path.join(work, PENDING), sorted(names.values()))
     results_path = os.path.join(work, "write_results")
-    results.write.mode("overwrite").option("compression", "zstd").parquet(results_path)
+    with step_progress(spark, f"[{n_phases}/{n_phases}] write shards", log):
+        results, names, stats_dir, keyed = write_shards(
+            final, shard_dir, max_samples=sh["max_samples"], max_bytes=sh["max_bytes"],
+            shuffle=sh["shuffle"], seed=recipe.seed, prefix=sh["prefix"], rows_hint=_parquet_rows(prev),
+            source=prev)
+        write_json_atomic(os.path.join(work, PENDING), sorted(names.values()))
+        results.write.mode("overwrite").option("compression", "zstd").parquet(results_path)
     keyed.unpersist()
     stats = read_stats(stats_dir, names)
     shutil.rmtree(stats_dir, ignore_errors=True)
@@ -428,6 +459,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     in_table = _parquet_rows(samples_path)
 
     report = build_report(spark, recipe, final, ledger, summary, stats, inputs, timings)
+    report["reused"] = list(reused)
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),
                        "ledger": ledger_path, "samples": samples_path, "report": os.path.join(out, "report.md")}
@@ -436,7 +468,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     write_energon_meta(shard_dir, [s["shard"] for s in stats], log=log)  # .nv-meta/: Energon reads the folder
     index = {"recipe": recipe.name, "seed": recipe.seed, "shards": stats,
              "samples": kept_in_shards, "bytes": sum(s["bytes"] for s in stats),
-             "sources": _sum_sources(stats)}
+             "sources": _sum_sources(stats), "fingerprint": shard_fp}
     write_json_atomic(os.path.join(shard_dir, "index.json"), index, indent=1, sort_keys=True)
     staging = os.path.join(work, "report-staging")
     _remove(staging)
@@ -463,6 +495,50 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     if problems:
         raise AccountingError("sample accounting failed: " + "; ".join(problems))
     return report
+
+
+def shards_fingerprint(recipe: Recipe) -> str:
+    """What the shard phase's output depends on: the final step's fingerprint (every step, the
+    sources and their content), the shard settings and the seed."""
+    import hashlib
+
+    body = {"steps": recipe.fingerprint(len(recipe.steps)), "shards": recipe.shards, "seed": recipe.seed,
+            "recipe": recipe.name}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _published_output(out: str, shard_dir: str, fingerprint: str) -> dict | None:
+    """The previous run's report when `out` holds the complete output of the run `fingerprint`
+    names (its index records it, every shard the index names is there with its recorded size, and
+    the ledger, samples table, Energon metadata and report are in place); else None."""
+    from reelforge.curation.energon_meta import META_DIR, energon_available
+    from reelforge.mixers.stats import SAMPLES_DIR
+
+    index = _read_json(os.path.join(shard_dir, "index.json"))
+    if not isinstance(index, dict) or index.get("fingerprint") != fingerprint:
+        return None
+    shards = index.get("shards")
+    if not isinstance(shards, list):
+        return None
+    for s in shards:
+        name = s.get("shard") if isinstance(s, dict) else None
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            return None
+        try:
+            if os.path.getsize(os.path.join(shard_dir, name)) != s.get("bytes"):
+                return None
+        except OSError:
+            return None
+    for folder in ("ledger", SAMPLES_DIR):
+        if not os.path.exists(os.path.join(out, folder, "_SUCCESS")):
+            return None
+    for name in ("report.md", "report.html", "funnel.png"):
+        if not os.path.isfile(os.path.join(out, name)):
+            return None
+    if shards and energon_available() and not os.path.isdir(os.path.join(shard_dir, META_DIR)):
+        return None
+    report = _read_json(os.path.join(out, "report.json"))
+    return report if isinstance(report, dict) and report.get("recipe") == index.get("recipe") else None
 
 
 def _preload_matplotlib() -> None:

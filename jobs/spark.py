@@ -16,24 +16,31 @@ import sys
 import time
 
 from reelforge.curation.tools import check_java
+from reelforge.jobs.progress import enabled as progress_enabled
 
 DEFAULT_MASTER = "local[*]"
 
 
 def get_spark(master: str | None = None, conf: dict | None = None, app: str = "reelforge"):
-    """A SparkSession whose Python workers run this interpreter and can import reelforge."""
+    """A SparkSession whose Python workers run this interpreter and can import reelforge.
+
+    Spark's web UI is on (port 4040, or the next free one: `ui_url`); REELFORGE_SPARK_UI=0 or
+    `spark.ui.enabled: false` in the recipe's `spark.conf` turns it off."""
     check_java()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
     master = master or os.environ.get("REELFORGE_MASTER") or DEFAULT_MASTER
+    ours = progress_enabled()  # reelforge's own bar (jobs.progress): Spark's console bar would fight it
+    ui = os.environ.get("REELFORGE_SPARK_UI", "1").strip().lower() not in ("0", "false", "no", "off")
     b = (SparkSession.builder.master(master).appName(app)
          .config("spark.pyspark.python", sys.executable)
          .config("spark.sql.shuffle.partitions", "8" if master.startswith("local") else "200")
          .config("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() else "false")
-         .config("spark.ui.enabled", "false")
+         .config("spark.ui.showConsoleProgress", "true" if sys.stderr.isatty() and not ours else "false")
+         .config("spark.ui.enabled", "true" if ui else "false")
+         .config("spark.ui.port", os.environ.get("REELFORGE_SPARK_UI_PORT", "4040"))
          .config("spark.driver.memory", os.environ.get("REELFORGE_DRIVER_MEMORY", "2g")))
     if master.startswith("local-cluster"):
         b = b.config("spark.executor.memory", "1024m")
@@ -49,6 +56,14 @@ def get_spark(master: str | None = None, conf: dict | None = None, app: str = "r
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("REELFORGE_SPARK_LOG", "ERROR"))
     return spark
+
+
+def ui_url(spark) -> str | None:
+    """The address of the session's Spark UI, or None when it is off."""
+    try:
+        return spark.sparkContext.uiWebUrl
+    except Exception:  # noqa: BLE001 - a session being stopped has none
+        return None
 
 
 def _class_data_sharing() -> str:

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("REELFORGE_SPARK_UI", "0")  # Spark's UI: a port and ~0.2-1 s per session; on for users
 sys.path.insert(0, os.path.dirname(__file__))
 import s3_server  # noqa: E402 - its endpoint and test credentials go into the environment before any JVM starts
 
