@@ -165,6 +165,22 @@ def _file_tokens(path: str, cfg, sample_fps: float | None) -> dict:
         return {"input": path, "error": e.reason, "detail": str(e)}
 
 
+def _storage_errors(fn):
+    """A command whose StorageError (no bucket, no credentials) is its one sentence, exit 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def run(args: argparse.Namespace) -> int:
+        from reelforge.curation.storage import StorageError
+
+        try:
+            return fn(args)
+        except StorageError as e:
+            raise RecipeError(str(e)) from None
+    return run
+
+
+@_storage_errors
 def _cmd_plan(args: argparse.Namespace) -> int:
     from reelforge.mixers.planner import check_drift, format_plan, plan_mixture, write_plan
     from reelforge.mixers.spec import load_mixture
@@ -181,13 +197,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@_storage_errors
 def _cmd_mix(args: argparse.Namespace) -> int:
+    from reelforge.curation.storage import join
     from reelforge.mixers.emit import emit_plan, load_plan
 
     indexes = emit_plan(load_plan(args.plan), args.out, seed=args.seed, stages=args.stage, workers=args.workers,
                         verify=args.verify)
     for name, idx in indexes.items():
-        print(f"{name}: {os.path.join(args.out, name, 'index.json')}")
+        print(f"{name}: {join(args.out, name, 'index.json')}")
         for e, v in idx["entries"].items():
             print(f"  {e:<20} {v['samples']:>10} samples {v['tokens']:>14} tokens "
                   f"(plan {v['planned_tokens']}) {v['epochs']:.3f} epochs")
@@ -262,15 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(fn=_cmd_inspect)
     pl = sub.add_parser("plan", help="plan a mixture: token targets -> per-source sample counts, from a run's stats")
     pl.add_argument("mixture", help="mixture YAML (examples: mixers/recipes/)")
-    pl.add_argument("--stats", required=True, metavar="RUN_DIR", help="output folder of a finished run")
-    pl.add_argument("--out", help="plan JSON to write (default: NAME.plan.json; the plot goes beside it)")
+    pl.add_argument("--stats", required=True, metavar="RUN_DIR",
+                    help="output folder of a finished run, or its URL (s3://bucket/run)")
+    pl.add_argument("--out", help="plan JSON to write, a path or a URL (default: NAME.plan.json; the plot goes "
+                                  "beside it)")
     pl.add_argument("--allow-drift", dest="allow_drift", action="store_true",
                     help="write the plan even where an entry's achieved share misses its weight by more than "
                          "the stage's tolerance")
     pl.set_defaults(fn=_cmd_plan)
     mx = sub.add_parser("mix", help="emit each stage's shards exactly to a plan, globally shuffled")
-    mx.add_argument("plan", help="plan JSON from `reelforge plan`")
-    mx.add_argument("--out", required=True, help="output folder: one sub-folder of shards per stage")
+    mx.add_argument("plan", help="plan JSON from `reelforge plan` (a path or a URL)")
+    mx.add_argument("--out", required=True, help="output folder or URL (s3://bucket/mixes): one sub-folder of "
+                                                 "shards per stage")
     mx.add_argument("--seed", type=int, help="shuffle seed (default: the plan's); the samples stay the plan's")
     mx.add_argument("--stage", action="append", help="emit only this stage (repeatable)")
     mx.add_argument("--workers", type=int, default=1, help="processes writing shards in parallel")

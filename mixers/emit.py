@@ -16,6 +16,14 @@ the same members, so copying them is writing them, without re-encoding. A repeat
 entry drawn for more than one epoch) needs a distinct key in the stage: its copies r >= 1
 get the key `ID_rR`, are re-written member by member through `ShardFile.write`, and the
 media member names inside their `.json` follow the new key (the `id` stays the sample's).
+
+Object storage: the plan's run (`stats`) and the output may be URLs (s3://...). A run shard on a
+URL is read by byte range, one ranged GET per sample span, or fetched whole once (to a local
+temporary folder) when the stage uses at least half of its bytes. A stage written to a URL is
+built in a local staging folder (`storage.staging_dir(url, "mix")`), byte for byte as it would be
+in a local folder, then published object by object with `storage.put_file` (temporary object,
+copy, delete): the tars, then `.nv-meta/`, then `index.json` last; objects of an earlier
+emission that the new one does not have, and `.tmp-` leftovers of a crashed one, are removed.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import zlib
 from collections import OrderedDict
 from typing import Callable
@@ -30,7 +39,8 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 
-from reelforge.curation.energon_meta import write_energon_meta
+from reelforge.curation import storage
+from reelforge.curation.energon_meta import META_DIR, write_energon_meta
 from reelforge.curation.errors import RecipeError
 from reelforge.curation.shards import ShardFile
 from reelforge.mixers.planner import PLAN_COLUMNS, PLAN_VERSION, load_stats, select, selection_digest
@@ -78,11 +88,12 @@ def _stage_of(d: dict) -> Stage:
 
 
 def load_plan(path: str) -> dict:
-    if not os.path.exists(path):
-        raise RecipeError(f"plan file {path} does not exist: make one with `reelforge plan MIXTURE.yaml --stats RUN`.")
+    """A plan JSON from a path or a URL."""
+    if not storage.exists(path):
+        raise RecipeError(f"plan file {storage.redact(path)} does not exist: make one with "
+                          "`reelforge plan MIXTURE.yaml --stats RUN`.")
     try:
-        with open(path) as f:
-            plan = json.load(f)
+        plan = json.loads(storage.read_bytes(path))
     except ValueError as e:
         raise RecipeError(f"plan file {path} is not JSON ({e}): make it again with `reelforge plan`.") from e
     if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION or "stages" not in plan:
@@ -110,16 +121,24 @@ def _shard_bounds(lengths: np.ndarray, max_samples: int, max_bytes: int) -> np.n
 
 
 class _Readers:
-    """Open run shards, least recently used closed first."""
+    """Open run shards, least recently used closed first. On a URL, a shard in `local` (fetched
+    whole beforehand) is read from its local copy, any other by one ranged GET per span."""
 
-    def __init__(self, shard_dir: str, keep: int = 64):
+    def __init__(self, shard_dir: str, keep: int = 64, local: dict[str, str] | None = None):
         self.dir, self.keep = shard_dir, keep
+        self.local = local or {}
         self.fds: OrderedDict[str, int] = OrderedDict()
 
     def read(self, shard: str, offset: int, length: int) -> bytes:
+        if storage.is_url(self.dir) and shard not in self.local:
+            data = storage.read_bytes(storage.join(self.dir, shard), offset, offset + length)
+            if len(data) != length:
+                raise RecipeError(f"run shard {shard} is shorter than its statistics say: run the curation job "
+                                  "again.")
+            return data
         fd = self.fds.get(shard)
         if fd is None:
-            fd = os.open(os.path.join(self.dir, shard), os.O_RDONLY)
+            fd = os.open(self.local.get(shard) or os.path.join(self.dir, shard), os.O_RDONLY)
             self.fds[shard] = fd
             if len(self.fds) > self.keep:
                 os.close(self.fds.popitem(last=False)[1])
@@ -142,7 +161,7 @@ _JOB: dict = {}
 
 def _write_shards(shard_ids: list[int]) -> list[dict]:
     j = _JOB
-    readers = _Readers(j["run_shards"])
+    readers = _Readers(j["run_shards"], local=j.get("local"))
     out = []
     try:
         for s in shard_ids:
@@ -170,8 +189,71 @@ def _write_shards(shard_ids: list[int]) -> list[dict]:
     return out
 
 
+class _RunShards:
+    """The run's shards folder (a path or a URL) and, for a URL, the shards fetched whole into a
+    local temporary folder (kept for the later stages of the same emission)."""
+
+    WHOLE = 0.5  # fetch a shard whole when a stage reads at least this share of its bytes
+
+    def __init__(self, shard_dir: str, sizes: dict[str, int]):
+        self.dir, self.sizes = shard_dir, sizes
+        self.local: dict[str, str] = {}
+        self.tmp: str | None = None
+
+    def prepare(self, names: list[str], used: np.ndarray) -> dict[str, str]:
+        """Fetch the shards whose used bytes (a stage's spans, repeats counted) reach WHOLE of their size."""
+        if not storage.is_url(self.dir):
+            return {}
+        for name, u in zip(names, used.tolist()):
+            if name in self.local or u <= 0:
+                continue
+            url = storage.join(self.dir, name)
+            size = self.sizes.get(name)
+            if size is None:
+                size = self.sizes[name] = storage.size(url)
+            if u < self.WHOLE * size:
+                continue
+            if self.tmp is None:
+                self.tmp = tempfile.mkdtemp(prefix="reelforge-mix-run-")
+            local = os.path.join(self.tmp, name)
+            fs, path = storage.url_fs(url)
+            storage.guarded(url, "read", fs.get_file, path, local)
+            self.local[name] = local
+        return dict(self.local)
+
+    def close(self) -> None:
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None
+
+
+def publish_stage(local_dir: str, url: str, log: Callable[[str], None] = print) -> int:
+    """Publish a stage folder built locally at `url`: every file through `storage.put_file` (temporary
+    object, copy, delete), the tars first, `.nv-meta/` next, `index.json` last; then the objects of an
+    earlier emission the new one lacks, and `.tmp-` leftovers, are removed. Returns the files published."""
+    storage.remove_temps(url)
+    before = {rel for rel, _ in storage.walk_files(url)}
+    files = sorted(rel for rel, _ in storage.walk_files(local_dir))
+    order = ([f for f in files if f.endswith(".tar") and "/" not in f]
+             + [f for f in files if f.startswith(META_DIR + "/")])
+    order += [f for f in files if f not in set(order) and f != "index.json"]
+    if "index.json" in files:
+        order.append("index.json")
+    from concurrent.futures import ThreadPoolExecutor
+
+    tars = [f for f in order if f.endswith(".tar") and "/" not in f]
+    with ThreadPoolExecutor(max(1, min(8, len(tars)))) as pool:  # the tars in parallel, then the rest in order
+        list(pool.map(lambda rel: storage.put_file(os.path.join(local_dir, rel), storage.join(url, rel)), tars))
+    for rel in order[len(tars):]:
+        storage.put_file(os.path.join(local_dir, rel), storage.join(url, rel))
+    for rel in sorted(before - set(files)):
+        storage.remove(storage.join(url, rel))
+    storage.remove_temps(url)
+    return len(files)
+
+
 def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, workers: int = 1,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print, run_shards: _RunShards | None = None) -> dict:
     stage = _stage_of(st)
     rows_l, reps_l, ent_l = [], [], []
     for j, (e, pe) in enumerate(zip(stage.entries, st["entries"])):
@@ -199,16 +281,23 @@ def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, w
     n_shards = len(bounds)
     width = max(6, len(str(n_shards)))
     names = [f"{sh['prefix']}-{i:0{width}d}.tar" for i in range(n_shards)]
-    sdir = os.path.join(out_dir, stage.name)
+    to_url = storage.is_url(out_dir)
+    # a stage for a URL is built in a local staging folder, then published object by object
+    sdir = os.path.join(storage.staging_dir(out_dir, "mix") if to_url else out_dir, stage.name)
     if os.path.isdir(sdir):
         shutil.rmtree(sdir)  # a stage is rebuilt whole: a re-run never mixes two emissions
     os.makedirs(sdir)
     need_ids = bool((reps > 0).any())
+    run_shards = run_shards or _RunShards(storage.join(plan["stats"], "shards"), {})
+    shard_i = shard_col.indices.to_numpy(zero_copy_only=False)
+    used = np.bincount(shard_i[rows], weights=length[rows], minlength=len(shard_col.dictionary)) if len(rows) \
+        else np.zeros(len(shard_col.dictionary))
+    local = run_shards.prepare(shard_col.dictionary.to_pylist(), used)
     _JOB.clear()
-    _JOB.update(run_shards=os.path.join(plan["stats"], "shards"), out=sdir, names=names,
+    _JOB.update(run_shards=run_shards.dir, local=local, out=sdir, names=names,
                 bounds=np.append(bounds, len(rows)), rows=rows, reps=reps,
                 src_i=src_col.indices.to_numpy(zero_copy_only=False), sources=src_col.dictionary.to_pylist(),
-                shard_i=shard_col.indices.to_numpy(zero_copy_only=False),
+                shard_i=shard_i,
                 shard_names=shard_col.dictionary.to_pylist(), offset=table["offset"].to_numpy(zero_copy_only=False),
                 length=length, ids=table["id"].to_pylist() if need_ids else None)
     jobs = list(range(n_shards))
@@ -255,7 +344,12 @@ def emit_stage(plan: dict, st: dict, table: pa.Table, out_dir: str, seed: int, w
     write_energon_meta(sdir, names, workers=workers, log=log)  # .nv-meta/: Energon reads the stage folder
     with open(os.path.join(sdir, "index.json"), "w") as f:
         json.dump(index, f, indent=1, sort_keys=True)
-    log(f"stage {stage.name}: {len(rows)} samples, {index['tokens']} tokens, {n_shards} shards in {sdir}")
+    where = sdir
+    if to_url:
+        where = storage.redact(storage.join(out_dir, stage.name))
+        publish_stage(sdir, storage.join(out_dir, stage.name), log)
+        shutil.rmtree(sdir, ignore_errors=True)
+    log(f"stage {stage.name}: {len(rows)} samples, {index['tokens']} tokens, {n_shards} shards in {where}")
     return index
 
 
@@ -264,30 +358,46 @@ def check_run_shards(shard_dir: str, verify: bool = False) -> int:
     `verify`) whose sha256 does, is one RecipeError naming it. Returns how many were hashed."""
     import hashlib
 
-    p = os.path.join(shard_dir, "index.json")
-    if not os.path.exists(p):
-        return 0
-    with open(p) as f:
-        recs = json.load(f).get("shards", [])
+    recs = _run_index(shard_dir).get("shards", [])
     hashed = 0
+    url = storage.is_url(shard_dir)
+    sizes = {} if not url else {rel: n for rel, n in storage.walk_files(shard_dir) if "/" not in rel}
     for rec in recs:
-        path = os.path.join(shard_dir, rec["shard"])
-        if not os.path.exists(path):
-            continue  # a shard the plan never reads may be gone; one it reads fails in the copy
-        size = os.path.getsize(path)
+        path = storage.join(shard_dir, rec["shard"])
+        if url:
+            if rec["shard"] not in sizes:
+                continue
+            size = sizes[rec["shard"]]
+        else:
+            if not os.path.exists(path):
+                continue  # a shard the plan never reads may be gone; one it reads fails in the copy
+            size = os.path.getsize(path)
         if size == rec.get("bytes", size) and not (verify and rec.get("sha256")):
             continue
         h = hashlib.sha256()
-        with open(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:  # streamed, from a URL too
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         hashed += 1
         if size != rec.get("bytes", size) or h.hexdigest() != rec.get("sha256", h.hexdigest()):
-            raise RecipeError(f"run shard {path} is not the shard the run wrote ({size} bytes, sha256 "
+            raise RecipeError(f"run shard {storage.redact(path)} is not the shard the run wrote ({size} bytes, sha256 "
                               f"{h.hexdigest()[:16]}...; its index.json says {rec.get('bytes')} bytes, sha256 "
                               f"{str(rec.get('sha256'))[:16]}...): restore it from the run, or run the curation "
                               "job again.")
     return hashed
+
+
+def _run_index(shard_dir: str) -> dict:
+    """The run's shards/index.json ({} when it has none)."""
+    p = storage.join(shard_dir, "index.json")
+    try:
+        data = storage.read_bytes(p)
+    except FileNotFoundError:
+        return {}
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise RecipeError(f"{storage.redact(p)} is not JSON ({e}): run the curation job again.") from None
 
 
 def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[str] | None = None,
@@ -298,8 +408,8 @@ def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[st
     for s in stages or []:
         if s not in names:
             raise RecipeError(f"--stage {s!r} is not in the plan: use one of {', '.join(names)}.")
-    run_shards = os.path.join(plan["stats"], "shards")
-    if not os.path.isdir(run_shards):
+    run_shards = storage.join(plan["stats"], "shards")
+    if not storage.isdir(run_shards):
         raise RecipeError(f"the plan's run {plan['stats']} has no shards folder: emit on a machine that sees the "
                           "run, or plan again with --stats pointing at it.")
     check_run_shards(run_shards, verify)
@@ -308,8 +418,16 @@ def emit_plan(plan: dict, out_dir: str, seed: int | None = None, stages: list[st
         raise RecipeError(f"the run {plan['stats']} now has {table.num_rows} samples, the plan was made for "
                           f"{plan['stats_samples']}: make the plan again.")
     seed = plan["seed"] if seed is None else seed
-    os.makedirs(out_dir, exist_ok=True)
-    return {st["name"]: emit_stage(plan, st, table, out_dir, seed, workers, log)
-            for st in plan["stages"] if not stages or st["name"] in stages}
+    if storage.is_url(out_dir):
+        out_dir = storage.normalize(out_dir)
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+    sizes = {r["shard"]: int(r["bytes"]) for r in _run_index(run_shards).get("shards", []) if r.get("bytes")}
+    source = _RunShards(run_shards, sizes)
+    try:
+        return {st["name"]: emit_stage(plan, st, table, out_dir, seed, workers, log, source)
+                for st in plan["stages"] if not stages or st["name"] in stages}
+    finally:
+        source.close()
 
 

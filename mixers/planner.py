@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from reelforge.curation import storage
 from reelforge.curation.errors import RecipeError
 from reelforge.mixers.spec import SELECTORS, Entry, Mixture, Stage
 from reelforge.mixers.stats import SAMPLES_DIR, read_sample_stats
@@ -51,8 +52,11 @@ def load_stats(run_dir: str, columns: list[str] | None = None) -> pa.Table:
     """The run's per-sample table sorted by id (the order every selection starts from)."""
     try:
         table = read_sample_stats(run_dir, columns)
+    except storage.StorageError as e:
+        raise RecipeError(str(e)) from None
     except FileNotFoundError:
-        raise RecipeError(f"no per-sample statistics under {os.path.join(run_dir, SAMPLES_DIR)}: pass --stats "
+        raise RecipeError(f"no per-sample statistics under {storage.redact(storage.join(run_dir, SAMPLES_DIR))}: "
+                          "pass --stats "
                           "the output folder of a finished `reelforge run` (runs made before the table existed "
                           "must be run again).") from None
     return table.take(pc.sort_indices(table, [("id", "ascending")]))
@@ -357,7 +361,9 @@ def selection_digest(table: pa.Table, rows: np.ndarray, reps: np.ndarray) -> str
 
 
 def plan_mixture(mix: Mixture, run_dir: str) -> dict:
-    run_dir = os.path.abspath(run_dir)
+    """The plan of a mixture over a run's statistics; `run_dir` is a folder or a URL (s3://bucket/run),
+    recorded as the plan's `stats` (a URL without any `user:password@`)."""
+    run_dir = storage.redact(storage.normalize(run_dir)) if storage.is_url(run_dir) else os.path.abspath(run_dir)
     table = load_stats(run_dir, PLAN_COLUMNS)
     check_selectors(mix.stages, table, run_dir)
     stages = [plan_stage(s, table, mix.seed, run_dir) for s in mix.stages]
@@ -394,7 +400,19 @@ def format_plan(plan: dict) -> str:
 
 
 def write_plan(plan: dict, path: str) -> str:
-    """Writes PLAN.json and PLAN.png beside it; returns the plot's path."""
+    """Writes PLAN.json and PLAN.png beside it; returns the plot's path. `path` may be a URL: each
+    file is then published as one object (temporary name, then final)."""
+    if storage.is_url(path):
+        import tempfile
+
+        data = json.dumps(plan, indent=1, sort_keys=True).encode()
+        png = os.path.splitext(path)[0] + ".png"
+        storage.write_bytes(path, data)
+        with tempfile.TemporaryDirectory(prefix="reelforge-plan-") as tmp:
+            local = os.path.join(tmp, "plan.png")
+            plot_plan(plan, local)
+            storage.put_file(local, png)
+        return png
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(plan, f, indent=1, sort_keys=True)

@@ -43,6 +43,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from reelforge.curation import storage
 from reelforge.curation.config import parse_size, read_yaml
 from reelforge.curation.errors import RecipeError
 
@@ -266,11 +267,34 @@ def parse_mixture(raw: Any, path: str = "") -> Mixture:
 
 
 def load_mixture(path: str) -> Mixture:
+    """A mixture YAML from a path or a URL (s3://bucket/mix.yaml)."""
+    if storage.is_url(path):
+        return _load_mixture_url(path)
     if not os.path.exists(path):
         raise RecipeError(f"mixture file {path} does not exist: pass the path of a mixture YAML "
                           f"(examples in {recipes_dir()}).")
     raw = read_yaml(path, "mixture")
     return parse_mixture(raw, os.path.abspath(path))
+
+
+def _load_mixture_url(url: str) -> Mixture:
+    import yaml
+
+    shown = storage.redact(url)
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise RecipeError(f"mixture file {shown} does not exist: pass the URL of a mixture YAML "
+                          f"(examples in {recipes_dir()}).") from None
+    except storage.StorageError as e:
+        raise RecipeError(str(e)) from None
+    try:
+        raw = yaml.safe_load(data)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"mixture {shown} is not valid YAML{line}: {getattr(e, 'problem', e)}.") from e
+    return parse_mixture(raw, storage.normalize(shown))
 
 
 def recipes_dir() -> str:

@@ -14,6 +14,7 @@ import os
 
 import pyarrow as pa
 
+from reelforge.curation import storage
 from reelforge.curation.schema import ARROW_SCHEMA, TABLE_FIELDS
 
 SAMPLES_DIR = "samples"
@@ -25,9 +26,21 @@ _SPAN_SCHEMA = pa.schema([("id", pa.string()), ("shard", pa.string()), ("offset"
 
 
 def read_sample_stats(run_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """The table as Arrow (only the columns asked for); raises FileNotFoundError without it."""
+    """The table as Arrow (only the columns asked for); raises FileNotFoundError without it.
+    `run_dir` may be a URL (s3://...): the Parquet files are read through its fsspec filesystem."""
     import pyarrow.dataset as ds
 
+    if storage.is_url(run_dir):
+        url = storage.join(run_dir, SAMPLES_DIR)
+        if not storage.isdir(url):
+            raise FileNotFoundError(url)
+        fs, path = storage.url_fs(url)
+        files = sorted(f"{path}/{rel}" for rel, _ in storage.walk_files(url)
+                       if rel.endswith(".parquet") and not rel.rsplit("/", 1)[-1].startswith(("_", ".")))
+        if not files:
+            raise FileNotFoundError(url)
+        return storage.guarded(url, "read", lambda: ds.dataset(files, format="parquet", schema=STATS_SCHEMA,
+                                                                 filesystem=fs).to_table(columns=columns))
     path = os.path.join(run_dir, SAMPLES_DIR)
     if not os.path.isdir(path):
         raise FileNotFoundError(path)

@@ -101,7 +101,7 @@ def _path(base: str, p: str | None) -> str | None:
     if p is None:
         return None
     p = os.path.expanduser(str(p))
-    return p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+    return p if os.path.isabs(p) or "://" in p else os.path.normpath(os.path.join(base, p))
 
 
 def stage_from_dict(d: dict[str, Any], base_dir: str = ".", path: str | None = None) -> StageConfig:

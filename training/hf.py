@@ -38,6 +38,10 @@ that is not a readable tar, raises `ValueError`, and a shard in a newer JSON lay
 `load(..., streaming=True)` returns an `IterableDataset` (nothing cached); otherwise the rows
 are written once to the datasets cache (`cache_dir`), keyed by the shards' paths, sizes and
 modification times, so re-written shards are read again.
+
+Every path may also be a URL (`s3://bucket/mixes/stage1`, a tar's URL, or a glob on it): the
+tars and index.json are then read through fsspec (`curation.storage`), streamed, and the cache
+is keyed by each object's size and ETag (or modification time) instead.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import os
 import tarfile
 from typing import Iterator
 
+from reelforge.curation import storage
 from reelforge.curation.shards import READS_MAJOR, json_major, parse_sample_json
 
 JSON_MEMBER = "json"
@@ -73,12 +78,11 @@ def _key_and_suffix(name: str) -> tuple[str, str]:
 
 
 def _index_of(folder: str) -> dict | None:
-    p = os.path.join(folder, "index.json")
-    if not os.path.isfile(p):
+    p = storage.join(folder, "index.json")
+    if not (storage.exists(p) if storage.is_url(p) else os.path.isfile(p)):
         return None
     try:
-        with open(p) as f:
-            idx = json.load(f)
+        idx = json.loads(storage.read_bytes(p))
     except (OSError, ValueError) as e:
         raise ValueError(f"{p} is not readable JSON ({e}); re-write the shards or remove the index.") from e
     return idx if isinstance(idx, dict) else None
@@ -90,14 +94,17 @@ def _folder_shards(folder: str) -> list[tuple[str, int | None]]:
     listed = [s for s in (idx or {}).get("shards") or [] if isinstance(s, dict) and s.get("shard")]
     if listed:
         out = []
+        have = set(storage.listdir(folder)) if storage.is_url(folder) else None
         for s in listed:
-            p = os.path.join(folder, s["shard"])
-            if not os.path.isfile(p):
+            p = storage.join(folder, s["shard"])
+            if not (s["shard"] in have if have is not None else os.path.isfile(p)):
                 raise ValueError(f"{folder}/index.json names {s['shard']}, which is missing; re-run the job "
                                  "that wrote this folder.")
             n = s.get("samples")
             out.append((p, int(n) if isinstance(n, int) else None))
         return out
+    if storage.is_url(folder):
+        return [(storage.join(folder, n), None) for n in storage.listdir(folder) if n.endswith(".tar")]
     return [(p, None) for p in sorted(glob.glob(os.path.join(folder, "*.tar")))]
 
 
@@ -111,6 +118,8 @@ def resolve(path: str | os.PathLike | list) -> list[tuple[str, int | None]]:
             raise ValueError("load: the list of paths is empty; pass a shard folder, a tar or a glob.")
         return out
     p = os.fspath(path)
+    if storage.is_url(p):
+        return _resolve_url(storage.normalize(p))
     if os.path.isdir(p):
         found = _folder_shards(p)
         if not found and os.path.isdir(os.path.join(p, "shards")):
@@ -135,11 +144,34 @@ def resolve(path: str | os.PathLike | list) -> list[tuple[str, int | None]]:
                      "or a glob.")
 
 
+def _resolve_url(p: str) -> list[tuple[str, int | None]]:
+    """`resolve` for a URL: a stage or shards folder (or a run's OUT with shards/), a glob, or a tar."""
+    if any(c in p for c in "*?["):
+        fs, path = storage.url_fs(p)
+        scheme = p.split("://", 1)[0]
+        found = sorted(f"{scheme}://{f}" for f in storage.guarded(p, "read", fs.glob, path) if f.endswith(".tar"))
+        if not found:
+            raise ValueError(f"load: the glob {storage.redact(p)} matches no objects; pass a shard folder, a tar "
+                             "or a glob.")
+        return [(f, None) for f in found]
+    if p.endswith(".tar") and storage.exists(p):
+        folder, name = p.rsplit("/", 1)
+        idx = _index_of(folder) or {}
+        n = next((s.get("samples") for s in idx.get("shards") or []
+                  if isinstance(s, dict) and s.get("shard") == name), None)
+        return [(p, n if isinstance(n, int) else None)]
+    found = _folder_shards(p) or _folder_shards(storage.join(p, "shards"))
+    if not found:
+        raise ValueError(f"load: no .tar shards at {storage.redact(p)}; pass a run's OUT/shards folder, a `mix` "
+                         "stage folder, a tar or a glob.")
+    return found
+
+
 def iter_tar(url: str) -> Iterator[dict]:
     """Every sample of one tar as a row of `features()`: members grouped by key, none dropped."""
     cur: dict | None = None
     try:
-        with tarfile.open(url, mode="r|") as tf:
+        with storage.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
             for ti in tf:
                 if not ti.isfile():
                     continue
@@ -215,6 +247,12 @@ def _generate_tables(shards: list) -> Iterator[tuple[str, object]]:
 def _signature(path) -> list[tuple[str, int, int, int | None]]:
     out = []
     for url, expected in resolve(path):
+        if storage.is_url(url):  # size and ETag (or modification time) key the cache, as size and mtime do
+            fs, p = storage.url_fs(url)
+            info = storage.guarded(url, "read", fs.info, p)
+            tag = str(info.get("ETag") or info.get("LastModified") or info.get("mtime") or "")
+            out.append((url, int(info.get("size") or 0), tag, expected))
+            continue
         st = os.stat(url)
         out.append((os.path.abspath(url), st.st_size, st.st_mtime_ns, expected))
     return out

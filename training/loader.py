@@ -69,20 +69,23 @@ class ShardSet:
 
 
 def _index_records(folder: str) -> dict[str, dict]:
-    """Each shard's record in the folder's index.json (samples, bytes, sha256), by path."""
-    p = os.path.join(folder, "index.json")
-    if not os.path.exists(p):
+    """Each shard's record in the folder's index.json (samples, bytes, sha256), by path (or URL)."""
+    from reelforge.curation import storage
+
+    p = storage.join(folder, "index.json")
+    if not storage.exists(p):
         return {}
-    with open(p) as f:
-        idx = json.load(f)
-    return {os.path.join(folder, s["shard"]): s for s in idx.get("shards", [])}
+    idx = json.loads(storage.read_bytes(p))
+    return {storage.join(folder, s["shard"]): s for s in idx.get("shards", [])}
 
 
 def _file_sha256(path: str) -> str:
     import hashlib
 
+    from reelforge.curation import storage
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -93,7 +96,9 @@ def check_shard(url: str, rec: dict | None, verify: bool, where: str = "data.sou
     (the stage's `data.verify`) and always when its size differs from the record's `bytes`."""
     if not rec:
         return  # no index.json record (tar paths from elsewhere): nothing to check against
-    size = os.path.getsize(url)
+    from reelforge.curation import storage
+
+    size = storage.size(url)
     size_ok = rec.get("bytes") is None or int(rec["bytes"]) == size
     if size_ok and not (verify and rec.get("sha256")):
         return
@@ -109,10 +114,16 @@ def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: s
                       caption: str = "original", verify: bool = False) -> ShardSet:
     """Folders (their *.tar, with counts from index.json), globs or tar paths -> a ShardSet; each shard
     is checked against its index.json record (see check_shard)."""
+    from reelforge.curation import storage
+
     urls: list[str] = []
     recs: dict[str, dict] = {}
     for p in paths:
-        if os.path.isdir(p):
+        if storage.is_url(p):  # a stage folder, a glob or a tar on object storage (s3://bucket/mix/stage)
+            found, folders = _url_shards(storage.normalize(p))
+            for d in folders:
+                recs.update(_index_records(d))
+        elif os.path.isdir(p):
             recs.update(_index_records(p))
             found = sorted(glob.glob(os.path.join(p, "*.tar")))
         elif any(c in p for c in "*?["):
@@ -135,13 +146,48 @@ def resolve_shard_set(name: str, paths: list[str], weight: float = 1.0, where: s
                     caption=caption)
 
 
+def _url_shards(url: str) -> tuple[list[str], list[str]]:
+    """(tar URLs, folders holding them) for a URL that names a folder, a glob or one tar."""
+    from reelforge.curation import storage
+
+    if any(c in url for c in "*?["):
+        fs, path = storage.url_fs(url)
+        scheme = url.split("://", 1)[0]
+        found = sorted(f"{scheme}://{f}" for f in storage.guarded(url, "read", fs.glob, path) if f.endswith(".tar"))
+    elif url.endswith(".tar"):
+        found = [url] if storage.exists(url) else []
+    else:
+        found = [storage.join(url, n) for n in storage.listdir(url) if n.endswith(".tar")]
+    return found, sorted({f.rsplit("/", 1)[0] for f in found})
+
+
+def open_shard(url: str):
+    """Raw webdataset samples ({__key__, __url__, ext: bytes}) of one shard, streamed: a local tar
+    through webdataset's own opener, a URL (s3://...) through fsspec (`storage.open_file`)."""
+    import webdataset as wds
+
+    from reelforge.curation import storage
+
+    if not storage.is_url(url):
+        return wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
+                              empty_check=False)
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def samples() -> Iterator[dict]:  # webdataset's own expander and grouping, over an fsspec stream
+        with storage.open_file(url, "rb") as stream:
+            yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    return samples()
+
+
 def check_shard_version(url: str) -> None:
     """Parse the first sample JSON of a shard: raises ShardVersionError for a layout this reelforge
     cannot read (every sample is checked again as it is read)."""
     import tarfile
 
+    from reelforge.curation import storage
+
     try:
-        with tarfile.open(url, mode="r|") as tf:
+        with storage.open_file(url, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
             for ti in tf:
                 if ti.isfile() and ti.name.endswith(".json"):
                     parse_sample_json(tf.extractfile(ti).read(), url)
@@ -209,8 +255,6 @@ class SlotStream:
         return max(0, (off + count - first + self.n_slots - 1) // self.n_slots)
 
     def _epoch_iter(self, epoch: int, skip: int) -> Iterator[dict]:
-        import webdataset as wds
-
         order = self._order(epoch)
         if self.by_shards:
             order = order[self.slot::self.n_slots]
@@ -223,9 +267,7 @@ class SlotStream:
                     skip -= mine
                     g += count
                     continue
-            ds = wds.WebDataset([url], shardshuffle=False, nodesplitter=None, workersplitter=None,
-                                empty_check=False)
-            for raw in ds:
+            for raw in open_shard(url):
                 k = g
                 g += 1
                 if not self.by_shards and k % self.n_slots != self.slot:
