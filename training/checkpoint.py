@@ -134,6 +134,43 @@ def merge_checkpoints(paths: list[str], out_dir: str, weights: list[float] | Non
     return out_dir
 
 
+def zero_world(ckpt_dir: str, tag: str) -> int | None:
+    """The data-parallel size a DeepSpeed ZeRO checkpoint was saved by (its optimiser partitions), or None
+    when it holds none (ZeRO off: the optimiser state is whole and loads on any size)."""
+    files = glob.glob(os.path.join(ckpt_dir, tag, "*zero_pp_rank_*_mp_rank_*_optim_states.pt"))
+    return len(files) or None
+
+
+def to_universal(ckpt_dir: str, tag: str) -> str:
+    """DeepSpeed's universal checkpoint of `ckpt_dir/tag` (`ds_to_universal`: each parameter's fp32 weight
+    and Adam moments whole, in `TAG-universal/zero/NAME/`), which a ZeRO run of any data-parallel size
+    loads with `checkpoint.load_universal`; made once, beside the original, and reused. Returns its tag."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out_tag = f"{tag}-universal"
+    out = os.path.join(ckpt_dir, out_tag)
+    if os.path.isdir(os.path.join(out, "zero")):
+        return out_tag
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(input_folder=os.path.join(ckpt_dir, tag), output_folder=tmp, num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars and prints say nothing we need
+            ds_to_universal(args)
+    except Exception as e:  # noqa: BLE001 - any failure of the converter is one sentence for the user
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RecipeError(f"checkpoint {os.path.join(ckpt_dir, tag)} could not be converted for a run of another "
+                          f"size ({type(e).__name__}: {e}); resume it with the number of ranks that saved it.") from e
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out_tag
+
+
 if __name__ == "__main__":  # python -m reelforge.training.checkpoint OUT [TOKENIZER_DIR]: tiny random models
     import sys
 

@@ -20,6 +20,8 @@ samples in the same order as one that never stopped:
   that is not in the batch (the one that did not fit is re-read on resume). The loader keeps
   the newest state per worker and how many batches the trainer took; on restore the worker
   whose turn was next gets DataLoader worker 0 (DataLoader hands batches out round-robin).
+  A checkpoint of another ranks x workers resumes through `ShardLoader.resume` (training/elastic.py):
+  the samples no finished step trained on are dealt over the new slots, each once.
 """
 
 from __future__ import annotations
@@ -237,12 +239,67 @@ class SlotStream:
     """
 
     def __init__(self, ss: ShardSet, seed: int, slot: int, n_slots: int, split: str, epoch: int = 0,
-                 pos: int = 0, max_epochs: int | None = None):
+                 pos: int = 0, max_epochs: int | None = None, base: dict | None = None):
         self.ss, self.seed, self.slot, self.n_slots = ss, seed, slot, n_slots
         n = len(ss.urls)
         self.by_shards = split == "shards" or (split == "auto" and n >= 4 * n_slots)
         self.epoch, self.pos, self.max_epochs = epoch, pos, max_epochs
         self._it: Iterator[dict] | None = None
+        # elastic resume (training.elastic): the epochs another slot count had begun, with the global
+        # indices it consumed; this slot takes every n_slots-th of the rest of such an epoch
+        self.base = base or {}
+        self._masks: dict[int, np.ndarray] = {}
+
+    def base_mask(self, epoch: int) -> np.ndarray | None:
+        """The consumed samples of `epoch` (global indices) when the elastic base holds it, else None."""
+        r = (self.base.get("epochs") or {}).get(str(epoch))
+        if r is None:
+            return None
+        if epoch not in self._masks:
+            from reelforge.training.elastic import decode_ranges
+
+            self._masks[epoch] = decode_ranges(r, int(self.base["n"]))
+        return self._masks[epoch]
+
+    def assignment(self, epoch: int) -> np.ndarray:
+        """This slot's samples of `epoch`, in the order it reads them, as global indices (a sample's place
+        in the epoch's seeded shard order); needs every shard's count."""
+        counts = [int(c) for c in self.ss.counts]
+        mask = self.base_mask(epoch)
+        if mask is not None:
+            return np.flatnonzero(~mask)[self.slot::self.n_slots]
+        if self.by_shards:
+            order = self._order(epoch)
+            offs = np.cumsum([0] + [counts[j] for j in order])
+            return np.concatenate([np.arange(offs[p], offs[p] + counts[j]) for p, j in enumerate(order)
+                                   if p % self.n_slots == self.slot] or [np.zeros(0, dtype=np.int64)])
+        return np.arange(self.slot, sum(counts), self.n_slots)
+
+    @staticmethod
+    def shard_count(url: str) -> int:
+        """How many samples a shard without an index.json record holds, read as the stream reads it."""
+        return sum(1 for _ in open_shard(url))
+
+    def _base_iter(self, epoch: int, skip: int) -> Iterator[dict]:
+        """An epoch of the elastic base: this slot's share of the samples not yet consumed."""
+        want = self.assignment(epoch)[skip:]
+        i, g = 0, 0
+        for j in self._order(epoch):
+            if i >= len(want):
+                return
+            count = int(self.ss.counts[j])
+            if want[i] >= g + count:
+                g += count
+                continue
+            end = g + count
+            for raw in open_shard(self.ss.urls[j]):
+                if i < len(want) and g == want[i]:
+                    i += 1
+                    yield raw
+                    if i >= len(want):
+                        return
+                g += 1
+            g = end
 
     def _order(self, epoch: int) -> list[int]:
         order = list(range(len(self.ss.urls)))
@@ -282,8 +339,9 @@ class SlotStream:
         while True:
             if self.max_epochs is not None and self.epoch >= self.max_epochs:
                 return None
+            in_base = self.base_mask(self.epoch) is not None
             if self._it is None:
-                self._it = self._epoch_iter(self.epoch, self.pos)
+                self._it = (self._base_iter if in_base else self._epoch_iter)(self.epoch, self.pos)
             raw = next(self._it, None)
             if raw is not None:
                 self.pos += 1
@@ -291,7 +349,7 @@ class SlotStream:
             self._it = None
             empty = self.pos == 0
             self.epoch, self.pos = self.epoch + 1, 0
-            if empty and self.max_epochs is None:
+            if empty and self.max_epochs is None and not in_base:
                 return None  # this slot has no samples of this set at all
 
 
@@ -651,11 +709,12 @@ class SlotReader:
     """Blends the shard sets for one slot by tokens (or samples) and decodes the picks."""
 
     def __init__(self, sets: list[ShardSet], encoder: Encoder, seed: int, slot: int, n_slots: int, split: str,
-                 blend: str, max_epochs: int | None, state: dict | None = None):
+                 blend: str, max_epochs: int | None, state: dict | None = None, elastic: dict | None = None):
         self.sets, self.enc, self.blend = sets, encoder, blend
         self.state = copy.deepcopy(state) if state else _fresh_state([s.name for s in sets])
         self.streams = {s.name: SlotStream(s, seed, slot, n_slots, split, **self.state["sources"][s.name],
-                                           max_epochs=max_epochs) for s in sets}
+                                           max_epochs=max_epochs, base=(elastic or {}).get(s.name))
+                        for s in sets}
 
     def snapshot(self) -> dict:
         return copy.deepcopy(self.state)
@@ -840,7 +899,7 @@ class _SlotDataset(torch.utils.data.IterableDataset):
                       sp["seed"])
         enc.entries = sp.get("entries")
         reader = SlotReader(self.sets, enc, sp["seed"], slot, sp["world"] * k, sp["split"], sp["blend"],
-                            sp["epochs"], self.states.get(v))
+                            sp["epochs"], self.states.get(v), sp.get("elastic"))
         if sp["objective"] in ("lm", "mpo"):
             mrope = None
             if sp.get("positions") == "mrope":
@@ -891,18 +950,38 @@ class ShardLoader:
         return {"version": STATE_VERSION, "rank": self.spec["rank"], "world": self.spec["world"],
                 "workers": self.workers, "consumed": self.consumed, "states": copy.deepcopy(self._states),
                 "seen": dict(self.seen), "seen_tokens": dict(self.seen_tokens),
-                "seen_entries": dict(self.seen_entries)}
+                "seen_entries": dict(self.seen_entries), "elastic": copy.deepcopy(self.spec.get("elastic"))}
 
     def load_state_dict(self, st: dict) -> None:
+        """One rank's state from a run of the same size (`resume` takes every rank's, of any size)."""
         if (st.get("world"), st.get("workers")) != (self.spec["world"], self.workers):
-            raise RecipeError(f"the checkpoint's loader ran {st.get('world')} ranks x {st.get('workers')} workers; "
-                              f"resume with the same (now {self.spec['world']} x {self.workers}): set "
-                              "`data.num_workers` and the launcher's process count back.")
+            raise RecipeError(f"the checkpoint's loader ran {st.get('world')} ranks x {st.get('workers')} workers, "
+                              f"this one {self.spec['world']} x {self.workers}; pass every rank's state to "
+                              "`ShardLoader.resume`, which redistributes the samples left.")
+        self.spec["elastic"] = copy.deepcopy(st.get("elastic"))
         self._states = {int(k): v for k, v in st["states"].items()}
         self.consumed = int(st["consumed"])
         self.seen = dict(st.get("seen", {}))
         self.seen_tokens = dict(st.get("seen_tokens", {}))
         self.seen_entries = dict(st.get("seen_entries", {}))
+
+    def resume(self, states: list[dict]) -> bool:
+        """Every rank's saved state (a checkpoint's `loader` list) -> this rank's position. The same ranks x
+        workers resume exactly where they were (same samples, same order); another size gets the samples
+        that no finished step trained on, each once, dealt over the new slots (`training.elastic`).
+        True when the size changed."""
+        st = states[0]
+        if (st.get("world"), st.get("workers")) == (self.spec["world"], self.workers):
+            self.load_state_dict(states[self.spec["rank"]])
+            return False
+        import sys
+
+        from reelforge.training.elastic import resume_states
+
+        self.load_state_dict(resume_states(states, self.sets, self.spec["seed"], self.spec["split"],
+                                           self.spec["rank"], self.spec["world"], self.workers,
+                                           sys.modules[__name__]))
+        return True
 
     def __iter__(self) -> Iterator[dict]:
         ds = _SlotDataset(self.spec, self.sets, dict(self._states), self.consumed % self.workers)

@@ -475,8 +475,20 @@ def _train(cfg: StageConfig, stop_after: int | None, fresh: bool, log: Callable[
                              {"params": no_decay, "weight_decay": 0.0}], lr=o["lr"], betas=tuple(o["betas"]),
                             eps=o["eps"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg, world, gpu))
+    tag = None if fresh else latest_checkpoint(ckpt_dir)
+    load_tag, saved_world = tag, None
+    ds_cfg = deepspeed_config(cfg, world, gpu)
+    if tag is not None and cfg.deepspeed["zero_stage"] > 0:
+        from reelforge.training.checkpoint import to_universal, zero_world
+
+        saved_world = zero_world(ckpt_dir, tag)
+        if saved_world not in (None, world):  # another size: ZeRO's partitions load through a universal checkpoint
+            if rank == 0:
+                to_universal(ckpt_dir, tag)
+            dist.barrier()
+            load_tag = f"{tag}-universal"
+            ds_cfg = {**ds_cfg, "checkpoint": {**ds_cfg.get("checkpoint", {}), "load_universal": True}}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     tok = tokenizer_dir(cfg)
     loader = ShardLoader(cfg, rank, world)
     if cfg.output["save_initial"] and (fresh or latest_checkpoint(ckpt_dir) is None):
@@ -487,19 +499,32 @@ def _train(cfg: StageConfig, stop_after: int | None, fresh: bool, log: Callable[
     objective = Objective(cfg, engine, ref, pad, tok)
 
     step = 0
-    tag = None if fresh else latest_checkpoint(ckpt_dir)
     if tag is not None:
-        _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        _, client = engine.load_checkpoint(ckpt_dir, tag=load_tag)
         step = int(client["step"])
-        loader.load_state_dict(client["loader"][rank])
-        torch.set_rng_state(client["rng"][rank])
+        # the same ranks x workers resume in place; another size gets every sample no finished step
+        # trained on, once, dealt over the new slots (training/elastic.py)
+        elastic = loader.resume(client["loader"])
+        torch.set_rng_state(client["rng"][rank % len(client["rng"])])
         if gpu and client.get("cuda_rng"):
-            torch.cuda.set_rng_state(client["cuda_rng"][rank])
+            torch.cuda.set_rng_state(client["cuda_rng"][rank % len(client["cuda_rng"])])
         objective.bco = RunningMean(**client.get("bco", {}))
-        log(f"[rank {rank}] resumed {cfg.name} from {tag} at step {step}")
+        old = client["loader"][0]
+        said = (f" (saved by {old['world']} ranks x {old['workers']} workers, now {world} x {loader.workers}: "
+                f"the samples left are dealt over the new ones)") if elastic else ""
+        log(f"[rank {rank}] resumed {cfg.name} from {tag} at step {step}{said}")
+        if elastic or load_tag != tag:
+            fp = resume_fingerprint(engine, cfg.deepspeed["zero_stage"], device)
+            if rank == 0:
+                log(f"[{cfg.name}] carried over: " + " ".join(f"{k} {v:.9e}" for k, v in fp.items()))
         if rank == 0:
             _truncate_jsonl(os.path.join(out_dir, "metrics.jsonl"), step)
-    _truncate_jsonl(os.path.join(out_dir, "seen", f"rank{rank}.jsonl"), step if tag else -1)
+    if rank == 0:  # every rank's file, those of ranks a run of another size had too
+        import glob
+
+        for f in glob.glob(os.path.join(out_dir, "seen", "rank*.jsonl")):
+            _truncate_jsonl(f, step if tag else -1)
+    dist.barrier()
 
     it = iter(loader)
     seen_f = open(os.path.join(out_dir, "seen", f"rank{rank}.jsonl"), "a")
@@ -638,6 +663,25 @@ def _sum_dicts(ds: list[dict[str, int]]) -> dict[str, int]:
     for d in ds:
         for k, v in d.items():
             out[k] = out.get(k, 0) + v
+    return out
+
+
+def resume_fingerprint(engine, zero_stage: int, device: torch.device) -> dict[str, float]:
+    """What a resume on another size carried over, as sums a test compares with the checkpoint's own files:
+    `weights_sq` (the module's weights, squared and summed; not under ZeRO-3, whose weights are
+    partitioned) and `adam_m`, `adam_v` (Adam's moments over every rank's optimiser partition, summed)."""
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    sums = torch.zeros(2, dtype=torch.float64)
+    for st in opt.state.values():
+        if "exp_avg" in st:
+            sums[0] += st["exp_avg"].double().sum().cpu()
+            sums[1] += st["exp_avg_sq"].double().sum().cpu()
+    sums = sums.to(device)
+    dist.all_reduce(sums)
+    out = {"adam_m": float(sums[0]), "adam_v": float(sums[1])}
+    if zero_stage < 3:
+        out = {"weights_sq": float(sum(p.detach().double().pow(2).sum() for p in engine.module.parameters())),
+               **out}
     return out
 
 
