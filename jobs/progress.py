@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from typing import Callable
 
 POLL_S = 0.5
+SETTLE_S = 1.0
 DEFAULT_EVERY_S = 10.0
 BAR_WIDTH = 20
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -201,10 +202,18 @@ class StepProgress:
                 self.stream.write("\n")
                 self.stream.flush()
             return
-        try:
-            self.update()
-        except Exception:  # noqa: BLE001
-            pass
+        # Spark's listener bus updates the tracker a moment after the jobs return: wait for it a
+        # little (at most SETTLE_S) so that the last line counts every task the step ran
+        deadline = time.monotonic() + SETTLE_S
+        while True:
+            try:
+                self.update()
+            except Exception:  # noqa: BLE001
+                break
+            done, total, _, _ = self.counts()
+            if done >= total or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
         self._show(self.line(), final=True)
 
 

@@ -437,28 +437,30 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
         F.when(F.col("status") == "kept", F.lit(None))
          .otherwise(F.coalesce(F.col("reason"), F.lit("not_written"))).alias("reason"),
         F.col("detail"), F.lit(None).cast("string").alias("dup_of"), "parent_id")
-    ledger_path = os.path.join(out, "ledger")
-    (dropped.unionByName(written).select(*LEDGER_COLUMNS)
-     .repartition(max(1, len(stats) // 64 + 1)).sortWithinPartitions("id")
-     .write.mode("overwrite").parquet(ledger_path))
-    ledger = spark.read.parquet(ledger_path)
+    # the ledger, the samples table and the report: Spark jobs of their own, with their own bar
+    with step_progress(spark, f"[{n_phases}/{n_phases}] ledger + report", log):
+        ledger_path = os.path.join(out, "ledger")
+        (dropped.unionByName(written).select(*LEDGER_COLUMNS)
+         .repartition(max(1, len(stats) // 64 + 1)).sortWithinPartitions("id")
+         .write.mode("overwrite").parquet(ledger_path))
+        ledger = spark.read.parquet(ledger_path)
 
-    inputs = _parquet_rows(os.path.join(work, "00_ingest"))
-    summary = ledger_summary(ledger)
-    derived, distinct_ids = summary["derived"], summary["ids"]
-    kept, n_dropped = summary["kept"], summary["dropped"]
-    kept_in_shards = sum(s["samples"] for s in stats)
+        inputs = _parquet_rows(os.path.join(work, "00_ingest"))
+        summary = ledger_summary(ledger)
+        derived, distinct_ids = summary["derived"], summary["ids"]
+        kept, n_dropped = summary["kept"], summary["dropped"]
+        kept_in_shards = sum(s["samples"] for s in stats)
 
-    # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
-    from reelforge.curation.energon_meta import write_energon_meta
-    from reelforge.jobs.samples import write_sample_stats
-    from reelforge.mixers.stats import SAMPLES_DIR
+        # per-sample token table beside the ledger: what `reelforge plan` reads instead of the shards
+        from reelforge.curation.energon_meta import write_energon_meta
+        from reelforge.jobs.samples import write_sample_stats
+        from reelforge.mixers.stats import SAMPLES_DIR
 
-    samples_path = os.path.join(out, SAMPLES_DIR)
-    write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)
-    in_table = _parquet_rows(samples_path)
+        samples_path = os.path.join(out, SAMPLES_DIR)
+        write_sample_stats(spark, final, shard_dir, [s["shard"] for s in stats], samples_path)
+        in_table = _parquet_rows(samples_path)
 
-    report = build_report(spark, recipe, final, ledger, summary, stats, inputs, timings)
+        report = build_report(spark, recipe, final, ledger, summary, stats, inputs, timings)
     report["reused"] = list(reused)
     report["elapsed_s"] = round(time.time() - t_start, 2)
     report["paths"] = {"shards": shard_dir, "index": os.path.join(shard_dir, "index.json"),

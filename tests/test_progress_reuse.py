@@ -191,7 +191,7 @@ def test_run_progress_noop_rerun_and_reused_steps(spark, tmp_path, monkeypatch):
     t_first = time.perf_counter() - t
     assert first["balanced"] and first["kept"] == 40 and first["reused"] == []
     bars = [line for line in logs if "tasks  elapsed" in line]
-    for label in ("[1/4] ingest", "[2/4] probe", "[3/4] dedup_near", "[4/4] write shards"):
+    for label in ("[1/4] ingest", "[2/4] probe", "[3/4] dedup_near", "[4/4] write shards", "[4/4] ledger + report"):
         mine = [line for line in bars if line.startswith(label + "  ▕")]
         assert mine, (label, logs)
         assert all("%" in line and " ETA " in line for line in mine)
