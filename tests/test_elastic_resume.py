@@ -94,6 +94,35 @@ def test_loader_positions_move_across_sizes_twice(tiny, shards, tmp_path):
         assert Counter(got) == want, (split, dup[:5], len(got), sum(want.values()))
 
 
+def test_loader_positions_in_different_epochs(tiny, shards, tmp_path):
+    """Two epochs: rank 0 of 2 runs into the second epoch while rank 1 is early in the first; 1 rank x 2
+    workers takes over and reads to the end: every sample exactly twice (the base holds both begun epochs)."""
+    want = Counter({k: 2 * v for k, v in Counter(_all_ids(shards)).items()})
+
+    def cfg(workers: int):
+        return stage(write_stage(str(tmp_path / f"e2-{workers}.yaml"), tiny, shards, str(tmp_path / f"e2-{workers}"),
+                                 data={"epochs": 2, "num_workers": workers, "max_len": 1024, "split": "samples"}))
+
+    got, states = [], []
+    ld = ShardLoader(cfg(1), rank=0, world=2)
+    for b in ld:  # rank 0: into its second epoch
+        got += [s["id"] for s in b["samples"]]
+        if ld.state_dict()["states"][0]["sources"]["demo"]["pos"] > 10 and \
+                ld.state_dict()["states"][0]["sources"]["demo"]["epoch"] == 1:
+            break
+    states.append(json.loads(json.dumps(ld.state_dict())))
+    ld = ShardLoader(cfg(1), rank=1, world=2)
+    got += iter_ids(ld, limit=3)
+    states.append(json.loads(json.dumps(ld.state_dict())))
+    assert states[0]["states"]["0"]["sources"]["demo"]["epoch"] == 1  # rank 0 is in its second epoch
+    assert states[1]["states"]["0"]["sources"]["demo"]["epoch"] == 0
+    ld = ShardLoader(cfg(2))
+    assert ld.resume(states) is True
+    assert set(ld.state_dict()["elastic"]["demo"]["epochs"]) == {"0", "1"}
+    got += iter_ids(ld)
+    assert Counter(got) == want, sorted(k for k, v in Counter(got).items() if v != want[k])[:5]
+
+
 def test_train_resumes_on_another_number_of_ranks(tiny, shards, tmp_path):
     """(a) 1 rank x 2 workers trains an epoch straight, with a checkpoint at step K; (b) 2 ranks x 1 worker stop
     at step K, then 1 rank x 2 workers resumes to the end; (c) the straight run's step-K checkpoint resumes on
