@@ -129,7 +129,7 @@ class StepProgress:
                 ids.update(info.stageIds)
                 if str(info.status) in ("SUCCEEDED", "FAILED"):
                     done_jobs.append(info)
-        for sid in ids - self.finished:
+        for sid in ids - self.finished - self.skipped:
             info = t.getStageInfo(sid)
             if info is None:
                 continue

@@ -209,7 +209,7 @@ def test_run_progress_noop_rerun_and_reused_steps(spark, tmp_path, monkeypatch):
     again = run_recipe(load_recipe(recipe, out=out), spark=spark, log=logs2.append)
     t_noop = time.perf_counter() - t
     after = _files(out)
-    print(f"first run {t_first:.1f} s, no-op re-run {t_noop:.1f} s, {len(after)} files unchanged")
+    print(f"first run {t_first:.1f} s, no-op re-run {t_noop * 1000:.0f} ms, {len(after)} files unchanged")
     assert after == before  # the same files, the same bytes, the same mtime_ns
     assert again["reused"] == ["ingest", "probe", "dedup_near", "shards"]
     same = json.loads(json.dumps(first))
@@ -264,12 +264,6 @@ def test_noop_rerun_without_work_folder(spark, tmp_path):
     assert _files(out) == before and not os.path.exists(os.path.join(out, "_work"))
     assert rep["reused"] == ["ingest", "probe", "dedup_near", "shards"]
     assert any(line.startswith("nothing to do") for line in logs)
-    # a changed source is not a no-op
-    with open(tmp_path / "docs.jsonl", "a") as f:
-        f.write(json.dumps({"id": "new", "text": "a new document with words of its own"}) + "\n")
-    r = load_recipe(recipe, out=out)
-    rep = run_recipe(r, spark=spark, log=lambda *a: None)
-    assert rep["reused"] == [] and rep["inputs"] == 42
 
 
 _UI_SCRIPT = textwrap.dedent("""
