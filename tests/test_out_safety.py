@@ -133,7 +133,9 @@ def test_out_lifecycle(corpus, tmp_path, spark, monkeypatch):
     assert _complete_or_absent(out) == "complete"
 
     # 2. a re-run that fails while writing shards (the disk fills): one sentence, no temporary
-    #    file, and no report or index naming shards that are gone
+    #    file, and no report or index naming shards that are gone. A shard is missing, so the
+    #    re-run is not a no-op (an unchanged, complete output is reused untouched)
+    os.remove(sorted(glob.glob(os.path.join(out, "shards", "*.tar")))[0])
     import reelforge.jobs.shards as shards
 
     def full_disk(df, out_dir, **kw):
