@@ -136,12 +136,38 @@ def test_ranged_reads_and_whole_shard_reads_give_the_same_bytes(world, monkeypat
     """Every span by its own ranged GET, then every used shard fetched whole: the same stage bytes."""
     plan = load_plan(world["url_plan"])
     want = _local(os.path.join(world["local_mix"], "stage2"))
-    for whole, where in ((2.0, "ranged"), (0.0, "whole")):
+    samples = json.loads(want["index.json"])["samples"]
+    run_prefix = f"{world['run_url']}/shards/"
+    ranged, whole_gets = [], []
+    read_bytes, get_file = storage.read_bytes, _RunShards.prepare
+
+    def counting_read(path, start=None, end=None):
+        if path.startswith(run_prefix) and start is not None:
+            ranged.append(path)
+        return read_bytes(path, start, end)
+
+    def counting_prepare(self, names, used):
+        before = set(self.local)
+        out = get_file(self, names, used)
+        whole_gets.extend(set(self.local) - before)
+        return out
+
+    monkeypatch.setattr(storage, "read_bytes", counting_read)
+    monkeypatch.setattr(_RunShards, "prepare", counting_prepare)
+    for whole, where in ((float("inf"), "ranged"), (0.0, "whole")):
         monkeypatch.setattr(_RunShards, "WHOLE", whole)
+        ranged.clear()
+        whole_gets.clear()
         got = f"{world['bucket']}/mix-{where}"
         emit_plan(plan, got, stages=["stage2"], log=lambda *a: None)
         objs = _objects(f"{got}/stage2")
         assert {r: objs[r] for r in objs if r.endswith(".tar")} == {r: want[r] for r in want if r.endswith(".tar")}
+        used = {s["shard"] for s in json.loads(storage.read_bytes(f"{world['run_url']}/shards/index.json"))["shards"]}
+        if where == "ranged":  # one ranged GET per sample copied, no shard fetched whole
+            assert len(ranged) == samples and whole_gets == []
+        else:  # every shard the stage reads fetched once, no ranged GET
+            assert ranged == [] and 0 < len(whole_gets) <= len(used)
+        print(f"{where}: {len(ranged)} ranged GETs, {len(whole_gets)} whole shards, {samples} samples")
 
 
 def test_a_rerun_replaces_the_stage_and_clears_leftovers(world):
