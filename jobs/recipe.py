@@ -169,7 +169,7 @@ def _folders(value, base: str, where: str) -> list[str]:
 
 def _expand(path: str, fmt: str, base: str, where: str) -> tuple[list[str], str]:
     if storage.is_url(path):  # listed here (names only), mirrored before ingest by jobs.remote
-        from reelforge.jobs.remote import expand_url
+        from reelforge.jobs.remote_paths import expand_url
 
         return expand_url(path, fmt, where)
     p = path if os.path.isabs(path) else os.path.join(base, path)
@@ -208,7 +208,7 @@ def _check_output_apart(out: str, sources: list[Source], scanned: list[tuple[str
     """The output folder must not hold a source's files, nor lie where a source searches:
     a run would delete or re-read its own input."""
     if storage.is_url(out):
-        from reelforge.jobs.remote import check_url_output_apart
+        from reelforge.jobs.remote_paths import check_url_output_apart
 
         return check_url_output_apart(out, sources)
     canon = os.path.realpath(out)
@@ -297,7 +297,7 @@ def parse_recipe(raw: Any, base_dir: str, out: str | None = None) -> Recipe:
             opts.pop("roots", None)
         remote = {}
         if storage.is_url(plist[0]):
-            from reelforge.jobs.remote import common_root
+            from reelforge.jobs.remote_paths import common_root
 
             if "media_root" in opts:
                 raise RecipeError(f"recipe field `{where}.options.media_root` is not read for a source on object "

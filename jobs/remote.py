@@ -30,7 +30,6 @@ The run itself is a local run, unchanged: a URL only changes what happens before
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import hashlib
 import json
 import os
@@ -42,7 +41,7 @@ from typing import Callable
 
 from reelforge.curation import storage
 from reelforge.curation.errors import RecipeError
-from reelforge.curation.readers import DEFAULT_PATTERNS
+from reelforge.jobs.remote_paths import list_objects, safe_key, url_inside
 
 PUBLISHED = "_reelforge_published.json"  # at the URL: {relpath: {size, sha256, etag}} of the last publish
 RUN_MARKER = "_reelforge_run.json"  # the same name jobs.run writes (the ownership proof)
@@ -50,77 +49,6 @@ LOCK = "_reelforge.lock"
 REPORTS = ("report.json", "report.md", "report.html")
 _CLEARED = ("ledger", "samples", "embeddings")  # Parquet folders: a stale part file would be read as data
 
-
-# --- URLs at recipe time: listing, roots ------------------------------------------------------
-
-def _safe(rel: str) -> bool:
-    """A key relative to a root that can be written under a local folder and stay there."""
-    return bool(rel) and not rel.startswith("/") and "\\" not in rel and "\x00" not in rel \
-        and all(seg not in ("", ".", "..") for seg in rel.split("/"))
-
-
-def url_inside(url: str, prefix: str) -> bool:
-    url, prefix = url.rstrip("/"), prefix.rstrip("/")
-    return url == prefix or url.startswith(prefix + "/")
-
-
-def common_root(roots: list[str]) -> str:
-    """The longest '/'-bounded prefix that holds every root."""
-    parts = [r.rstrip("/").split("/") for r in roots]
-    out = []
-    for segs in zip(*parts):
-        if len(set(segs)) != 1:
-            break
-        out.append(segs[0])
-    return "/".join(out)
-
-
-def _listing(url: str) -> dict[str, dict]:
-    """{full URL: {"size", "etag"}} of every object under a prefix."""
-    fs, p = storage.url_fs(url)
-    try:
-        found = storage.guarded(url, "read", fs.find, p, detail=True)
-    except FileNotFoundError:
-        return {}
-    return {fs.unstrip_protocol(k): {"size": int(v.get("size") or 0), "etag": str(v.get("ETag") or "").strip('"')}
-            for k, v in found.items() if v.get("type") != "directory"}
-
-
-def expand_url(path: str, fmt: str, where: str) -> tuple[list[str], str]:
-    """The objects a source's URL names (a key, a prefix or a glob) and its root prefix: what
-    `jobs.recipe._expand` returns for a local path. Names only; nothing is downloaded here."""
-    url = storage.normalize(path)
-    fs, p = storage.url_fs(url)
-    if any(c in p for c in "*?["):
-        head = re.split(r"[*?\[]", p, maxsplit=1)[0]
-        root_p = head.rstrip("/") if head.endswith("/") else head.rsplit("/", 1)[0]
-        found = sorted(fs.unstrip_protocol(k) for k, v in
-                       storage.guarded(url, "read", fs.glob, p, detail=True).items() if v.get("type") != "directory")
-    elif storage.guarded(url, "read", fs.isdir, p):
-        root_p = p.rstrip("/")
-        pats = DEFAULT_PATTERNS[fmt]
-        found = sorted(u for u in _listing(url) if any(fnmatch.fnmatch(u.rsplit("/", 1)[-1], pat) for pat in pats))
-    elif storage.guarded(url, "read", fs.isfile, p):
-        root_p = p.rsplit("/", 1)[0] if "/" in p else p
-        found = [fs.unstrip_protocol(p)]
-    else:
-        raise RecipeError(f"recipe field `{where}` matches no objects ({storage.redact(url)}): check the bucket, "
-                          "the key and the credentials.")
-    root = fs.unstrip_protocol(root_p).rstrip("/")
-    found = [u for u in found if url_inside(u, root) and _safe(u[len(root) + 1:])]
-    if not found:
-        raise RecipeError(f"recipe field `{where}` matches no objects ({storage.redact(url)}): check the bucket, "
-                          "the key and the credentials.")
-    return found, root
-
-
-def check_url_output_apart(out: str, sources) -> None:
-    """An output URL must not hold a source's objects, nor lie under a source's root prefix."""
-    for i, s in enumerate(sources):
-        root = (s.remote or {}).get("root")
-        if root and (url_inside(out, root) or url_inside(root, out)):
-            raise RecipeError(f"output {storage.redact(out)} overlaps {storage.redact(root)}, the root of source "
-                              f"`sources[{i}]` ({s.name}): pass --out with a prefix outside the corpus.")
 
 
 # --- sources: the mirror ----------------------------------------------------------------------
@@ -142,7 +70,7 @@ def _fetch(items: list[tuple], root: str, files_dir: str) -> list[tuple]:
         dest = os.path.join(files_dir, *rel.split("/"))
         tmp = f"{dest}{storage.TMP_MARK}{uuid.uuid4().hex[:12]}"
         try:
-            if not _safe(rel):
+            if not safe_key(rel):
                 raise ValueError("unsafe key")
             parent = os.path.dirname(dest)
             os.makedirs(parent, exist_ok=True)
@@ -190,11 +118,11 @@ def mirror_sources(sources, spark, log: Callable[[str], None] = print) -> tuple[
         files_dir = os.path.join(base, "files")
         manifest_path = os.path.join(base, "manifest.json")
         os.makedirs(files_dir, exist_ok=True)
-        listing = _listing(R)
+        listing = list_objects(R)
         objs, unsafe = {}, []
         for u, info in listing.items():
             rel = u[len(R) + 1:]
-            if url_inside(u, R) and _safe(rel):
+            if url_inside(u, R) and safe_key(rel):
                 objs[rel] = (u, info)
             else:
                 unsafe.append(rel)
@@ -218,7 +146,7 @@ def mirror_sources(sources, spark, log: Callable[[str], None] = print) -> tuple[
             else:
                 todo.append((rel, u, info["size"], info["etag"]))
         for rel in set(old) - set(objs):  # gone from the bucket: gone from the mirror
-            local = os.path.join(files_dir, *rel.split("/")) if _safe(rel) else None
+            local = os.path.join(files_dir, *rel.split("/")) if safe_key(rel) else None
             if local and os.path.lexists(local) and not os.path.isdir(local):
                 os.remove(local)
                 summary["removed"] += 1
@@ -372,7 +300,7 @@ def publish(staging: str, url: str, spark, log: Callable[[str], None] = print, a
     temps = storage.remove_temps(url)
     fs, p = storage.url_fs(url)
     fs.invalidate_cache(p)
-    remote = {u[len(url) + 1:]: info for u, info in _listing(url).items() if url_inside(u, url)}
+    remote = {u[len(url) + 1:]: info for u, info in list_objects(url).items() if url_inside(u, url)}
     old_manifest = {}
     if PUBLISHED in remote:
         try:

@@ -107,8 +107,11 @@ def pytest_collection_modifyitems(config, items):
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
     _share_a_worker(config, items)
-    # the parity tests last: by then the local-cluster that started with the session is warm
-    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+    # the files with parity tests last (by then the local-cluster that started with the session is
+    # warm), each file kept whole: moving only its parity tests would tear its module fixtures down
+    # and build them again for the parity tests
+    cluster_files = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("cluster")}
+    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] in cluster_files)
 
 
 def _shared_fixtures(item) -> bool:

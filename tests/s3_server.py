@@ -55,7 +55,8 @@ class S3Server:
         import fsspec
 
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
-        fs.mkdir(name)
+        if not fs.exists(name):
+            fs.mkdir(name)
         return f"s3://{name}"
 
     def stop(self) -> None:
