@@ -96,7 +96,7 @@ def shards(demo_corpus, tmp_path_factory) -> str:
 TRAIN_MODULES = ("test_train_stages",)
 
 
-@pytest.hookimpl(trylast=True)  # after xdist's own hook (see _share_a_worker)
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers (make test-fast)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
@@ -106,6 +106,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
         if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in TRAIN_MODULES:
             item.add_marker(pytest.mark.train)
+
+
+class _GroupAndOrder:
+    """Runs after xdist's own hook (see _share_a_worker) and after `-m` has deselected."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config, items):
+        _order(config, items)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(_GroupAndOrder(), "reelforge-group-and-order")
+
+
+def _order(config, items) -> None:
     _share_a_worker(config, items)
     # the files with parity tests last (by then the local-cluster that started with the session is
     # warm), each file kept whole: moving only its parity tests would tear its module fixtures down
