@@ -168,47 +168,46 @@ def _tmp_name(url: str) -> str:
     return f"{url}{TMP_MARK}{uuid.uuid4().hex[:12]}"
 
 
+def _publish(url: str, write_local, write_object) -> None:
+    """Write under a temporary name, then make it final: os.replace for a path; for a URL, copy the
+    temporary object to its final name and delete it (object stores have no rename)."""
+    if not is_url(url):
+        tmp = f"{url}{TMP_MARK}{os.getpid()}"
+        try:
+            write_local(tmp)
+            os.replace(tmp, url)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        return
+    fs, p = url_fs(url)
+    tmp = _tmp_name(p)
+    guarded(url, "write", write_object, fs, tmp)
+    try:
+        guarded(url, "write", fs.copy, tmp, p)
+    finally:
+        try:
+            fs.rm_file(tmp)
+        except FileNotFoundError:
+            pass
+
+
 def put_file(local: str, url: str) -> None:
     """Publish a local file at `url`: upload to a temporary object, copy it to its final name,
     delete the temporary. A reader never sees a partial object; a crash leaves only a
     `.tmp-` object that `remove_temps` clears on the next run."""
-    if not is_url(url):
-        tmp = f"{url}{TMP_MARK}{os.getpid()}"
-        import shutil
+    import shutil
 
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, url)
-        return
-    fs, p = url_fs(url)
-    tmp = _tmp_name(p)
-    guarded(url, "write", fs.put_file, local, tmp)
-    try:
-        guarded(url, "write", fs.copy, tmp, p)
-    finally:
-        try:
-            fs.rm_file(tmp)
-        except FileNotFoundError:
-            pass
+    _publish(url, lambda tmp: shutil.copyfile(local, tmp), lambda fs, tmp: fs.put_file(local, tmp))
 
 
 def write_bytes(url: str, data: bytes) -> None:
     """Publish bytes at a path or URL atomically (temporary name, then final)."""
-    if not is_url(url):
-        tmp = f"{url}{TMP_MARK}{os.getpid()}"
+    def write_local(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, url)
-        return
-    fs, p = url_fs(url)
-    tmp = _tmp_name(p)
-    guarded(url, "write", fs.pipe_file, tmp, data)
-    try:
-        guarded(url, "write", fs.copy, tmp, p)
-    finally:
-        try:
-            fs.rm_file(tmp)
-        except FileNotFoundError:
-            pass
+
+    _publish(url, write_local, lambda fs, tmp: fs.pipe_file(tmp, data))
 
 
 def remove(url: str, recursive: bool = False) -> None:

@@ -7,23 +7,15 @@ import glob
 import json
 import os
 import shutil
-import tarfile
 from collections import Counter
 
 import pytest
+from train_common import all_ids as _all_ids
 from train_common import run_cli, seen_ids, stage, write_stage
 
 from reelforge.training.loader import ShardLoader, iter_ids
 
 pytestmark = [pytest.mark.train, pytest.mark.slow]
-
-
-def _all_ids(shards: str) -> list[str]:
-    ids = []
-    for t in sorted(glob.glob(os.path.join(shards, "*.tar"))):
-        with tarfile.open(t) as tf:
-            ids += [m.name[:-5] for m in tf if m.name.endswith(".json")]
-    return ids
 
 
 def _seen_by_step(out: str) -> list[tuple[int, list[str]]]:

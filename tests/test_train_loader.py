@@ -5,22 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tarfile
 from collections import Counter
 
 import pytest
 import torch
 from train_common import TINY_VISUAL, stage, write_stage
+from train_common import all_ids as _all_ids
 
 from reelforge.training.loader import IGNORE, Encoder, ShardLoader, iter_ids
-
-
-def _all_ids(shards: str) -> list[str]:
-    ids = []
-    for t in sorted(glob.glob(os.path.join(shards, "*.tar"))):
-        with tarfile.open(t) as tf:
-            ids += [m.name[:-5] for m in tf if m.name.endswith(".json")]
-    return ids
 
 
 def _cfg(tmp_path, tiny, shards, name="s", **over):

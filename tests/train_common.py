@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import subprocess
 import sys
+import tarfile
 
 import yaml
 
@@ -70,3 +72,12 @@ def seen_ids(out: str, rank: int = 0) -> list[str]:
 
     with open(os.path.join(out, "seen", f"rank{rank}.jsonl")) as f:
         return [i for ln in f if ln.strip() for i in json.loads(ln)["ids"]]
+
+
+def all_ids(shards: str) -> list[str]:
+    """Every sample id in a folder's tars, in shard order (the multiset an exact epoch must see)."""
+    ids = []
+    for t in sorted(glob.glob(os.path.join(shards, "*.tar"))):
+        with tarfile.open(t) as tf:
+            ids += [m.name[:-5] for m in tf if m.name.endswith(".json")]
+    return ids
