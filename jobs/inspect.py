@@ -30,6 +30,12 @@ class InspectError(ValueError):
 
 
 def ledger_path(run_dir: str) -> str:
+    from reelforge.curation import storage
+
+    if storage.is_url(run_dir):  # the contact sheet needs the work folders, which stay in the staging folder
+        raise InspectError(f"inspect reads a run's work folders, which a run published to {storage.redact(run_dir)} "
+                           f"keeps in its local staging folder: pass that folder (--work, by default "
+                           f"{storage.staging_dir(run_dir)}).")
     path = os.path.join(run_dir, "ledger")
     if not os.path.isdir(path):
         raise InspectError(f"no ledger under {run_dir}: pass the output folder of a finished run.")
@@ -242,6 +248,7 @@ def inspect_run(run_dir: str, out: str | None = None, *, reason: str | None = No
     """Write the contact sheet; returns {"path", "shown", "matched"}."""
     if n < 1:
         raise InspectError(f"--n must be at least 1, got {n}.")
+    ledger_path(run_dir)  # a URL: one sentence naming the staging folder to pass instead
     run_dir = os.path.abspath(run_dir)
     lines, total = select_ledger(run_dir, reason=reason, step=step, source=source, kept=kept, n=n)
     if not lines:
@@ -310,9 +317,17 @@ def ledger_lines(run_dir: str, *, id: str | None = None, key: str | None = None,
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
-    path = os.path.join(run_dir, "ledger") if os.path.isdir(os.path.join(run_dir, "ledger")) else run_dir
-    if not os.path.isdir(path):
-        raise InspectError(f"no ledger under {run_dir}: pass the output folder of a run.")
+    from reelforge.curation import storage
+
+    fs = None
+    if storage.is_url(run_dir):  # a run published to a bucket: its ledger is read in place
+        fs, path = storage.url_fs(storage.join(run_dir, "ledger"))
+        if not storage.isdir(storage.join(run_dir, "ledger")):
+            raise InspectError(f"no ledger under {storage.redact(run_dir)}: pass the output URL of a finished run.")
+    else:
+        path = os.path.join(run_dir, "ledger") if os.path.isdir(os.path.join(run_dir, "ledger")) else run_dir
+        if not os.path.isdir(path):
+            raise InspectError(f"no ledger under {run_dir}: pass the output folder of a run.")
     flt = None
     for col, val in (("id", id), ("reason", reason), ("step", step), ("source", source)):
         if val is not None:
@@ -320,7 +335,7 @@ def ledger_lines(run_dir: str, *, id: str | None = None, key: str | None = None,
     if key is not None:
         k = pc.field("source_key").isin(key_candidates(key))
         flt = k if flt is None else flt & k
-    d = ds.dataset(path, format="parquet")
+    d = ds.dataset(path, format="parquet", filesystem=fs)
     if flt is None:
         return d.head(limit).to_pylist()
     rows = d.to_table(filter=flt).to_pylist()

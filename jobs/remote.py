@@ -267,12 +267,18 @@ def _put(local: str, target: str) -> str:
     return str(storage.guarded(target, "read", fs.info, p).get("ETag") or "").strip('"')
 
 
+def _hadoop_checksum(name: str) -> bool:
+    """`.part-....parquet.crc`, `._SUCCESS.crc`: Hadoop's local checksums of Spark's files, not data."""
+    return name.startswith(".") and name.endswith(".crc")
+
+
 def _published_files(staging: str) -> dict[str, str]:
     """{relpath: local path} of what a finished run published in its folder (not _work/, the lock, temps)."""
     out = {}
     for rel, _size in storage.walk_files(staging):
         top = rel.split(os.sep, 1)[0]
-        if top == "_work" or top.startswith(LOCK) or storage.TMP_MARK in os.path.basename(rel):
+        name = os.path.basename(rel)
+        if top == "_work" or top.startswith(LOCK) or storage.TMP_MARK in name or _hadoop_checksum(name):
             continue
         out[rel.replace(os.sep, "/")] = os.path.join(staging, rel)
     return out

@@ -9,6 +9,7 @@ the same shard bytes to s3 as the local[2] run wrote to its local folder."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow.dataset as ds
@@ -110,7 +111,7 @@ def test_s3_sources_and_output_match_a_local_run(env, remote_run):
     for d, _dirs, files in os.walk(work):
         for f in files:
             rel = os.path.relpath(os.path.join(d, f), work)
-            if not rel.startswith(("_work", "_reelforge.lock")):
+            if not rel.startswith(("_work", "_reelforge.lock")) and not (f.startswith(".") and f.endswith(".crc")):
                 mine[rel] = os.path.join(d, f)
     assert set(published) == set(mine) | {"_reelforge_published.json"}, set(published) ^ set(mine)
     tars = [r for r in mine if r.startswith("shards/") and r.endswith(".tar")]
@@ -145,6 +146,22 @@ def test_a_rerun_uploads_and_downloads_nothing(remote_run):
     ledger = ds.dataset(f"{OUT_BUCKET}/runs/demo/ledger", format="parquet",
                         filesystem=storage.url_fs(remote_run["url"])[0])
     assert ledger.count_rows() == second["inputs"] + second["derived"]
+
+
+def test_ledger_reads_a_published_run_and_inspect_points_at_its_staging(remote_run, capsys):
+    from reelforge.jobs.cli import main
+
+    url, work = remote_run["url"], remote_run["work"]
+    local_lines = ds.dataset(os.path.join(work, "ledger"), format="parquet").to_table().to_pylist()
+    dropped = sorted(r["id"] for r in local_lines if r["fate"] == "dropped")
+    reason = next(r["reason"] for r in local_lines if r["id"] == dropped[0])
+    capsys.readouterr()
+    assert main(["ledger", url, "--reason", reason, "--limit", "1000"]) == 0
+    got = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["id"] for r in got) == sorted(r["id"] for r in local_lines if r["reason"] == reason)
+    assert main(["inspect", url, "--reason", reason]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "staging folder" in err and "Traceback" not in err
 
 
 def test_missing_bucket_and_foreign_prefix_are_one_sentence(env, remote_run, s3, capsys):
