@@ -322,6 +322,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     from reelforge.curation.shards import read_stats
     from reelforge.jobs.engine import run_step
     from reelforge.jobs.ingest import check_counts, ingest
+    from reelforge.jobs.media_stamp import media_stamp
     from reelforge.jobs.progress import step_progress
     from reelforge.jobs.report import build_report, ledger_summary, write_report
     from reelforge.jobs.semantic import check_embeddings
@@ -360,6 +361,11 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     shard_dir = os.path.join(out, "shards")
     shard_fp = shards_fingerprint(recipe)
     previous = _published_output(out, shard_dir, shard_fp)
+    if previous is not None:  # and the media files the shards were read from are as they were then
+        last = os.path.join(work, f"{len(recipe.steps):02d}_{step_names[-1]}")
+        recorded = (_read_json(os.path.join(shard_dir, "index.json")) or {}).get("media_stamp")
+        if not _done(last, recipe.fingerprint(len(recipe.steps))) or recorded != media_stamp(spark, last):
+            previous = None  # (without _work/, keep_work: false, the media cannot be checked: recompute)
     if previous is not None:
         for idx, name in enumerate(step_names):
             step_done(idx, name)
@@ -405,6 +411,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     # --- shards ---------------------------------------------------------------------------
     t = time.time()
     log(f"[{n_phases}/{n_phases}] write shards ...")
+    stamp = media_stamp(spark, prev)  # the media as the shard writer is about to read them
     _clear_previous_output(out, shard_dir, work)
     os.makedirs(shard_dir, exist_ok=True)
     sh = recipe.shards
@@ -470,7 +477,7 @@ def _run(recipe: Recipe, master: str | None, log: Callable[[str], None], spark) 
     write_energon_meta(shard_dir, [s["shard"] for s in stats], log=log)  # .nv-meta/: Energon reads the folder
     index = {"recipe": recipe.name, "seed": recipe.seed, "shards": stats,
              "samples": kept_in_shards, "bytes": sum(s["bytes"] for s in stats),
-             "sources": _sum_sources(stats), "fingerprint": shard_fp}
+             "sources": _sum_sources(stats), "fingerprint": shard_fp, "media_stamp": stamp}
     write_json_atomic(os.path.join(shard_dir, "index.json"), index, indent=1, sort_keys=True)
     staging = os.path.join(work, "report-staging")
     _remove(staging)

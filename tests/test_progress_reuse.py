@@ -245,9 +245,9 @@ def test_run_progress_noop_rerun_and_reused_steps(spark, tmp_path, monkeypatch):
 
 @pytest.mark.spark
 @pytest.mark.slow
-def test_noop_rerun_without_work_folder(spark, tmp_path):
-    """`output.keep_work: false`: the steps' outputs are gone, yet an unchanged re-run is still
-    recognised from the index's fingerprint and writes nothing."""
+def test_rerun_without_work_folder_recomputes(spark, tmp_path):
+    """`output.keep_work: false`: the last step's output is gone, so the media the shards were read
+    from cannot be checked against the index's stamp; an unchanged re-run recomputes, to the same shards."""
     from reelforge.jobs.recipe import load_recipe
     from reelforge.jobs.run import run_recipe
 
@@ -261,9 +261,62 @@ def test_noop_rerun_without_work_folder(spark, tmp_path):
     r = load_recipe(recipe, out=out)
     r.keep_work = False
     rep = run_recipe(r, spark=spark, log=logs.append)
-    assert _files(out) == before and not os.path.exists(os.path.join(out, "_work"))
-    assert rep["reused"] == ["ingest", "probe", "dedup_near", "shards"]
-    assert any(line.startswith("nothing to do") for line in logs)
+    assert not os.path.exists(os.path.join(out, "_work")) and rep["reused"] == []
+    assert not any(line.startswith("nothing to do") or "already done" in line for line in logs), logs
+    tars = {p: b for p, (_, b) in before.items() if p.endswith(".tar")}
+    assert tars and {p: b for p, (_, b) in _files(out).items() if p.endswith(".tar")} == tars
+
+
+@pytest.mark.spark
+@pytest.mark.slow
+def test_a_changed_media_file_is_not_a_noop(spark, tmp_path):
+    """The manifest is unchanged but an image it names was edited in place (same size, same mtime)
+    or swapped for a symlink: the re-run must write again, with the new bytes or a drop."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from reelforge.jobs.recipe import load_recipe
+    from reelforge.jobs.run import run_recipe
+
+    (tmp_path / "images").mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 24), (60 * i, 20, 20)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "captions.jsonl").write_text("".join(
+        json.dumps({"image": f"images/{i}.png", "caption": f"image {i}"}) + "\n" for i in range(3)))
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({
+        "name": "media-stamp", "sources": [{"name": "m", "format": "jsonl", "path": "captions.jsonl"}],
+        "steps": [{"probe": {}}], "output": {"path": "out", "shards": {"max_samples": 8}}}))
+    recipe, out = str(tmp_path / "recipe.yaml"), str(tmp_path / "out")
+    run_recipe(load_recipe(recipe, out=out), spark=spark, log=lambda *a: None)
+    logs: list[str] = []
+    run_recipe(load_recipe(recipe, out=out), spark=spark, log=logs.append)
+    assert any(line.startswith("nothing to do") for line in logs)  # unchanged: the stamp matches
+    tar = lambda: b"".join(v for p, (_, v) in _files(out).items() if p.endswith(".tar"))  # noqa: E731
+    before = tar()
+
+    # 1. the same size and mtime, other pixels (a PNG of the same shape and compression)
+    img = tmp_path / "images" / "1.png"
+    st = os.stat(img)
+    data = img.read_bytes()
+    Image.new("RGB", (32, 24), (20, 200, 20)).save(img)
+    if len(img.read_bytes()) != len(data):  # keep the size: pad or cut the PNG's trailing bytes
+        new = img.read_bytes()
+        img.write_bytes(new[:len(data)] if len(new) > len(data) else new + b"\0" * (len(data) - len(new)))
+    os.utime(img, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(img).st_size == st.st_size and os.stat(img).st_mtime_ns == st.st_mtime_ns
+    logs = []
+    run_recipe(load_recipe(recipe, out=out), spark=spark, log=logs.append)
+    assert not any(line.startswith("nothing to do") for line in logs), logs
+    assert tar() != before
+
+    # 2. swapped for a symlink to a file outside the corpus: the re-run reads it again and refuses it
+    os.remove(img)
+    os.symlink("/etc/hostname" if os.path.exists("/etc/hostname") else "/etc/passwd", img)
+    logs = []
+    run_recipe(load_recipe(recipe, out=out), spark=spark, log=logs.append)
+    assert not any(line.startswith("nothing to do") for line in logs), logs
+    line = next(r for r in pq.read_table(os.path.join(out, "ledger")).to_pylist() if r["source_key"].endswith(":2"))
+    assert line["fate"] == "dropped" and line["reason"] in ("outside_root", "not_a_regular_file"), line
 
 
 _UI_SCRIPT = textwrap.dedent("""
