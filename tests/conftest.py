@@ -122,11 +122,13 @@ def pytest_configure(config):
 
 def _order(config, items) -> None:
     _share_a_worker(config, items)
-    # the files with parity tests last (by then the local-cluster that started with the session is
-    # warm), each file kept whole: moving only its parity tests would tear its module fixtures down
-    # and build them again for the parity tests
+    # each file kept whole (moving only its parity tests would tear its module fixtures down and
+    # build them again). In one process, the files with parity tests run last: by then the local
+    # cluster that started with the session is warm. Under `--dist loadgroup` they run first: their
+    # group is the longest unit of work, and a worker that took it last would run it alone at the end
     cluster_files = {item.nodeid.split("::", 1)[0] for item in items if item.get_closest_marker("cluster")}
-    items.sort(key=lambda item: item.nodeid.split("::", 1)[0] in cluster_files)
+    first = bool(getattr(config.option, "loadgroup", False))
+    items.sort(key=lambda item: (item.nodeid.split("::", 1)[0] in cluster_files) != first)
 
 
 def _shared_fixtures(item) -> bool:
