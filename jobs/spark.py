@@ -86,20 +86,21 @@ def _class_data_sharing() -> str:
         archive = os.path.join(folder, f"spark-cds-{key}.jsa")
         quiet = "-Xlog:cds=off -Xlog:cds+dynamic=off"  # classes CDS cannot hold (signed jars) are no news
         use = f"-XX:SharedArchiveFile={archive} -Xshare:auto {quiet}"
-        if os.path.exists(archive):
-            return use
         os.makedirs(folder, exist_ok=True)
         busy = False
+        have = os.path.exists(archive)
         for tmp in glob.glob(glob.escape(archive) + ".tmp-*"):
             pid = tmp.rsplit("-", 1)[1]
             settled = time.time() - os.path.getmtime(tmp) > 30  # the JVM wrote it at its exit
             if pid.isdigit() and pid_alive(int(pid)) or not settled:
                 busy = True
-            elif os.path.getsize(tmp) > (1 << 20):
+            elif not have and os.path.getsize(tmp) > (1 << 20):
                 os.replace(tmp, archive)
-                return use
-            else:
+                have = True
+            else:  # a recording that lost the race to another (~200 MB each) or came out empty
                 os.remove(tmp)
+        if have:
+            return use
         return "" if busy else f"-XX:ArchiveClassesAtExit={archive}.tmp-{os.getpid()} {quiet}"
     except OSError:
         return ""
