@@ -42,24 +42,14 @@ from typing import Callable
 from reelforge.curation import storage
 from reelforge.curation.errors import RecipeError
 from reelforge.jobs.remote_paths import list_objects, safe_key, url_inside
+from reelforge.jobs.run import LOCK, RUN_MARKER, _read_json  # the marker and lock a local run writes
 
 PUBLISHED = "_reelforge_published.json"  # at the URL: {relpath: {size, sha256, etag}} of the last publish
-RUN_MARKER = "_reelforge_run.json"  # the same name jobs.run writes (the ownership proof)
-LOCK = "_reelforge.lock"
 REPORTS = ("report.json", "report.md", "report.html")
 _CLEARED = ("ledger", "samples", "embeddings")  # Parquet folders: a stale part file would be read as data
 
 
-
 # --- sources: the mirror ----------------------------------------------------------------------
-
-def _read_json_file(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
 
 def _fetch(items: list[tuple], root: str, files_dir: str) -> list[tuple]:
     """Executor side: download (rel, url, size, etag) under files_dir; (rel, size, etag, error)."""
@@ -134,7 +124,7 @@ def mirror_sources(sources, spark, log: Callable[[str], None] = print) -> tuple[
                     raise RecipeError(f"source {s.name}: its root {storage.redact(s.remote['root'])} holds {held} "
                                       f"bytes, over its max_mirror_bytes ({cap}): raise the cap or point the source "
                                       "at a smaller prefix.")
-        old = _read_json_file(manifest_path)
+        old = _read_json(manifest_path)
         old = old if isinstance(old, dict) else {}
         todo, kept = [], {}
         for rel, (u, info) in sorted(objs.items()):
